@@ -1,0 +1,62 @@
+"""The math of each supported module and loss, one class per type, found by ``isinstance``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvhooks.derivatives.activations import ReLUDerivatives, SigmoidDerivatives
+from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
+from curvhooks.derivatives.conv2d import Conv2dDerivatives
+from curvhooks.derivatives.flatten import FlattenDerivatives
+from curvhooks.derivatives.linear import LinearDerivatives
+from curvhooks.derivatives.losses import (
+    SUPPORTED_REDUCTIONS,
+    CrossEntropyDerivatives,
+    LossDerivatives,
+    MSEDerivatives,
+)
+
+MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
+    nn.Linear: LinearDerivatives(),
+    nn.Conv2d: Conv2dDerivatives(),
+    nn.ReLU: ReLUDerivatives(),
+    nn.Sigmoid: SigmoidDerivatives(),
+    nn.Flatten: FlattenDerivatives(),
+}
+
+LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {
+    nn.CrossEntropyLoss: CrossEntropyDerivatives(),
+    nn.MSELoss: MSEDerivatives(),
+}
+
+
+def _lookup(table: dict, obj: object):
+    return next((value for cls, value in table.items() if isinstance(obj, cls)), None)
+
+
+def module_derivatives(module: nn.Module) -> ModuleDerivatives | None:
+    """The derivatives for ``module`` (subclasses included), or ``None`` if unsupported."""
+    return _lookup(MODULE_DERIVATIVES, module)
+
+
+def loss_derivatives(loss_fn: nn.Module) -> LossDerivatives | None:
+    """The derivatives for ``loss_fn`` (subclasses included), or ``None`` if unsupported."""
+    return _lookup(LOSS_DERIVATIVES, loss_fn)
+
+
+def supported_names(table: dict) -> str:
+    """The supported class names of a table, for error messages."""
+    return ", ".join(cls.__name__ for cls in table)
+
+
+__all__ = [
+    "LOSS_DERIVATIVES",
+    "MODULE_DERIVATIVES",
+    "SUPPORTED_REDUCTIONS",
+    "LossDerivatives",
+    "ModuleDerivatives",
+    "ModuleIO",
+    "loss_derivatives",
+    "module_derivatives",
+    "supported_names",
+]

@@ -1,0 +1,38 @@
+"""Derivatives of the element-wise activations ``ReLU`` and ``Sigmoid``.
+
+Both take their derivative from the output, which stays correct for in-place activations
+(whose stored input the activation overwrites).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
+
+
+class ElementwiseDerivatives(ModuleDerivatives):
+    """An activation applied entry by entry: its Jacobian is diagonal."""
+
+    needs_output = True
+
+    def derivative(self, output: Tensor) -> Tensor:
+        """The activation's derivative at each entry, from its output ``[N, *]``."""
+        raise NotImplementedError
+
+    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        return mat * self.derivative(io.output)
+
+
+class ReLUDerivatives(ElementwiseDerivatives):
+    """``relu'(x) = 1 if x > 0 else 0`` (0 at 0, as autograd)."""
+
+    def derivative(self, output: Tensor) -> Tensor:
+        return (output > 0).to(output.dtype)
+
+
+class SigmoidDerivatives(ElementwiseDerivatives):
+    """``sigma'(x) = sigma(x) (1 - sigma(x))``."""
+
+    def derivative(self, output: Tensor) -> Tensor:
+        return output * (1 - output)

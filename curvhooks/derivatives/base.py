@@ -1,0 +1,85 @@
+"""What every module's derivatives provide, and the record of one module call they act on.
+
+Shape convention: a stack of V vectors over a batch of N samples is ``[V, N, *shape]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ModuleIO:
+    """What one call of a module leaves for its backward pass.
+
+    Attributes:
+        module: The module that was called.
+        input: Its input ``[N, *in]`` (detached), if its derivatives need it.
+        output: Its output ``[N, *out]`` (detached), if its derivatives need it.
+        input_shape: The shape of its input.
+        cache: Quantities derived from ``input`` that several extensions share (e.g. the
+            unfolded input of a convolution); dropped with the input.
+    """
+
+    module: nn.Module
+    input: Tensor | None
+    output: Tensor | None
+    input_shape: torch.Size
+    cache: dict[str, Tensor] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Drop every stored tensor."""
+        self.input = None
+        self.output = None
+        self.cache.clear()
+
+
+class ModuleDerivatives:
+    """The Jacobians of one module type, applied to stacks of vectors.
+
+    Subclasses implement ``jac_t_mat_prod``; those with parameters also implement
+    ``param_jac_t_mat_prod``. The squared reductions below have generic implementations that
+    build the per-sample products; subclasses override them where a cheaper contraction exists.
+    """
+
+    needs_input: bool = False
+    needs_output: bool = False
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why ``module``'s arguments are not supported, or ``None`` if they are."""
+        return None
+
+    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        """Push a stack ``[V, N, *out]`` from the output to the input: ``[V, N, *in]``."""
+        raise NotImplementedError
+
+    def param_jac_t_mat_prod(
+        self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        """Push a stack ``[V, N, *out]`` to parameter ``name``, per sample: ``[V, N, *p.shape]``.
+
+        ``out``, if given, is a tensor of the result's shape to write into.
+        """
+        raise NotImplementedError
+
+    def param_jac_t_mat_prod_summed(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
+        """``param_jac_t_mat_prod`` summed over the stack and the batch: ``p.shape``."""
+        return self.param_jac_t_mat_prod(io, name, mat).sum((0, 1))
+
+    def param_sq_sum(self, io: ModuleIO, name: str, mat: Tensor, per_sample: bool) -> Tensor:
+        """Sum over the stack of the squared per-sample products.
+
+        Returns ``sum_v (J_n^T mat[v, n]) ** 2`` per sample ``[N, *p.shape]`` if
+        ``per_sample``, else also summed over the batch: ``p.shape``.
+        """
+        squares = self.param_jac_t_mat_prod(io, name, mat).square_().sum(0)
+        return squares if per_sample else squares.sum(0)
+
+    def param_sq_norm(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
+        """Squared norm of the per-sample products, summed over the stack: ``[N]``."""
+        products = self.param_jac_t_mat_prod(io, name, mat)
+        return products.square_().flatten(2).sum((0, 2))
+

@@ -1,0 +1,352 @@
+"""The hook machinery: ``extend``, the context of one ``with`` block.
+
+Forward hooks record, for each call of a hooked module, what its derivatives need and which
+recorded call produced its input. A tensor hook on each call's output receives the output
+gradient during ``backward()``; it hands the gradient (first order) and the square-root stack
+that its consumer pushed to it (second order) to the extensions, pushes the stack on to the
+producer of its input, and frees what the call stored. Tensor hooks on module outputs fire
+downstream first, so every stack arrives before it is needed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from curvhooks.derivatives import (
+    LOSS_DERIVATIVES,
+    MODULE_DERIVATIVES,
+    SUPPORTED_REDUCTIONS,
+    LossDerivatives,
+    ModuleDerivatives,
+    ModuleIO,
+    loss_derivatives,
+    module_derivatives,
+    supported_names,
+)
+from curvhooks.errors import UnsupportedError
+from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
+from curvhooks.extensions.base import EXACT
+
+StackKey = str | int
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a hooked module during the current forward pass."""
+
+    path: str
+    io: ModuleIO
+    derivatives: ModuleDerivatives | None
+    params: list[tuple[str, nn.Parameter]]
+    pass_id: int
+    producer: _Call | None
+    push_to_producer: bool = False
+    stacks: dict[StackKey, Tensor] = field(default_factory=dict)
+    handle: RemovableHandle | None = None
+
+    def describe(self) -> str:
+        return _describe(self.path, self.io.module)
+
+    def release(self) -> None:
+        """Drop every stored tensor."""
+        self.io.release()
+        self.stacks = {}
+
+
+class extend:
+    """Context manager: compute ``extensions`` during each ``backward()`` inside the block.
+
+    Args:
+        model: Any ``nn.Module``; nested ``nn.Sequential`` and custom containers are fine.
+        loss_fn: The loss module whose output is differentiated (reduction ``"mean"`` or
+            ``"sum"``). Second-order extensions need a supported loss whose input is the
+            model's output.
+        *extensions: Extension instances, e.g. ``BatchGrad(), DiagGGN()``.
+
+    Every result is a quantity of the reduced loss that ``loss_fn`` returns and is written
+    to an attribute of each trainable parameter of the model (``p.grad_batch``, ...).
+    Entering clears earlier results; leaving removes every hook and stored tensor.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, *extensions: Extension) -> None:
+        _check_arguments(model, loss_fn, extensions)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.extensions = extensions
+        self._first_order = [ext for ext in extensions if ext.stack_key() is None]
+        self._second_order = [ext for ext in extensions if ext.stack_key() is not None]
+        self._stack_keys = sorted({ext.stack_key() for ext in self._second_order}, key=str)
+        self._handles: list[RemovableHandle] = []
+        self._calls: list[_Call] = []
+        self._producers: dict[int, tuple[weakref.ref, _Call]] = {}
+        self._model_output: weakref.ref | None = None
+        self._pass_id = 0
+        self._active = False
+
+    # ----------------------------------------------------------------- entering and leaving
+    def __enter__(self) -> extend:
+        hooked = self._modules_to_hook()
+        _clear_results(self.model)
+        self._active = True
+        self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
+        self._handles.append(self.model.register_forward_hook(self._record_model_output))
+        for path, module, derivatives in hooked:
+            hook = partial(self._record_call, path, derivatives)
+            self._handles.append(module.register_forward_hook(hook))
+        if self._second_order:
+            self._handles.append(self.loss_fn.register_forward_hook(self._start_stacks))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for call in self._calls:
+            call.handle.remove()
+        self._release_calls()
+        self._model_output = None
+        self._active = False
+
+    def _modules_to_hook(self) -> list[tuple[str, nn.Module, ModuleDerivatives | None]]:
+        """The modules to hook; raises for a trainable module curvhooks cannot handle."""
+        hooked = []
+        for path, module in self.model.named_modules():
+            is_leaf = next(module.children(), None) is None
+            trainable = bool(_trainable_params(module))
+            if not (trainable or (is_leaf and self._second_order)):
+                continue
+            derivatives = module_derivatives(module)
+            if trainable:
+                self._check_supported(path, module, derivatives, self.extensions)
+            hooked.append((path, module, derivatives))
+        return hooked
+
+    def _check_supported(
+        self,
+        path: str,
+        module: nn.Module,
+        derivatives: ModuleDerivatives | None,
+        needed_by: list[Extension] | tuple[Extension, ...],
+    ) -> None:
+        if derivatives is None:
+            raise UnsupportedError(
+                f"module {_describe(path, module)} is not supported by "
+                f"{_names(needed_by)}; supported modules: {supported_names(MODULE_DERIVATIVES)}"
+                + ("" if _trainable_params(module) else ", and nn.Sequential containers")
+            )
+        reason = derivatives.unsupported_reason(module)
+        if reason is not None:
+            raise UnsupportedError(
+                f"module {_describe(path, module)} is not supported by {_names(needed_by)}: "
+                f"{reason}"
+            )
+
+    # ------------------------------------------------------------------- forward hooks
+    def _start_pass(self, module: nn.Module, args: tuple) -> None:
+        """A new forward pass of the model: calls of earlier passes are stale (their tensor
+        hooks stay, to reject a backward pass through them)."""
+        self._pass_id += 1
+        self._release_calls()
+
+    def _record_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._model_output = weakref.ref(output) if isinstance(output, Tensor) else None
+
+    def _record_call(
+        self,
+        path: str,
+        derivatives: ModuleDerivatives | None,
+        module: nn.Module,
+        args: tuple,
+        output: Any,
+    ) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        params = _trainable_params(module)
+        if params and any(call.io.module is module for call in self._calls):
+            raise UnsupportedError(
+                f"module {_describe(path, module)} was called twice in one forward pass; "
+                "curvhooks supports each module with trainable parameters once per pass"
+            )
+        inp = args[0]
+        needs = derivatives or ModuleDerivatives()
+        keep_output = bool(self._second_order) and needs.needs_output
+        io = ModuleIO(
+            module=module,
+            input=inp.detach() if params else None,
+            output=output.detach() if keep_output else None,
+            input_shape=inp.shape,
+        )
+        call = _Call(path, io, derivatives, params, self._pass_id, self._producer_of(inp))
+        call.handle = output.register_hook(partial(self._backward, call))
+        self._calls.append(call)
+        self._producers[id(output)] = (weakref.ref(output), call)
+
+    def _producer_of(self, tensor: Any) -> _Call | None:
+        """The recorded call whose output is ``tensor`` (the latest, for in-place modules)."""
+        entry = self._producers.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def _start_stacks(self, loss_fn: nn.Module, args: tuple, loss: Tensor) -> None:
+        """Check the path from the loss to every parameter, then start the square-root stacks."""
+        if not torch.is_grad_enabled() or len(args) < 2:
+            return
+        output, target = args[0], args[1]
+        last_call = self._producer_of(output)
+        model_output = None if self._model_output is None else self._model_output()
+        if last_call is None or output is not model_output:
+            raise ValueError(
+                f"the input of {type(loss_fn).__name__} is not the model's output; "
+                f"{_names(self._second_order)} differentiate the loss in the model's output, "
+                "so call loss_fn(model(X), y) directly (move any extra operation into the "
+                "model as a supported module)"
+            )
+        derivatives = self._check_loss(output, target)
+        self._link_path(last_call)
+        last_call.stacks = {key: self._sqrt_hessian(derivatives, output, target, key)
+                            for key in self._stack_keys}
+
+    def _check_loss(self, output: Tensor, target: Tensor) -> LossDerivatives:
+        derivatives = loss_derivatives(self.loss_fn)
+        loss_name = type(self.loss_fn).__name__
+        if derivatives is None:
+            raise UnsupportedError(
+                f"loss {loss_name} is not supported by {_names(self._second_order)}; "
+                f"supported losses: {supported_names(LOSS_DERIVATIVES)}"
+            )
+        reason = derivatives.unsupported_reason(self.loss_fn, output, target)
+        if reason is not None:
+            raise UnsupportedError(
+                f"loss {loss_name} is not supported by {_names(self._second_order)}: {reason}"
+            )
+        return derivatives
+
+    def _link_path(self, last_call: _Call) -> None:
+        """Walk from the model output to the input; mark which calls push stacks on."""
+        path = []
+        call: _Call | None = last_call
+        while call is not None:
+            self._check_supported(call.path, call.io.module, call.derivatives, self._second_order)
+            path.append(call)
+            call = call.producer
+        on_path = set(map(id, path))
+        for call in self._calls:
+            if call.params and id(call) not in on_path:
+                raise UnsupportedError(
+                    f"the output of module {call.describe()} reaches the loss through "
+                    f"operations outside the supported modules (a torch function, a residual "
+                    f"connection or a module curvhooks does not know); "
+                    f"{_names(self._second_order)} need a chain of supported modules: "
+                    f"{supported_names(MODULE_DERIVATIVES)}, nested in nn.Sequential"
+                )
+        upstream_has_params = False
+        for call in reversed(path):
+            call.push_to_producer = upstream_has_params
+            upstream_has_params = upstream_has_params or bool(call.params)
+
+    def _sqrt_hessian(
+        self, derivatives: LossDerivatives, output: Tensor, target: Tensor, key: StackKey
+    ) -> Tensor:
+        if key == EXACT:
+            return derivatives.sqrt_hessian(self.loss_fn, output, target)
+        return derivatives.sqrt_hessian_mc(self.loss_fn, output, target, key)
+
+    # ------------------------------------------------------------------- backward hook
+    def _backward(self, call: _Call, grad_output: Tensor) -> None:
+        if not self._active:
+            return
+        if call.pass_id != self._pass_id:
+            raise RuntimeError(
+                "backward() reached a forward pass that is not the latest one inside the "
+                "curvhooks.extend context; call backward() before the next forward pass"
+            )
+        grad_stack = grad_output.detach()[None]
+        for name, param in call.params:
+            for ext in self._first_order:
+                setattr(param, ext.attribute, ext.compute(call.derivatives, call.io, name, grad_stack))
+        if self._second_order:
+            self._backward_stacks(call)
+        call.release()
+
+    def _backward_stacks(self, call: _Call) -> None:
+        if (call.params or call.push_to_producer) and not call.stacks:
+            raise RuntimeError(
+                f"no square-root GGN reached module {call.describe()}: "
+                f"{_names(self._second_order)} need the loss computed by the loss_fn passed "
+                "to curvhooks.extend, called on the model's output"
+            )
+        for name, param in call.params:
+            for ext in self._second_order:
+                stack = call.stacks[ext.stack_key()]
+                setattr(param, ext.attribute, ext.compute(call.derivatives, call.io, name, stack))
+        if call.push_to_producer:
+            call.producer.stacks = {
+                key: call.derivatives.jac_t_mat_prod(call.io, stack)
+                for key, stack in call.stacks.items()
+            }
+
+    def _release_calls(self) -> None:
+        for call in self._calls:
+            call.release()
+        self._calls.clear()
+        self._producers.clear()
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_arguments(model: nn.Module, loss_fn: nn.Module, extensions: tuple) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(loss_fn, nn.Module):
+        raise TypeError(
+            f"loss_fn must be a loss module such as torch.nn.CrossEntropyLoss(), "
+            f"got {type(loss_fn).__name__}"
+        )
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in SUPPORTED_REDUCTIONS:
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported: curvhooks "
+            f"needs a scalar loss; use reduction='mean' or reduction='sum'"
+        )
+    for ext in extensions:
+        if isinstance(ext, type) and issubclass(ext, Extension):
+            raise TypeError(f"pass extension instances: {ext.__name__}(), not {ext.__name__}")
+        if not isinstance(ext, Extension):
+            raise TypeError(
+                f"extensions must be instances from curvhooks.extensions, got {ext!r}"
+            )
+    attributes = [ext.attribute for ext in extensions]
+    for attribute in set(attributes):
+        if attributes.count(attribute) > 1:
+            clash = [ext for ext in extensions if ext.attribute == attribute]
+            raise ValueError(
+                f"{_names(clash)} all write p.{attribute}; pass each extension once"
+            )
+
+
+def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The module's own parameters that require gradients, by name."""
+    return [
+        (name, param)
+        for name, param in module.named_parameters(recurse=False)
+        if param.requires_grad
+    ]
+
+
+def _clear_results(model: nn.Module) -> None:
+    for param in model.parameters():
+        for attribute in RESULT_ATTRIBUTES:
+            param.__dict__.pop(attribute, None)
+
+
+def _describe(path: str, module: nn.Module) -> str:
+    return f"{path or '(the model itself)'!r} ({type(module).__name__})"
+
+
+def _names(extensions) -> str:
+    return ", ".join(map(repr, extensions))

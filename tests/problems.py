@@ -1,0 +1,146 @@
+"""The shared problem list: every extension's test runs on all of these.
+
+Each problem is a small float64 model, an input batch and a loss; ``make`` builds all three
+from a fixed seed so that every test sees the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "ce-mean": lambda: nn.CrossEntropyLoss(reduction="mean"),
+    "ce-sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "mse-mean": lambda: nn.MSELoss(reduction="mean"),
+    "mse-sum": lambda: nn.MSELoss(reduction="sum"),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    build_model: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    batch_size: int = 3
+    losses: tuple[str, ...] = tuple(LOSSES)
+
+    def make(
+        self, loss: str, device: str = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0
+    ) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+        """``(model, loss_fn, X, y)`` on ``device``, reproducible from ``seed``."""
+        torch.manual_seed(seed)
+        model = self.build_model().to(device=device, dtype=dtype)
+        X = torch.randn(self.batch_size, *self.input_shape, device=device, dtype=dtype)
+        with torch.no_grad():
+            output = model(X)
+        if loss.startswith("ce"):
+            y = torch.randint(0, output.shape[1], (self.batch_size,), device=device)
+        else:
+            y = torch.randn_like(output)
+        return model, LOSSES[loss](), X, y
+
+
+def _frozen(model: nn.Sequential, *indices: int) -> nn.Sequential:
+    """Freeze the parameters of the listed children."""
+    for index in indices:
+        model[index].requires_grad_(False)
+    return model
+
+
+def _frozen_bias(model: nn.Sequential) -> nn.Sequential:
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def _conv_net(**conv_args) -> nn.Sequential:
+    conv = nn.Conv2d(2, 4, **conv_args)
+    with torch.no_grad():
+        out_shape = conv(torch.zeros(1, 2, 7, 6)).shape
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(out_shape[1:].numel(), 3))
+
+
+PROBLEMS: list[Problem] = [
+    Problem(
+        "mlp",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)
+        ),
+        (6,),
+    ),
+    Problem(
+        "mlp-inplace-relu",
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)),
+        (6,),
+    ),
+    Problem(
+        "nested-sequential",
+        lambda: nn.Sequential(
+            nn.Sequential(nn.Linear(6, 5), nn.Sigmoid()),
+            nn.Sequential(nn.Sequential(nn.Linear(5, 4), nn.ReLU()), nn.Linear(4, 3)),
+        ),
+        (6,),
+    ),
+    Problem(
+        "frozen-params",
+        lambda: _frozen_bias(
+            _frozen(nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4),
+                                  nn.ReLU(), nn.Linear(4, 3)), 2)
+        ),
+        (6,),
+    ),
+    Problem("batch-of-one", lambda: nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 3)),
+            (4,), batch_size=1),
+    Problem(
+        "linear-extra-dims",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Flatten(), nn.Linear(10, 3)),
+        (2, 4),
+    ),
+    Problem(
+        "linear-extra-dims-output",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)),
+        (2, 4),
+        losses=("mse-mean", "mse-sum"),
+    ),
+    Problem("conv-stride-padding", lambda: _conv_net(kernel_size=3, stride=2, padding=1), (2, 7, 6)),
+    Problem("conv-dilation-tuple", lambda: _conv_net(kernel_size=(3, 2), dilation=(2, 1),
+                                                     padding=(1, 2)), (2, 7, 6)),
+    Problem("conv-groups-no-bias", lambda: _conv_net(kernel_size=2, groups=2, bias=False),
+            (2, 7, 6)),
+    Problem("conv-same-even-kernel", lambda: _conv_net(kernel_size=4, padding="same", dilation=2),
+            (2, 7, 6)),
+    Problem("conv-valid", lambda: _conv_net(kernel_size=3, padding="valid", stride=(1, 2)),
+            (2, 7, 6)),
+    Problem(
+        "cnn-sigmoid",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Conv2d(3, 2, 3, stride=2),
+            nn.ReLU(), nn.Flatten(), nn.Linear(12, 4),
+        ),
+        (2, 7, 6),
+    ),
+]
+
+CASES = [(problem, loss) for problem in PROBLEMS for loss in problem.losses]
+CASE_IDS = [f"{problem.name}-{loss}" for problem, loss in CASES]
+
+
+def run_with(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, *extensions) -> dict:
+    """One backward pass inside ``curvhooks.extend``; ``{param name: {attribute: result}}``."""
+    import curvhooks
+
+    with curvhooks.extend(model, loss_fn, *extensions):
+        loss_fn(model(X), y).backward()
+    attributes = [ext.attribute for ext in extensions]
+    return {
+        name: {attr: getattr(p, attr) for attr in attributes if hasattr(p, attr)}
+        for name, p in model.named_parameters()
+    }
+
+
+def assert_close(actual: Tensor, expected: Tensor) -> None:
+    """float64 agreement: rtol 1e-10, with an absolute floor for entries that cancel to 0."""
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)

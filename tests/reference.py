@@ -1,0 +1,83 @@
+"""Independent references with plain ``torch.func`` on a model that carries no hooks.
+
+Scaling follows API.md: the reduced loss is ``L = s * sum_n l_n`` with ``l_n`` sample n's loss
+under reduction ``"sum"``; per-sample quantities are those of ``s * l_n``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+
+def trainable(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters, by name, detached."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _frozen(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def reduction_scale(loss_fn: nn.Module, output: Tensor) -> float:
+    """``s``: 1 for ``"sum"``; 1/N (cross-entropy) or 1/numel (MSE) for ``"mean"``."""
+    if loss_fn.reduction == "sum":
+        return 1.0
+    return 1.0 / (output.shape[0] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.numel())
+
+
+def _sum_loss(loss_fn: nn.Module) -> nn.Module:
+    return type(loss_fn)(reduction="sum")
+
+
+def per_sample_grads(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``{name: [N, *p.shape]}``: gradients of ``s * l_n``."""
+    frozen, sum_loss = _frozen(model), _sum_loss(loss_fn)
+    scale = reduction_scale(loss_fn, model(X))
+
+    def sample_loss(params: dict, x: Tensor, target: Tensor) -> Tensor:
+        output = functional_call(model, {**params, **frozen}, (x[None],))
+        return scale * sum_loss(output, target[None])
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable(model), X, y)
+
+
+def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
+    """Jacobian of the batch output ``[N, C]`` (C = prod(out)) in the flat parameters: ``[N, C, D]``."""
+    params, frozen = trainable(model), _frozen(model)
+
+    def output(params: dict) -> Tensor:
+        return functional_call(model, {**params, **frozen}, (X,)).flatten(1)
+
+    jac = jacrev(output)(params)
+    return torch.cat([jac[name].flatten(2) for name in params], dim=2)
+
+
+def _output_hessians(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """Hessian of the reduced loss in the output, one ``[C, C]`` block per sample: ``[N, C, C]``."""
+    with torch.no_grad():
+        output = model(X)
+    hess = hessian(lambda out: loss_fn(out.view_as(output), y))(output.flatten(1))
+    return torch.stack([hess[n, :, n, :] for n in range(output.shape[0])])
+
+
+def ggn_per_sample(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """``[N, D, D]``: ``J_n^T H_n J_n`` over the flat trainable parameters."""
+    jac = _flat_jacobian(model, X)
+    return torch.einsum("ncd,nce,nef->ndf", jac, _output_hessians(model, loss_fn, X, y), jac)
+
+
+def ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """``[D, D]``: the GGN of the reduced loss."""
+    return ggn_per_sample(model, loss_fn, X, y).sum(0)
+
+
+def split(flat: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    """Split the last dimension of ``flat`` into the trainable parameters' shapes."""
+    params = trainable(model)
+    pieces = flat.split([p.numel() for p in params.values()], dim=-1)
+    return {
+        name: piece.reshape(*flat.shape[:-1], *p.shape)
+        for (name, p), piece in zip(params.items(), pieces)
+    }

@@ -1,0 +1,229 @@
+"""The extension context: lifecycle, hooks, memory, devices, and errors that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import curvhooks
+from curvhooks import BatchGrad, BatchL2Grad, DiagGGN, SqrtGGN, SumGradSquared, Variance
+from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, run_with
+from tests.reference import ggn, per_sample_grads, split
+
+MLP = PROBLEMS[0]
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in module.modules()
+    )
+
+
+def test_exit_leaves_the_model_as_before():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    with curvhooks.extend(model, loss_fn, BatchGrad(), SqrtGGN()) as context:
+        assert _hook_count(model) > 0 and _hook_count(loss_fn) > 0
+        loss_fn(model(X), y).backward()
+        assert all(call.io.input is None and not call.stacks for call in context._calls)
+    assert _hook_count(model) == 0 and _hook_count(loss_fn) == 0
+    assert context._calls == [] and context._producers == {}
+    # torch.func works on the model afterwards
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    f = lambda p, x: functional_call(model, p, (x[None],)).sum()
+    vmap(grad(f), in_dims=(None, 0))(params, X)
+
+
+def test_results_belong_to_the_last_backward_pass():
+    model, loss_fn, X, y = MLP.make("ce-sum")
+    X2, y2 = torch.randn_like(X), y.flip(0)
+    with curvhooks.extend(model, loss_fn, BatchGrad(), DiagGGN()):
+        loss_fn(model(X), y).backward()
+        loss_fn(model(X2), y2).backward()
+    expected = per_sample_grads(model, loss_fn, X2, y2)
+    expected_diag = split(ggn(model, loss_fn, X2, y2).diagonal(), model)
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, expected[name])
+        assert_close(p.diag_ggn, expected_diag[name])
+
+
+def test_entering_again_clears_results():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    run_with(model, loss_fn, X, y, BatchGrad())
+    with curvhooks.extend(model, loss_fn, DiagGGN()):
+        assert not any(hasattr(p, "grad_batch") for p in model.parameters())
+
+
+def test_unreferenced_results_are_reused_referenced_ones_kept():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    weight = model[0].weight
+    with curvhooks.extend(model, loss_fn, BatchGrad(), SqrtGGN()):
+        loss_fn(model(X), y).backward()
+        pointer = weight.grad_batch.data_ptr()
+        loss_fn(model(X * 2), y).backward()
+        assert weight.grad_batch.data_ptr() == pointer
+        held = weight.sqrt_ggn
+        snapshot = held.clone()
+        loss_fn(model(X), y).backward()
+        assert weight.sqrt_ggn is not held and torch.equal(held, snapshot)
+    assert_close(weight.grad_batch, per_sample_grads(model, loss_fn, X, y)["0.weight"])
+
+
+class Residual(nn.Module):
+    """Parameter-free operations between supported modules: a torch function and a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+        self.head = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.head(x + F.softplus(self.inner(x)))
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+def test_first_order_on_a_residual_model(loss):
+    torch.manual_seed(0)
+    model = Residual().double()
+    X = torch.randn(4, 5, dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce-mean" else nn.MSELoss(reduction="sum")
+    y = torch.randint(0, 3, (4,)) if loss == "ce-mean" else torch.randn(4, 3, dtype=torch.float64)
+    expected = per_sample_grads(model, loss_fn, X, y)
+    results = run_with(model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
+    for name, grads in expected.items():
+        assert_close(results[name]["grad_batch"], grads)
+        assert_close(results[name]["batch_l2"], grads.flatten(1).square().sum(1))
+
+
+def test_float32_results_match_float64():
+    model, loss_fn, X, y = PROBLEMS[-1].make("ce-mean")
+    exact = run_with(model, loss_fn, X, y, BatchGrad(), DiagGGN())
+    single = run_with(model.float(), loss_fn, X.float(), y, BatchGrad(), DiagGGN())
+    for name in exact:
+        for attribute, value in exact[name].items():
+            assert single[name][attribute].dtype == torch.float32
+            torch.testing.assert_close(single[name][attribute].double(), value, rtol=1e-4, atol=1e-6)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("problem, loss", CASES[::3], ids=CASE_IDS[::3])
+def test_cuda_matches_cpu(problem, loss):
+    extensions = BatchGrad(), BatchL2Grad(), Variance(), SqrtGGN(), DiagGGN()
+    on_cpu = run_with(*problem.make(loss), *extensions)
+    on_gpu = run_with(*problem.make(loss, device="cuda"), *extensions)
+    for name in on_cpu:
+        for attribute, value in on_cpu[name].items():
+            assert on_gpu[name][attribute].is_cuda
+            torch.testing.assert_close(on_gpu[name][attribute].cpu(), value, rtol=1e-9, atol=1e-11)
+
+
+# ------------------------------------------------------------------------------ errors
+def test_unsupported_module_names_path_class_extension_and_support():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    with pytest.raises(curvhooks.UnsupportedError) as error:
+        curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
+    message = str(error.value)
+    assert "'1.1'" in message and "BatchNorm1d" in message and "BatchGrad()" in message
+    assert "Linear" in message and "Conv2d" in message
+    assert _hook_count(model) == 0
+
+
+def test_unsupported_conv_argument():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(curvhooks.UnsupportedError, match="padding_mode='reflect'.*'zeros'"):
+        with curvhooks.extend(model, nn.MSELoss(), BatchGrad()):
+            pass
+
+
+@pytest.mark.parametrize(
+    "extensions, error, pattern",
+    [
+        ((BatchGrad,), TypeError, r"BatchGrad\(\), not BatchGrad"),
+        ((BatchGrad(), BatchGrad()), ValueError, "once"),
+        ((DiagGGN(), DiagGGN(mc_samples=2)), ValueError, "diag_ggn"),
+        (("grad_batch",), TypeError, "instances"),
+    ],
+)
+def test_bad_extension_arguments(extensions, error, pattern):
+    model, loss_fn, _, _ = MLP.make("ce-mean")
+    with pytest.raises(error, match=pattern):
+        curvhooks.extend(model, loss_fn, *extensions)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_bad_mc_samples(value):
+    with pytest.raises(ValueError, match="mc_samples"):
+        DiagGGN(mc_samples=value)
+
+
+def test_reduction_none_is_rejected():
+    with pytest.raises(ValueError, match="reduction='mean' or reduction='sum'"):
+        curvhooks.extend(nn.Linear(2, 2), nn.MSELoss(reduction="none"), BatchGrad())
+
+
+def _second_order_error(model, loss_fn, X, y, call=None):
+    with curvhooks.extend(model, loss_fn, DiagGGN()):
+        loss = (call or (lambda: loss_fn(model(X), y)))()
+        loss.backward()
+
+
+def test_loss_input_must_be_the_model_output():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    with pytest.raises(ValueError, match="not the model's output"):
+        _second_order_error(model, loss_fn, X, y, call=lambda: loss_fn(model(X) * 2, y))
+
+
+@pytest.mark.parametrize(
+    "loss_fn, target, pattern",
+    [
+        (nn.NLLLoss(), torch.tensor([0, 1, 2]), "NLLLoss is not supported.*CrossEntropyLoss"),
+        (nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), torch.tensor([0, 1, 2]), "weight"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 1, 2]), "label_smoothing"),
+        (nn.CrossEntropyLoss(ignore_index=1), torch.tensor([0, 1, 2]), "ignore_index=1"),
+        (nn.CrossEntropyLoss(), torch.full((3, 3), 1 / 3, dtype=torch.float64), "probabilities"),
+        (nn.MSELoss(), torch.zeros(3, 1, dtype=torch.float64), r"do not match"),
+    ],
+)
+def test_unsupported_loss_arguments(loss_fn, target, pattern):
+    model, _, X, _ = MLP.make("ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match=pattern):
+        _second_order_error(model, loss_fn, X, target)
+
+
+def test_unsupported_module_on_the_second_order_path():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 2))).double()
+    X, y = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(curvhooks.UnsupportedError, match=r"'1.0' \(Tanh\).*DiagGGN\(\)"):
+        _second_order_error(model, nn.CrossEntropyLoss(), X, y)
+    run_with(model, nn.CrossEntropyLoss(), X, y, BatchGrad())  # first order does not need it
+
+
+def test_residual_model_is_rejected_by_second_order():
+    model = Residual().double()
+    X, y = torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises((curvhooks.UnsupportedError, ValueError), match="'head.1' \\(Tanh\\)|inner"):
+        _second_order_error(model, nn.CrossEntropyLoss(), X, y)
+
+
+def test_module_called_twice_is_rejected():
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.ReLU(), layer)
+    with pytest.raises(curvhooks.UnsupportedError, match="called twice"):
+        with curvhooks.extend(model, nn.MSELoss(), BatchGrad()):
+            model(torch.randn(2, 3))
+
+
+def test_backward_through_a_stale_forward_pass_is_rejected():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        stale = loss_fn(model(X), y)
+        loss_fn(model(X), y)
+        with pytest.raises(RuntimeError, match="latest"):
+            stale.backward()

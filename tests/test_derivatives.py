@@ -1,0 +1,62 @@
+"""Each module's derivatives on their own, against ``torch.func.vjp``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, vjp
+
+from curvhooks.derivatives import ModuleIO, module_derivatives
+from tests.problems import assert_close
+
+MODULES = {
+    "linear": (lambda: nn.Linear(4, 3), (4,)),
+    "linear-extra-dims": (lambda: nn.Linear(4, 3), (2, 5, 4)),
+    "linear-wide-extra-dims": (lambda: nn.Linear(20, 30), (2, 20)),  # Gram path of sq_norm
+    "linear-no-bias": (lambda: nn.Linear(4, 3, bias=False), (4,)),
+    "conv-stride-padding": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 6)),
+    "conv-dilation-groups": (lambda: nn.Conv2d(4, 6, (2, 3), dilation=(2, 1), groups=2), (4, 7, 6)),
+    "conv-same-even": (lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False), (2, 5, 6)),
+    "conv-valid-stride-tuple": (lambda: nn.Conv2d(2, 3, 3, padding="valid", stride=(2, 1)), (2, 7, 6)),
+    "relu": (nn.ReLU, (3, 4)),
+    "sigmoid": (nn.Sigmoid, (3, 4)),
+    "flatten": (nn.Flatten, (2, 3, 4)),
+    "flatten-partial": (lambda: nn.Flatten(2, 3), (2, 3, 4, 5)),
+}
+NUM_VECTORS, BATCH = 3, 2
+
+
+@pytest.mark.parametrize("key", MODULES)
+def test_jacobian_transpose_products(key):
+    build, input_shape = MODULES[key]
+    torch.manual_seed(0)
+    module = build().double()
+    x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
+    mat = torch.randn(NUM_VECTORS, *output.shape, dtype=torch.float64)
+    pulled = [pullback(v) for v in mat]  # per vector: (d x, {name: d p}) summed over the batch
+
+    derivatives = module_derivatives(module)
+    io = ModuleIO(module, x, output.detach(), x.shape)
+    assert_close(derivatives.jac_t_mat_prod(io, mat), torch.stack([dx for dx, _ in pulled]))
+    for name, param in params.items():
+        per_sample = derivatives.param_jac_t_mat_prod(io, name, mat)
+        assert_close(per_sample, _per_sample_pullback(pullback, mat, name))
+        assert_close(derivatives.param_jac_t_mat_prod_summed(io, name, mat), per_sample.sum((0, 1)))
+        squares = per_sample.square()
+        assert_close(derivatives.param_sq_sum(io, name, mat, per_sample=True), squares.sum(0))
+        assert_close(derivatives.param_sq_sum(io, name, mat, per_sample=False), squares.sum((0, 1)))
+        assert_close(derivatives.param_sq_norm(io, name, mat), squares.flatten(2).sum((0, 2)))
+
+
+def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor:
+    """``[V, N, *p.shape]``: the pullback of each vector restricted to one sample at a time."""
+    rows = []
+    for vector in mat:
+        rows.append(torch.stack([
+            pullback(vector * (torch.arange(BATCH) == n).view(-1, *[1] * (vector.dim() - 1)))[1][name]
+            for n in range(BATCH)
+        ]))
+    return torch.stack(rows)

@@ -1,0 +1,73 @@
+"""Square-root GGN extensions against ``J^T H J`` references on every shared problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from curvhooks import BatchDiagGGN, DiagGGN, SqrtGGN
+from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, run_with
+from tests.reference import ggn_per_sample, split, trainable
+
+
+def _flat_factor(results: dict, names: list[str]) -> torch.Tensor:
+    """Concatenate the parameters' ``sqrt_ggn`` into ``[V * N, D]``."""
+    factors = [results[name]["sqrt_ggn"] for name in names]
+    return torch.cat([f.flatten(2) for f in factors], dim=2).flatten(0, 1)
+
+
+@pytest.mark.parametrize("problem, loss", CASES, ids=CASE_IDS)
+def test_exact_ggn_extensions(problem, loss):
+    model, loss_fn, X, y = problem.make(loss)
+    expected = ggn_per_sample(model, loss_fn, X, y)  # [N, D, D]
+    results = run_with(model, loss_fn, X, y, SqrtGGN(), DiagGGN(), BatchDiagGGN())
+    names = list(trainable(model))
+    factor = _flat_factor(results, names)
+    assert_close(factor.T @ factor, expected.sum(0))  # every block, across parameters too
+    diagonal = split(expected.sum(0).diagonal(), model)
+    per_sample = split(expected.diagonal(dim1=1, dim2=2), model)
+    for name in names:
+        assert_close(results[name]["diag_ggn"], diagonal[name])
+        assert_close(results[name]["diag_ggn_batch"], per_sample[name])
+        assert_close(results[name]["diag_ggn_batch"].sum(0), results[name]["diag_ggn"])
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert all(results[name] == {} for name in frozen)
+
+
+def test_exact_sqrt_ggn_leading_dimension():
+    model, loss_fn, X, y = PROBLEMS[0].make("ce-mean")
+    results = run_with(model, loss_fn, X, y, SqrtGGN())
+    for name, p in model.named_parameters():
+        assert results[name]["sqrt_ggn"].shape == (3, X.shape[0], *p.shape)
+
+
+def _mc_results(problem, loss, mc_samples, seed):
+    model, loss_fn, X, y = problem.make(loss)
+    torch.manual_seed(seed)
+    extensions = SqrtGGN(mc_samples=mc_samples), DiagGGN(mc_samples=mc_samples)
+    return model, run_with(model, loss_fn, X, y, *extensions)
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+def test_mc_is_reproducible_and_shaped(loss):
+    model, first = _mc_results(PROBLEMS[0], loss, mc_samples=2, seed=1)
+    _, second = _mc_results(PROBLEMS[0], loss, mc_samples=2, seed=1)
+    _, other = _mc_results(PROBLEMS[0], loss, mc_samples=2, seed=2)
+    for name, p in model.named_parameters():
+        assert first[name]["sqrt_ggn"].shape == (2, 3, *p.shape)
+        assert torch.equal(first[name]["sqrt_ggn"], second[name]["sqrt_ggn"])
+        assert not torch.equal(first[name]["diag_ggn"], other[name]["diag_ggn"])
+        factor = first[name]["sqrt_ggn"].flatten(2).flatten(0, 1)
+        assert_close(first[name]["diag_ggn"].flatten(), factor.square().sum(0))
+
+
+@pytest.mark.parametrize("loss", ["ce-sum", "mse-mean"])
+def test_mc_is_unbiased(loss):
+    """With many samples the MC diagonal approaches the exact one (statistical tolerance)."""
+    problem = PROBLEMS[0]
+    model, loss_fn, X, y = problem.make(loss)
+    exact = run_with(model, loss_fn, X, y, DiagGGN())
+    _, mc = _mc_results(problem, loss, mc_samples=20_000, seed=0)
+    for name, _ in model.named_parameters():
+        expected, estimate = exact[name]["diag_ggn"], mc[name]["diag_ggn"]
+        torch.testing.assert_close(estimate, expected, rtol=0.05, atol=0.02 * expected.abs().max())
