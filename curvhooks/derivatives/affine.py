@@ -44,23 +44,30 @@ class AffineDerivatives(ModuleDerivatives):
     def param_jac_t_mat_prod(
         self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
     ) -> Tensor:
-        stacked = self.to_positions(io, mat)
         if out is None:
             out = mat.new_empty(*mat.shape[:2], *getattr(io.module, name).shape)
         if name == "bias":
-            torch.sum(stacked.flatten(2, 3), -1, out=out.view(*mat.shape[:2], -1))
+            positions = self.to_positions(io, mat).flatten(2, 3)
+            torch.sum(positions, -1, out=out.view(*mat.shape[:2], -1))
         else:
-            x = self._unfolded(io)
-            torch.matmul(stacked, x.transpose(-1, -2), out=out.view(*stacked.shape[:-1], -1))
+            self.weight_jac_t_mat_prod(io, mat, out)
         return out
+
+    def weight_jac_t_mat_prod(self, io: ModuleIO, mat: Tensor, out: Tensor) -> None:
+        """Write the per-sample weight products ``[V, N, *weight.shape]`` into ``out``."""
+        stacked, x = self.to_positions(io, mat), self._unfolded(io)
+        torch.matmul(stacked, x.transpose(-1, -2), out=out.view(*stacked.shape[:-1], -1))
 
     def param_jac_t_mat_prod_summed(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         param = getattr(io.module, name)
         stacked = self.to_positions(io, mat)
         if name == "bias":
             return stacked.sum((0, 1, 4)).view(param.shape)
-        summed = torch.einsum("vngot,ngit->goi", stacked, self._unfolded(io))
-        return summed.view(param.shape)
+        return self.weight_jac_t_mat_prod_summed(io, mat).view(param.shape)
+
+    def weight_jac_t_mat_prod_summed(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        """The weight products summed over the stack and the batch: ``weight.shape``."""
+        return torch.einsum("vngot,ngit->goi", self.to_positions(io, mat), self._unfolded(io))
 
     def param_sq_sum(self, io: ModuleIO, name: str, mat: Tensor, per_sample: bool) -> Tensor:
         if name == "bias" or self._position_count(io) != 1:

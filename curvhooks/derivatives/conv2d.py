@@ -1,8 +1,10 @@
 """Derivatives of ``nn.Conv2d`` (any stride, padding, dilation and groups; zero padding).
 
-The input ``[N, C_in, H, W]`` is padded explicitly (so that ``"same"`` padding with an even
-kernel, which pads unequally, needs no special case) and unfolded into patches
-``[N, G, C_in / G * kH * kW, H_out * W_out]``.
+Products with the weight use convolutions: the per-sample weight products of V vectors are
+the weight gradient of one convolution with ``V * N * groups`` groups (each sample its own
+group), which PyTorch's convolution kernels compute faster than unfolded patches. Padding that
+a convolution cannot express (``"same"`` with an even kernel pads one more pixel at the end)
+is applied to the input explicitly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ def _split_same(total: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def _is_symmetric(padding: tuple[int, int, int, int]) -> bool:
+    left, right, top, bottom = padding
+    return left == right and top == bottom
+
+
 class Conv2dDerivatives(AffineDerivatives):
     """Groups are the convolution's groups; positions are the output pixels."""
 
@@ -45,35 +52,69 @@ class Conv2dDerivatives(AffineDerivatives):
             )
         return None
 
-    def _padded_input(self, io: ModuleIO) -> Tensor:
+    def _input_and_padding(self, io: ModuleIO) -> tuple[Tensor, tuple[int, int]]:
+        """The input, padded explicitly where needed, and the padding left to the convolution."""
         padding = explicit_padding(io.module)
-        return F.pad(io.input, padding) if any(padding) else io.input
+        if _is_symmetric(padding):
+            return io.input, (padding[2], padding[0])
+        return F.pad(io.input, padding), (0, 0)
 
     def unfold_input(self, io: ModuleIO) -> Tensor:
         module = io.module
+        x, padding = self._input_and_padding(io)
         patches = F.unfold(
-            self._padded_input(io),
-            module.kernel_size,
-            dilation=module.dilation,
-            stride=module.stride,
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
         )
         return patches.view(patches.shape[0], module.groups, -1, patches.shape[-1])
 
     def to_positions(self, io: ModuleIO, mat: Tensor) -> Tensor:
         return mat.reshape(*mat.shape[:2], io.module.groups, -1, mat[0, 0, 0].numel())
 
-    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
+    def weight_jac_t_mat_prod(self, io: ModuleIO, mat: Tensor, out: Tensor) -> None:
         module = io.module
-        left, right, top, bottom = explicit_padding(module)
-        num_vectors, batch, channels, height, width = mat.shape[:2] + io.input_shape[1:]
-        padded_shape = (num_vectors * batch, channels, height + top + bottom, width + left + right)
-        grad_padded = torch.nn.grad.conv2d_input(
-            padded_shape,
-            module.weight.detach(),
-            mat.flatten(0, 1),
+        x, padding = self._input_and_padding(io)
+        num_vectors, batch = mat.shape[:2]
+        # x: [N, C, H, W] -> [1, V * N * C, H, W]; mat: [V, N, O, H', W'] -> [1, V * N * O, H', W']
+        stacked_x = x.expand(num_vectors, *x.shape).reshape(1, -1, *x.shape[2:])
+        products = torch.nn.grad.conv2d_weight(
+            stacked_x,
+            (num_vectors * batch * module.out_channels, *module.weight.shape[1:]),
+            mat.reshape(1, -1, *mat.shape[3:]),
             stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=num_vectors * batch * module.groups,
+        )
+        out.copy_(products.view(out.shape))
+
+    def weight_jac_t_mat_prod_summed(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        module = io.module
+        x, padding = self._input_and_padding(io)
+        return torch.nn.grad.conv2d_weight(
+            x,
+            module.weight.shape,
+            mat.sum(0),
+            stride=module.stride,
+            padding=padding,
             dilation=module.dilation,
             groups=module.groups,
         )
-        grad_input = grad_padded[..., top : top + height, left : left + width]
+
+    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        module = io.module
+        left, right, top, bottom = padding = explicit_padding(module)
+        num_vectors, batch, channels, height, width = mat.shape[:2] + io.input_shape[1:]
+        symmetric = _is_symmetric(padding)
+        padded = (height, width) if symmetric else (height + top + bottom, width + left + right)
+        grad_input = torch.nn.grad.conv2d_input(
+            (num_vectors * batch, channels, *padded),
+            module.weight.detach(),
+            mat.flatten(0, 1),
+            stride=module.stride,
+            padding=(top, left) if symmetric else 0,
+            dilation=module.dilation,
+            groups=module.groups,
+        )
+        if not symmetric:
+            grad_input = grad_input[..., top : top + height, left : left + width]
         return grad_input.reshape(num_vectors, batch, channels, height, width)

@@ -1,0 +1,165 @@
+"""Shared benchmark harness: interleaved timing in one process, peak memory per method.
+
+Times: every method runs once per round, rounds repeat, the table reports medians and their
+ratio to a baseline measured in the same rounds (the machines are noisy; ratios of
+interleaved medians are stable). Peak memory: each method runs in a fresh subprocess, which
+reports the growth of its peak resident set (CPU) or of ``torch.cuda.max_memory_allocated``
+(CUDA) during its first call over what a plain backward pass left in use, its results
+included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    methods: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each method, rounds interleaved."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for round_index in range(warmup + repeats):
+        for name, method in methods.items():
+            synchronize(device)
+            start = time.perf_counter()
+            method()
+            synchronize(device)
+            if round_index >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _resident_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_of(method: Callable[[], object], baseline: Callable[[], object], device: torch.device) -> int:
+    """Bytes by which ``method``'s peak exceeds memory in use after ``baseline`` ran."""
+    baseline()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        in_use = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        method()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - in_use
+    in_use = _resident_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
+    method()
+    return _resident_bytes("VmHWM") - in_use
+
+
+def memory_in_subprocess(module: str, problem: str, method: str) -> int | None:
+    """Run ``python -m MODULE --memory-of METHOD --problem PROBLEM`` in a fresh process."""
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--memory-of", method, "--problem", problem],
+        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def report_memory(peak_bytes: int) -> None:
+    """What a ``--memory-of`` subprocess prints for ``memory_in_subprocess``."""
+    print(json.dumps({"peak_bytes": peak_bytes}))
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def megabytes(count: int | None) -> str:
+    return "n/a" if count is None else f"{count / 2**20:.1f}"
+
+
+def environment() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads"
+
+
+def write_doc(name: str, title: str, body: str) -> Path:
+    """Write ``docs/benchmarks/<name>.md`` and return its path."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    path = DOCS / f"{name}.md"
+    path.write_text(f"# {title}\n\n{body}\n")
+    return path
+
+
+def optional(module: str) -> bool:
+    """Whether an optional peer package is importable."""
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def run_benchmark(
+    module: str,
+    build_methods: Callable[[str, torch.device], dict[str, Callable[[], object]]],
+    problems: list[str],
+    repeats: int,
+    baseline: str = "backward",
+) -> str:
+    """Time every method of every problem (interleaved) and measure its peak memory.
+
+    A script that calls this handles ``--memory-of METHOD --problem P`` by calling
+    ``memory_main``. Returns the markdown tables.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sections = []
+    for problem in problems:
+        methods = build_methods(problem, device)
+        times = time_interleaved(methods, device, repeats)
+        rows = []
+        for name in methods:
+            peak = memory_in_subprocess(module, problem, name)
+            ratio = times[name] / times[baseline]
+            rows.append([name, f"{times[name] * 1e3:.1f}", f"{ratio:.2f}", megabytes(peak)])
+        fastest_peer = min((times[n] for n in methods if _is_peer(n)), default=None)
+        if fastest_peer is not None:
+            for row in rows:
+                row.append(f"{times[row[0]] / fastest_peer:.2f}")
+        header = ["method", "median ms", f"x {baseline}", "peak MB over backward"]
+        header += ["x fastest peer"] if fastest_peer is not None else []
+        sections.append(f"### {problem}\n\n" + markdown_table(header, rows))
+        print(sections[-1], "\n", flush=True)
+    return f"{environment()}, {repeats} interleaved rounds.\n\n" + "\n\n".join(sections)
+
+
+PEER_PREFIXES = ("torch.func", "backpack", "opacus", "curvlinops")
+
+
+def _is_peer(name: str) -> bool:
+    return name.startswith(PEER_PREFIXES)
+
+
+def memory_main(build_methods, problem: str, method: str) -> None:
+    """Subprocess side of ``memory_in_subprocess``: the peak of ``method``'s first call after
+    a plain backward pass, results included."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    methods = build_methods(problem, device)
+    report_memory(peak_memory_of(methods[method], methods["backward"], device))

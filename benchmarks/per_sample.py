@@ -1,0 +1,107 @@
+"""Per-sample gradients: curvhooks ``BatchGrad`` against plain backward and peers.
+
+Run: ``python benchmarks/per_sample.py [--repeats 10]``; writes docs/benchmarks/per_sample.md.
+Peers (optional): ``torch.func`` ``vmap(grad)``, BackPACK ``BatchGrad``, Opacus
+``GradSampleModule``; see benchmarks/README.md to install them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Callable
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+import curvhooks
+from benchmarks.common import memory_main, optional, run_benchmark, write_doc
+from benchmarks.problems import PROBLEMS, on_device
+
+
+def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
+
+    def backward() -> None:
+        loss_fn(model(X), y).backward()
+
+    methods = {
+        "backward": backward,
+        "curvhooks (context per step)": _curvhooks_per_step(model, loss_fn, X, y),
+        "curvhooks (context held open)": _curvhooks_held_open(model, loss_fn, X, y),
+        "torch.func vmap(grad)": _vmap_grad(model, loss_fn, X, y),
+    }
+    if optional("backpack"):
+        methods["backpack BatchGrad"] = _backpack(model, loss_fn, X, y)
+    if optional("opacus"):
+        methods["opacus GradSampleModule"] = _opacus(model, loss_fn, X, y)
+    return methods
+
+
+def _curvhooks_per_step(model, loss_fn, X, y):
+    def run():
+        with curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()):
+            loss_fn(model(X), y).backward()
+
+    return run
+
+
+def _curvhooks_held_open(model, loss_fn, X, y):
+    """One context entered once, as around a training loop: results are written in place."""
+    model = copy.deepcopy(model)
+    curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()).__enter__()
+    return lambda: loss_fn(model(X), y).backward()
+
+
+def _vmap_grad(model, loss_fn, X, y):
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    sum_loss = type(loss_fn)(reduction="sum")
+
+    def sample_loss(params, x, target):
+        return sum_loss(functional_call(model, params, (x[None],)), target[None]) / X.shape[0]
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    return lambda: per_sample(params, X, y)
+
+
+def _backpack(model, loss_fn, X, y):
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+
+    def run():
+        with backpack(BatchGrad()):
+            loss_fn(model(X), y).backward()
+
+    return run
+
+
+def _opacus(model, loss_fn, X, y):
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+
+    def run():
+        for p in wrapped.parameters():
+            p.grad_sample = None
+        loss_fn(wrapped(X), y).backward()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--problem", choices=list(PROBLEMS))
+    parser.add_argument("--memory-of")
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_main(build_methods, args.problem, args.memory_of)
+    problems = [args.problem] if args.problem else list(PROBLEMS)
+    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats)
+    print("wrote", write_doc("per_sample", "Per-sample gradients (BatchGrad)", tables))
+
+
+if __name__ == "__main__":
+    main()
