@@ -122,12 +122,14 @@ def run_benchmark(
     build_methods: Callable[[str, torch.device], dict[str, Callable[[], object]]],
     problems: list[str],
     repeats: int,
+    peers_of: Callable[[str], tuple[str, ...]],
     baseline: str = "backward",
 ) -> str:
     """Time every method of every problem (interleaved) and measure its peak memory.
 
-    A script that calls this handles ``--memory-of METHOD --problem P`` by calling
-    ``memory_main``. Returns the markdown tables.
+    ``peers_of(method)`` names the peer methods that ``method`` is compared with (the fastest
+    of those present). The script ``module`` handles ``--memory-of METHOD --problem P`` by
+    calling ``memory_main``. Returns the markdown tables.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sections = []
@@ -137,24 +139,19 @@ def run_benchmark(
         rows = []
         for name in methods:
             peak = memory_in_subprocess(module, problem, name)
-            ratio = times[name] / times[baseline]
-            rows.append([name, f"{times[name] * 1e3:.1f}", f"{ratio:.2f}", megabytes(peak)])
-        fastest_peer = min((times[n] for n in methods if _is_peer(n)), default=None)
-        if fastest_peer is not None:
-            for row in rows:
-                row.append(f"{times[row[0]] / fastest_peer:.2f}")
-        header = ["method", "median ms", f"x {baseline}", "peak MB over backward"]
-        header += ["x fastest peer"] if fastest_peer is not None else []
+            peers = [peer for peer in peers_of(name) if peer in times]
+            fastest = min(peers, key=times.__getitem__) if peers else None
+            rows.append([
+                name,
+                f"{times[name] * 1e3:.1f}",
+                f"{times[name] / times[baseline]:.2f}",
+                megabytes(peak),
+                "" if fastest is None else f"{times[name] / times[fastest]:.2f} ({fastest})",
+            ])
+        header = ["method", "median ms", f"x {baseline}", "peak MB over backward", "x fastest peer"]
         sections.append(f"### {problem}\n\n" + markdown_table(header, rows))
         print(sections[-1], "\n", flush=True)
     return f"{environment()}, {repeats} interleaved rounds.\n\n" + "\n\n".join(sections)
-
-
-PEER_PREFIXES = ("torch.func", "backpack", "opacus", "curvlinops")
-
-
-def _is_peer(name: str) -> bool:
-    return name.startswith(PEER_PREFIXES)
 
 
 def memory_main(build_methods, problem: str, method: str) -> None:

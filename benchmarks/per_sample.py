@@ -39,6 +39,8 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
 
 
 def _curvhooks_per_step(model, loss_fn, X, y):
+    model = copy.deepcopy(model)
+
     def run():
         with curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()):
             loss_fn(model(X), y).backward()
@@ -48,7 +50,7 @@ def _curvhooks_per_step(model, loss_fn, X, y):
 
 def _curvhooks_held_open(model, loss_fn, X, y):
     """One context entered once, as around a training loop: results are written in place."""
-    model = copy.deepcopy(model)
+    model, loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
     curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()).__enter__()
     return lambda: loss_fn(model(X), y).backward()
 
@@ -90,6 +92,13 @@ def _opacus(model, loss_fn, X, y):
     return run
 
 
+PEERS = ("torch.func vmap(grad)", "backpack BatchGrad", "opacus GradSampleModule")
+
+
+def _peers_of(method: str) -> tuple[str, ...]:
+    return PEERS if method.startswith("curvhooks") else ()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=10)
@@ -99,7 +108,7 @@ def main() -> None:
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
     problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats)
+    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of)
     print("wrote", write_doc("per_sample", "Per-sample gradients (BatchGrad)", tables))
 
 

@@ -40,7 +40,7 @@ def test_jacobian_transpose_products(key):
 
     derivatives = module_derivatives(module)
     io = ModuleIO(module, x, output.detach(), x.shape)
-    assert_close(derivatives.jac_t_mat_prod(io, mat), torch.stack([dx for dx, _ in pulled]))
+    assert_close(derivatives.jac_t_mat_prod(io, mat.clone()), torch.stack([dx for dx, _ in pulled]))
     for name, param in params.items():
         per_sample = derivatives.param_jac_t_mat_prod(io, name, mat)
         assert_close(per_sample, _per_sample_pullback(pullback, mat, name))

@@ -6,6 +6,7 @@ Both take their derivative from the output, which stays correct for in-place act
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
@@ -21,7 +22,9 @@ class ElementwiseDerivatives(ModuleDerivatives):
         raise NotImplementedError
 
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
-        return mat * self.derivative(io.output)
+        # Match the stack's memory layout (e.g. channels-last), so the product runs vectorised.
+        derivative = torch.empty_like(mat[0]).copy_(self.derivative(io.output))
+        return mat.mul_(derivative)
 
 
 class ReLUDerivatives(ElementwiseDerivatives):

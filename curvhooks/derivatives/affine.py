@@ -38,8 +38,8 @@ class AffineDerivatives(ModuleDerivatives):
             io.cache[_UNFOLDED] = self.unfold_input(io)
         return io.cache[_UNFOLDED]
 
-    def _position_count(self, io: ModuleIO) -> int:
-        return self._unfolded(io).shape[-1]
+    def _position_count(self, io: ModuleIO, mat: Tensor) -> int:
+        return self.to_positions(io, mat).shape[-1]
 
     def param_jac_t_mat_prod(
         self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
@@ -55,8 +55,30 @@ class AffineDerivatives(ModuleDerivatives):
 
     def weight_jac_t_mat_prod(self, io: ModuleIO, mat: Tensor, out: Tensor) -> None:
         """Write the per-sample weight products ``[V, N, *weight.shape]`` into ``out``."""
+        stacked = self.to_positions(io, mat)
+        out_grouped = out.view(*stacked.shape[:-1], -1)  # [V, N, G, O, I]
+        if stacked.shape[0] == 1 or stacked.shape[-1] == 1:  # broadcasting x over V copies little
+            torch.matmul(stacked, self._unfolded(io).transpose(-1, -2), out=out_grouped)
+        else:
+            out_grouped.copy_(self._folded_products(io, mat).permute(2, 0, 1, 3, 4))
+
+    def _folded_products(self, io: ModuleIO, mat: Tensor) -> Tensor:
+        """Per-sample weight products ``[N, G, V, O, I]`` (maybe a permuted view) from one
+        batched matrix product with the stack folded into one of its dimensions.
+
+        The fold copies the stack; it copies along contiguous runs of the stack's memory:
+        ``[N, G, T, V * O]`` for a position-major (channels-last) stack, else
+        ``[N, G, V * O, T]``.
+        """
         stacked, x = self.to_positions(io, mat), self._unfolded(io)
-        torch.matmul(stacked, x.transpose(-1, -2), out=out.view(*stacked.shape[:-1], -1))
+        num_vectors, batch, groups, out_per_group, positions = stacked.shape
+        if stacked.stride(-2) == 1:
+            columns = stacked.permute(1, 2, 4, 0, 3).reshape(batch, groups, positions, -1)
+            products = x.matmul(columns).view(batch, groups, -1, num_vectors, out_per_group)
+            return products.permute(0, 1, 3, 4, 2)
+        rows = stacked.permute(1, 2, 0, 3, 4).reshape(batch, groups, -1, positions)
+        products = rows.matmul(x.transpose(-1, -2))
+        return products.view(batch, groups, num_vectors, out_per_group, -1)
 
     def param_jac_t_mat_prod_summed(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         param = getattr(io.module, name)
@@ -70,19 +92,31 @@ class AffineDerivatives(ModuleDerivatives):
         return torch.einsum("vngot,ngit->goi", self.to_positions(io, mat), self._unfolded(io))
 
     def param_sq_sum(self, io: ModuleIO, name: str, mat: Tensor, per_sample: bool) -> Tensor:
-        if name == "bias" or self._position_count(io) != 1:
-            return super().param_sq_sum(io, name, mat, per_sample)
-        # One position: the product is an outer product, its square the outer product of squares.
+        if name == "weight" and self._position_count(io, mat) == 1 and not per_sample:
+            mat_sq, x_sq = self._squares_at_one_position(io, mat)
+            return torch.einsum("ngo,ngi->goi", mat_sq, x_sq).view(io.module.weight.shape)
+        squares = self._squared_per_sample(io, name, mat)
+        return squares if per_sample else squares.sum(0)
+
+    def _squared_per_sample(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
+        """``sum_v (J_n^T mat[v, n]) ** 2`` per sample: ``[N, *p.shape]``."""
+        if name == "bias" or mat.shape[0] == 1:
+            return self.param_jac_t_mat_prod(io, name, mat).square_().sum(0)
+        shape = (mat.shape[1], *io.module.weight.shape)
+        if self._position_count(io, mat) == 1:
+            mat_sq, x_sq = self._squares_at_one_position(io, mat)
+            return torch.einsum("ngo,ngi->ngoi", mat_sq, x_sq).view(shape)
+        return self._folded_products(io, mat).square_().sum(2).view(shape)
+
+    def _squares_at_one_position(self, io: ModuleIO, mat: Tensor) -> tuple[Tensor, Tensor]:
+        """At one position a product is an outer product, and its square the outer product
+        of the squares: ``sum_v mat^2`` ``[N, G, O]`` and ``x^2`` ``[N, G, I]``."""
         mat_sq = self.to_positions(io, mat)[..., 0].square().sum(0)
-        x_sq = self._unfolded(io)[..., 0].square()
-        equation = "ngo,ngi->ngoi" if per_sample else "ngo,ngi->goi"
-        result = torch.einsum(equation, mat_sq, x_sq)
-        param_shape = getattr(io.module, name).shape
-        return result.view(-1, *param_shape) if per_sample else result.view(param_shape)
+        return mat_sq, self._unfolded(io)[..., 0].square()
 
     def param_sq_norm(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         if name == "bias" or not self._gram_is_cheaper(io, mat):
-            return super().param_sq_norm(io, name, mat)
+            return self._squared_per_sample(io, name, mat).flatten(1).sum(1)
         # ||sum_t m_t x_t^T||^2 = sum_{t,s} (m_t . m_s)(x_t . x_s): Gram matrices over positions.
         stacked, x = self.to_positions(io, mat), self._unfolded(io)
         mat_gram = torch.einsum("vngot,vngos->ngts", stacked, stacked)

@@ -53,7 +53,12 @@ class ModuleDerivatives:
         return None
 
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
-        """Push a stack ``[V, N, *out]`` from the output to the input: ``[V, N, *in]``."""
+        """Push a stack ``[V, N, *out]`` from the output to the input: ``[V, N, *in]``.
+
+        ``mat`` is consumed: implementations may overwrite it (the hook machinery pushes a
+        stack on only after every extension has read it), which saves allocating and
+        page-faulting a fresh stack at every activation.
+        """
         raise NotImplementedError
 
     def param_jac_t_mat_prod(

@@ -1,0 +1,87 @@
+"""Square-root GGN extensions: curvhooks ``DiagGGN`` and ``SqrtGGN`` against plain backward
+and BackPACK's ``DiagGGNExact`` / ``SqrtGGNExact``.
+
+Run: ``python -m benchmarks.second_order [--repeats 10]``; writes
+docs/benchmarks/second_order.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Callable
+
+import torch
+
+import curvhooks
+from benchmarks.common import memory_main, optional, run_benchmark, write_doc
+from benchmarks.problems import PROBLEMS, on_device
+
+
+def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
+    methods = {"backward": lambda: loss_fn(model(X), y).backward()}
+    for extension in (curvhooks.DiagGGN, curvhooks.SqrtGGN):
+        methods[f"curvhooks {extension.__name__}"] = _curvhooks(model, loss_fn, X, y, extension)
+    methods["curvhooks SqrtGGN (context held open)"] = _held_open(model, loss_fn, X, y)
+    if optional("backpack"):
+        from backpack.extensions import DiagGGNExact, SqrtGGNExact
+
+        for extension in (DiagGGNExact, SqrtGGNExact):
+            methods[f"backpack {extension.__name__}"] = _backpack(model, loss_fn, X, y, extension)
+    return methods
+
+
+def _curvhooks(model, loss_fn, X, y, extension):
+    """A context per step, on a model of its own (freeing results is part of the step)."""
+    model = copy.deepcopy(model)
+
+    def run():
+        with curvhooks.extend(model, loss_fn, extension()):
+            loss_fn(model(X), y).backward()
+
+    return run
+
+
+def _held_open(model, loss_fn, X, y):
+    """One context around all steps: each step writes into the previous step's results."""
+    model, loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    curvhooks.extend(model, loss_fn, curvhooks.SqrtGGN()).__enter__()
+    return lambda: loss_fn(model(X), y).backward()
+
+
+def _backpack(model, loss_fn, X, y, extension):
+    from backpack import backpack, extend
+
+    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+
+    def run():
+        with backpack(extension()):
+            loss_fn(model(X), y).backward()
+
+    return run
+
+
+def _peers_of(method: str) -> tuple[str, ...]:
+    if method.startswith("curvhooks DiagGGN"):
+        return ("backpack DiagGGNExact",)
+    if method.startswith("curvhooks SqrtGGN"):
+        return ("backpack SqrtGGNExact",)
+    return ()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--problem", choices=list(PROBLEMS))
+    parser.add_argument("--memory-of")
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_main(build_methods, args.problem, args.memory_of)
+    problems = [args.problem] if args.problem else list(PROBLEMS)
+    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of)
+    print("wrote", write_doc("second_order", "Square-root GGN (DiagGGN, SqrtGGN)", tables))
+
+
+if __name__ == "__main__":
+    main()
