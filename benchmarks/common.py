@@ -123,35 +123,45 @@ def run_benchmark(
     problems: list[str],
     repeats: int,
     peers_of: Callable[[str], tuple[str, ...]],
+    groups: tuple[tuple[str, ...], ...] = ((),),
     baseline: str = "backward",
 ) -> str:
-    """Time every method of every problem (interleaved) and measure its peak memory.
+    """Time the methods of every problem and measure their peak memory.
 
-    ``peers_of(method)`` names the peer methods that ``method`` is compared with (the fastest
-    of those present). The script ``module`` handles ``--memory-of METHOD --problem P`` by
-    calling ``memory_main``. Returns the markdown tables.
+    Each group (method-name prefixes; ``()`` takes all) is timed interleaved with the
+    baseline, apart from the other groups, so that a method that allocates gigabytes does not
+    slow its neighbours. ``peers_of(method)`` names the peer methods that ``method`` is
+    compared with (the fastest of those present). The script ``module`` handles
+    ``--memory-of METHOD --problem P`` by calling ``memory_main``. Returns markdown tables.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sections = []
     for problem in problems:
         methods = build_methods(problem, device)
-        times = time_interleaved(methods, device, repeats)
         rows = []
-        for name in methods:
-            peak = memory_in_subprocess(module, problem, name)
-            peers = [peer for peer in peers_of(name) if peer in times]
-            fastest = min(peers, key=times.__getitem__) if peers else None
-            rows.append([
-                name,
-                f"{times[name] * 1e3:.1f}",
-                f"{times[name] / times[baseline]:.2f}",
-                megabytes(peak),
-                "" if fastest is None else f"{times[name] / times[fastest]:.2f} ({fastest})",
-            ])
+        for prefixes in groups:
+            names = [n for n in methods if n != baseline and n.startswith(prefixes or ("",))]
+            names = names if rows else [baseline, *names]
+            times = time_interleaved({n: methods[n] for n in (baseline, *names)}, device, repeats)
+            rows += [_row(module, problem, name, times, peers_of, baseline) for name in names]
         header = ["method", "median ms", f"x {baseline}", "peak MB over backward", "x fastest peer"]
         sections.append(f"### {problem}\n\n" + markdown_table(header, rows))
         print(sections[-1], "\n", flush=True)
     return f"{environment()}, {repeats} interleaved rounds.\n\n" + "\n\n".join(sections)
+
+
+def _row(module, problem, name, times, peers_of, baseline) -> list[str]:
+    """One table row: times relative to the baseline and fastest peer of the same rounds."""
+    peak = memory_in_subprocess(module, problem, name)
+    peers = [peer for peer in peers_of(name) if peer in times]
+    fastest = min(peers, key=times.__getitem__) if peers else None
+    return [
+        name,
+        f"{times[name] * 1e3:.1f}",
+        f"{times[name] / times[baseline]:.2f}",
+        megabytes(peak),
+        "" if fastest is None else f"{times[name] / times[fastest]:.2f} ({fastest})",
+    ]
 
 
 def memory_main(build_methods, problem: str, method: str) -> None:

@@ -62,6 +62,9 @@ def _backpack(model, loss_fn, X, y, extension):
     return run
 
 
+GROUPS = (("curvhooks DiagGGN", "backpack DiagGGN"), ("curvhooks SqrtGGN", "backpack SqrtGGN"))
+
+
 def _peers_of(method: str) -> tuple[str, ...]:
     if method.startswith("curvhooks DiagGGN"):
         return ("backpack DiagGGNExact",)
@@ -79,7 +82,9 @@ def main() -> None:
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
     problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of)
+    tables = run_benchmark(
+        __spec__.name, build_methods, problems, args.repeats, _peers_of, GROUPS
+    )
     print("wrote", write_doc("second_order", "Square-root GGN (DiagGGN, SqrtGGN)", tables))
 
 

@@ -10,7 +10,11 @@ from curvhooks.extensions import (
     SumGradSquared,
     Variance,
 )
+from curvhooks.data import layer_sizes
+from curvhooks.dataset import empirical_fisher, ggn
+from curvhooks.hessian import hessian
 from curvhooks.hooks import extend
+from curvhooks.matrices import matrices
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,10 @@ __all__ = [
     "SumGradSquared",
     "UnsupportedError",
     "Variance",
+    "empirical_fisher",
     "extend",
+    "ggn",
+    "hessian",
+    "layer_sizes",
+    "matrices",
 ]

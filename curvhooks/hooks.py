@@ -93,7 +93,7 @@ class extend:
     # ----------------------------------------------------------------- entering and leaving
     def __enter__(self) -> extend:
         hooked = self._modules_to_hook()
-        _clear_results(self.model)
+        clear_results(self.model)
         self._active = True
         self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
         self._handles.append(self.model.register_forward_hook(self._record_model_output))
@@ -338,7 +338,8 @@ def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-def _clear_results(model: nn.Module) -> None:
+def clear_results(model: nn.Module) -> None:
+    """Remove every curvhooks result attribute from the model's parameters."""
     for param in model.parameters():
         for attribute in RESULT_ATTRIBUTES:
             param.__dict__.pop(attribute, None)

@@ -29,16 +29,23 @@ class Problem:
     losses: tuple[str, ...] = tuple(LOSSES)
 
     def make(
-        self, loss: str, device: str = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0
+        self,
+        loss: str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float64,
+        seed: int = 0,
+        num_samples: int | None = None,
     ) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
-        """``(model, loss_fn, X, y)`` on ``device``, reproducible from ``seed``."""
+        """``(model, loss_fn, X, y)`` on ``device``, reproducible from ``seed``; X holds
+        ``num_samples`` samples (default: the problem's batch size)."""
         torch.manual_seed(seed)
         model = self.build_model().to(device=device, dtype=dtype)
-        X = torch.randn(self.batch_size, *self.input_shape, device=device, dtype=dtype)
+        num_samples = num_samples or self.batch_size
+        X = torch.randn(num_samples, *self.input_shape, device=device, dtype=dtype)
         with torch.no_grad():
             output = model(X)
         if loss.startswith("ce"):
-            y = torch.randint(0, output.shape[1], (self.batch_size,), device=device)
+            y = torch.randint(0, output.shape[1], (num_samples,), device=device)
         else:
             y = torch.randn_like(output)
         return model, LOSSES[loss](), X, y

@@ -81,3 +81,37 @@ def split(flat: Tensor, model: nn.Module) -> dict[str, Tensor]:
         name: piece.reshape(*flat.shape[:-1], *p.shape)
         for (name, p), piece in zip(params.items(), pieces)
     }
+
+
+def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters."""
+    params, frozen = trainable(model), _frozen(model)
+    shapes = [p.shape for p in params.values()]
+
+    def loss(flat: Tensor) -> Tensor:
+        pieces = flat.split([s.numel() for s in shapes])
+        values = {name: piece.view(s) for name, piece, s in zip(params, pieces, shapes)}
+        return loss_fn(functional_call(model, {**values, **frozen}, (X,)), y)
+
+    return hessian(loss)(torch.cat([p.flatten() for p in params.values()]))
+
+
+def empirical_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
+    """``[D, D]``: ``s * sum_n grad(l_n) grad(l_n)^T``."""
+    grads = per_sample_grads(model, loss_fn, X, y)  # gradients of s * l_n
+    flat = torch.cat([g.flatten(1) for g in grads.values()], dim=1)
+    return flat.T @ flat / reduction_scale(loss_fn, model(X))
+
+
+def restrict(matrix: Tensor, model: nn.Module, structure: str) -> Tensor:
+    """Keep the diagonal blocks of ``structure`` (``"diag"``: the diagonal ``[D]``)."""
+    if structure == "full":
+        return matrix
+    if structure == "diag":
+        return matrix.diagonal()
+    params = trainable(model)
+    owners = [name.rsplit(".", 1)[0] if structure == "layer" else name for name in params]
+    sizes = [p.numel() for p in params.values()]
+    labels = torch.repeat_interleave(torch.arange(len(owners)), torch.tensor(sizes))
+    owner_ids = torch.tensor([owners.index(owner) for owner in owners])[labels]
+    return matrix * (owner_ids[:, None] == owner_ids[None, :])

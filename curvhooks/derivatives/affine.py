@@ -48,7 +48,11 @@ class AffineDerivatives(ModuleDerivatives):
             out = mat.new_empty(*mat.shape[:2], *getattr(io.module, name).shape)
         if name == "bias":
             positions = self.to_positions(io, mat).flatten(2, 3)
-            torch.sum(positions, -1, out=out.view(*mat.shape[:2], -1))
+            bias_out = out.view(*mat.shape[:2], -1)
+            if positions.shape[-1] == 1:  # a copy; a sum over one strided entry runs slowly
+                bias_out.copy_(positions[..., 0])
+            else:
+                torch.sum(positions, -1, out=bias_out)
         else:
             self.weight_jac_t_mat_prod(io, mat, out)
         return out
@@ -92,27 +96,35 @@ class AffineDerivatives(ModuleDerivatives):
         return torch.einsum("vngot,ngit->goi", self.to_positions(io, mat), self._unfolded(io))
 
     def param_sq_sum(self, io: ModuleIO, name: str, mat: Tensor, per_sample: bool) -> Tensor:
-        if name == "weight" and self._position_count(io, mat) == 1 and not per_sample:
-            mat_sq, x_sq = self._squares_at_one_position(io, mat)
-            return torch.einsum("ngo,ngi->goi", mat_sq, x_sq).view(io.module.weight.shape)
-        squares = self._squared_per_sample(io, name, mat)
-        return squares if per_sample else squares.sum(0)
+        shape = getattr(io.module, name).shape
+        if self._position_count(io, mat) != 1:
+            squares = self._squared_per_sample(io, name, mat)
+            return squares if per_sample else squares.sum(0)
+        # At one position a product is an outer product (the bias's: the stack itself), and its
+        # square the outer product of the squares.
+        mat_sq, x_sq = self._squares_at_one_position(io, mat)
+        if name == "bias":
+            result = mat_sq if per_sample else mat_sq.sum(0)
+        else:
+            result = torch.einsum("ngo,ngi->ngoi" if per_sample else "ngo,ngi->goi", mat_sq, x_sq)
+        return result.reshape(-1, *shape) if per_sample else result.reshape(shape)
 
     def _squared_per_sample(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         """``sum_v (J_n^T mat[v, n]) ** 2`` per sample: ``[N, *p.shape]``."""
         if name == "bias" or mat.shape[0] == 1:
             return self.param_jac_t_mat_prod(io, name, mat).square_().sum(0)
         shape = (mat.shape[1], *io.module.weight.shape)
-        if self._position_count(io, mat) == 1:
-            mat_sq, x_sq = self._squares_at_one_position(io, mat)
-            return torch.einsum("ngo,ngi->ngoi", mat_sq, x_sq).view(shape)
         return self._folded_products(io, mat).square_().sum(2).view(shape)
 
     def _squares_at_one_position(self, io: ModuleIO, mat: Tensor) -> tuple[Tensor, Tensor]:
-        """At one position a product is an outer product, and its square the outer product
-        of the squares: ``sum_v mat^2`` ``[N, G, O]`` and ``x^2`` ``[N, G, I]``."""
-        mat_sq = self.to_positions(io, mat)[..., 0].square().sum(0)
-        return mat_sq, self._unfolded(io)[..., 0].square()
+        """``sum_v mat^2`` ``[N, G, O]`` and ``x^2`` ``[N, G, I]`` for one position; cached
+        for the module call, since weight and bias share them."""
+        key = f"squares_at_one_position_{id(mat)}"
+        if key not in io.cache:
+            stack = self.to_positions(io, mat)[..., 0]
+            io.cache[key] = stack.square().sum(0)
+            io.cache["x_squared"] = self._unfolded(io)[..., 0].square()
+        return io.cache[key], io.cache["x_squared"]
 
     def param_sq_norm(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         if name == "bias" or not self._gram_is_cheaper(io, mat):

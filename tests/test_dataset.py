@@ -1,0 +1,132 @@
+"""Dataset-level matrices against ``torch.func`` references on all data at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import curvhooks
+from tests import reference
+from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close
+
+STRUCTURES = ("full", "layer", "param", "diag")
+FUNCTIONS = {
+    "ggn": (curvhooks.ggn, reference.ggn),
+    "empirical_fisher": (curvhooks.empirical_fisher, reference.empirical_fisher),
+    "hessian": (curvhooks.hessian, reference.hessian_matrix),
+}
+
+
+def _data(problem, loss, num_samples=7):
+    """A problem with 7 samples in batches of 3, 3 and 1 (unequal last batch)."""
+    model, loss_fn, X, y = problem.make(loss, num_samples=num_samples)
+    return model, loss_fn, X, y, DataLoader(TensorDataset(X, y), batch_size=3)
+
+
+@pytest.mark.parametrize("kind", FUNCTIONS)
+@pytest.mark.parametrize("problem, loss", CASES, ids=CASE_IDS)
+def test_matrices_match_reference(problem, loss, kind):
+    model, loss_fn, X, y, loader = _data(problem, loss)
+    function, reference_function = FUNCTIONS[kind]
+    expected = reference_function(model, loss_fn, X, y)
+    for structure in STRUCTURES:
+        result = function(model, loss_fn, loader, structure=structure)
+        assert_close(result, reference.restrict(expected, model, structure))
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-mean"])
+def test_matrices_shares_passes_and_matches_single_functions(loss):
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], loss)
+    together = curvhooks.matrices(model, loss_fn, loader)
+    assert list(together) == ["hessian", "ggn", "empirical_fisher"]
+    for kind, (function, _) in FUNCTIONS.items():
+        assert_close(together[kind], function(model, loss_fn, loader))
+
+
+def test_data_forms_agree():
+    """A shuffled loader and a single (X, y) pair give the plain loader's matrix."""
+    model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "ce-mean", num_samples=8)
+    expected = curvhooks.ggn(model, loss_fn, loader)
+    torch.manual_seed(3)
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=3, shuffle=True)
+    assert_close(curvhooks.ggn(model, loss_fn, shuffled), expected)
+    assert_close(curvhooks.ggn(model, loss_fn, (X, y)), expected)
+    assert_close(curvhooks.ggn(model, loss_fn, [(X[:5], y[:5]), (X[5:], y[5:])]), expected)
+
+
+def test_params_subset_and_no_side_effects():
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-sum")
+    params = [model[2].weight, model[4].bias]
+    expected = reference.ggn(model, loss_fn, X, y)
+    rows = torch.cat([torch.arange(35, 55), torch.arange(71, 74)])  # 2.weight, 4.bias
+    result = curvhooks.ggn(model, loss_fn, loader, params=params)
+    assert_close(result, expected[rows][:, rows])
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert not any(hasattr(p, "sqrt_ggn") for p in model.parameters())
+
+
+def test_float32_within_float32_precision():
+    model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "ce-mean")
+    expected = {kind: function(model, loss_fn, loader) for kind, (function, _) in FUNCTIONS.items()}
+    model.float()
+    loader32 = DataLoader(TensorDataset(X.float(), y), batch_size=3)
+    for kind, (function, _) in FUNCTIONS.items():
+        result = function(model, loss_fn, loader32)
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result.double(), expected[kind], rtol=1e-4, atol=1e-6)
+
+
+def test_identities():
+    """rank(GGN) <= N (C - 1), rank(EF) <= N, symmetry, last linear layer: Hessian = GGN."""
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean", num_samples=4)
+    found = curvhooks.matrices(model, loss_fn, loader)
+    assert torch.linalg.matrix_rank(found["ggn"]) <= 4 * (3 - 1)
+    assert torch.linalg.matrix_rank(found["empirical_fisher"]) <= 4
+    for matrix in found.values():
+        assert_close(matrix, matrix.T)
+    last = slice(59, 74)  # 4.weight and 4.bias
+    assert_close(found["hessian"][last, last], found["ggn"][last, last])
+
+
+def test_layer_sizes():
+    model, *_ = PROBLEMS[0].make("ce-mean")
+    assert curvhooks.layer_sizes(model) == [35, 0, 24, 0, 15]
+    assert curvhooks.layer_sizes(model, params=[model[2].weight]) == [0, 0, 20, 0, 0]
+
+
+# ------------------------------------------------------------------------------ errors
+def test_errors_say_what_to_do():
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
+    with pytest.raises(ValueError, match="empty"):
+        curvhooks.ggn(model, loss_fn, [])
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        curvhooks.hessian(model, loss_fn, (X, y[:-1]))
+    with pytest.raises(ValueError, match="structure must be one of"):
+        curvhooks.ggn(model, loss_fn, loader, structure="block")
+    with pytest.raises(ValueError, match="structure='diag'"):
+        curvhooks.ggn(model, loss_fn, loader, max_memory=1000)
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        curvhooks.hessian(model, nn.CrossEntropyLoss(reduction="none"), loader)
+    with pytest.raises(curvhooks.UnsupportedError, match="NLLLoss"):
+        curvhooks.ggn(model, nn.NLLLoss(), loader)
+    with pytest.raises(ValueError, match="parameters of the model"):
+        curvhooks.ggn(model, loss_fn, loader, params=[nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.5), nn.BatchNorm1d(5)])
+def test_training_mode_batch_dependent_modules_are_rejected(layer):
+    model = nn.Sequential(nn.Linear(4, 5), layer, nn.Linear(5, 2)).double()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
+    with pytest.raises(ValueError, match=r"model.eval\(\)"):
+        curvhooks.hessian(model, nn.CrossEntropyLoss(), (X, y))
+    model.eval()
+    H = curvhooks.hessian(model, nn.CrossEntropyLoss(), (X, y))  # any model works in eval mode
+    assert_close(H, reference.hessian_matrix(model, nn.CrossEntropyLoss(), X, y))
+
+
+def test_progress_bar(capsys):
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
+    curvhooks.ggn(model, loss_fn, loader, progress=True)
+    assert "batch 3/3" in capsys.readouterr().err
