@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: tour test
 tour: $(VENV)/.installed
-	$(PYTHON) examples/per_sample_gradients.py
+	$(PYTHON) examples/visual_tour.py --out figures
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q

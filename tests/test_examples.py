@@ -1,0 +1,76 @@
+"""The examples run to completion, and the visual tour's published facts hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import curvhooks
+import curvhooks.plot
+from tests.problems import assert_close
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tour():
+    visual_tour = _load("visual_tour")
+    model, loss_fn, loader = visual_tour.setting()
+    return model, loss_fn, loader, curvhooks.matrices(model, loss_fn, loader)
+
+
+def test_tour_setting(tour):
+    model, _, loader, _ = tour
+    assert curvhooks.layer_sizes(model) == [112, 0, 404, 0, 37, 0, 130]
+    assert [len(X) for X, _ in loader] == [20, 20, 10]
+
+
+def test_tour_facts_float32(tour):
+    model, _, _, found = tour
+    norms = {kind: m.norm().item() for kind, m in found.items()}
+    traces = {kind: m.trace().item() for kind, m in found.items()}
+    assert norms == pytest.approx({"hessian": 1.387, "ggn": 1.154, "empirical_fisher": 1.143}, abs=1e-3)
+    assert traces == pytest.approx({"hessian": 2.084, "ggn": 2.084, "empirical_fisher": 2.077}, abs=1e-3)
+    for matrix in found.values():
+        torch.testing.assert_close(matrix, matrix.T)
+        in_blocks = sum(curvhooks.plot.block_shares(matrix, curvhooks.layer_sizes(model))[:-1])
+        assert 0.4 <= in_blocks <= 0.6
+    assert torch.linalg.eigvalsh(found["hessian"].double())[0].item() == pytest.approx(-0.37, abs=0.01)
+
+
+def test_tour_facts_float64(tour):
+    """Ranks and the last layer's Hessian block, exactly, in float64."""
+    model, loss_fn, loader, _ = tour
+    model = model.double()
+    data = [(X.double(), y) for X, y in loader]
+    found = curvhooks.matrices(model, loss_fn, data)
+    model.float()
+    assert torch.linalg.matrix_rank(found["ggn"]).item() == 50 * (5 - 1)
+    assert torch.linalg.matrix_rank(found["empirical_fisher"]).item() == 50
+    assert torch.linalg.eigvalsh(found["hessian"])[0].item() < -0.3
+    last = slice(683 - 130, 683)
+    assert_close(found["hessian"][last, last], found["ggn"][last, last])
+
+
+@pytest.mark.parametrize("script", ["visual_tour.py", "per_sample_gradients.py"])
+def test_example_runs(script, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *(["--out", str(tmp_path)] if script == "visual_tour.py" else [])],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    if script == "visual_tour.py":
+        assert "683 in total" in result.stdout
+        assert {p.name for p in tmp_path.iterdir()} == {"visual_tour_logabs.png", "visual_tour_unaltered.png"}
