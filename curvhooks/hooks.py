@@ -13,7 +13,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from curvhooks.derivatives import (
 )
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
-from curvhooks.extensions.base import EXACT
+from curvhooks.extensions.base import EXACT, is_unreferenced
 
 StackKey = str | int
 
@@ -89,11 +89,12 @@ class extend:
         self._model_output: weakref.ref | None = None
         self._pass_id = 0
         self._active = False
+        self._spare: dict[tuple[int, str], Tensor] = {}
 
     # ----------------------------------------------------------------- entering and leaving
     def __enter__(self) -> extend:
         hooked = self._modules_to_hook()
-        clear_results(self.model)
+        self._spare = _take_results(self.model)
         self._active = True
         self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
         self._handles.append(self.model.register_forward_hook(self._record_model_output))
@@ -112,6 +113,7 @@ class extend:
             call.handle.remove()
         self._release_calls()
         self._model_output = None
+        self._spare.clear()
         self._active = False
 
     def _modules_to_hook(self) -> list[tuple[str, nn.Module, ModuleDerivatives | None]]:
@@ -267,9 +269,7 @@ class extend:
                 "curvhooks.extend context; call backward() before the next forward pass"
             )
         grad_stack = grad_output.detach()[None]
-        for name, param in call.params:
-            for ext in self._first_order:
-                setattr(param, ext.attribute, ext.compute(call.derivatives, call.io, name, grad_stack))
+        self._write_results(call, self._first_order, lambda ext: grad_stack)
         if self._second_order:
             self._backward_stacks(call)
         call.release()
@@ -281,15 +281,30 @@ class extend:
                 f"{_names(self._second_order)} need the loss computed by the loss_fn passed "
                 "to curvhooks.extend, called on the model's output"
             )
-        for name, param in call.params:
-            for ext in self._second_order:
-                stack = call.stacks[ext.stack_key()]
-                setattr(param, ext.attribute, ext.compute(call.derivatives, call.io, name, stack))
+        self._write_results(call, self._second_order, lambda ext: call.stacks[ext.stack_key()])
         if call.push_to_producer:
             call.producer.stacks = {
                 key: call.derivatives.jac_t_mat_prod(call.io, stack)
                 for key, stack in call.stacks.items()
             }
+
+    def _write_results(
+        self, call: _Call, extensions: list[Extension], stack_of: Callable[[Extension], Tensor]
+    ) -> None:
+        """Set each extension's result on each trainable parameter of the call."""
+        for name, param in call.params:
+            for ext in extensions:
+                previous = self._previous(param, ext)
+                result = ext.compute(call.derivatives, call.io, name, stack_of(ext), previous)
+                setattr(param, ext.attribute, result)
+
+    def _previous(self, param: nn.Parameter, ext: Extension) -> Tensor | None:
+        """The previous result of ``ext`` on ``param`` if nobody else references it: the
+        live attribute (a context held open over several passes) or one set aside on entry."""
+        live = param.__dict__.get(ext.attribute)
+        if live is not None:
+            return live if is_unreferenced(live, references=2) else None  # __dict__, `live`
+        return self._spare.pop((id(param), ext.attribute), None)
 
     def _release_calls(self) -> None:
         for call in self._calls:
@@ -336,6 +351,17 @@ def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
         for name, param in module.named_parameters(recurse=False)
         if param.requires_grad
     ]
+
+
+def _take_results(model: nn.Module) -> dict[tuple[int, str], Tensor]:
+    """Remove every result attribute; return those nobody else references, for reuse."""
+    spare = {}
+    for param in model.parameters():
+        for attribute in RESULT_ATTRIBUTES:
+            result = param.__dict__.pop(attribute, None)
+            if result is not None and is_unreferenced(result, references=1):  # `result`
+                spare[(id(param), attribute)] = result
+    return spare
 
 
 def clear_results(model: nn.Module) -> None:

@@ -72,6 +72,22 @@ def test_unreferenced_results_are_reused_referenced_ones_kept():
     assert_close(weight.grad_batch, per_sample_grads(model, loss_fn, X, y)["0.weight"])
 
 
+def test_results_are_reused_across_contexts_unless_referenced():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    weight = model[0].weight
+    with curvhooks.extend(model, loss_fn, BatchGrad(), SqrtGGN()):
+        loss_fn(model(X), y).backward()
+    pointer = weight.grad_batch.data_ptr()
+    held = weight.sqrt_ggn
+    snapshot = held.clone()
+    with curvhooks.extend(model, loss_fn, BatchGrad(), SqrtGGN()):
+        assert not hasattr(weight, "grad_batch")  # entering clears results
+        loss_fn(model(X * 3), y).backward()
+    assert weight.grad_batch.data_ptr() == pointer
+    assert torch.equal(held, snapshot) and weight.sqrt_ggn is not held
+    assert_close(weight.grad_batch, per_sample_grads(model, loss_fn, X * 3, y)["0.weight"])
+
+
 class Residual(nn.Module):
     """Parameter-free operations between supported modules: a torch function and a skip."""
 

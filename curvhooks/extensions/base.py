@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 
@@ -31,9 +31,18 @@ class Extension:
         return None
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
-        """The result for parameter ``name`` of ``io.module`` from the stack ``mat``."""
+        """The result for parameter ``name`` of ``io.module`` from the stack ``mat``.
+
+        ``previous`` is this attribute's previous result on the parameter when nobody else
+        references it: an extension may write its result into it.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -58,24 +67,28 @@ class MonteCarloExtension(Extension):
         return f"{type(self).__name__}({argument})"
 
 
-def result_buffer(param: nn.Parameter, attribute: str, shape: tuple[int, ...]) -> Tensor:
-    """A tensor of ``shape`` to write ``param``'s next ``attribute`` result into.
+def result_buffer(previous: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``previous`` if it has ``shape`` and ``like``'s dtype and device, else a new tensor.
 
-    This is the previous result if nothing else references it (neither the tensor nor a view
-    of it) and its shape matches: writing into it avoids page-faulting a fresh tensor of the
-    same size, as autograd does with ``.grad``. Otherwise a new, uninitialised tensor.
+    Writing into the previous result avoids page-faulting a fresh tensor of the same size,
+    as autograd does with ``.grad``.
     """
-    previous = param.__dict__.get(attribute)
     if (
-        isinstance(previous, Tensor)
+        previous is not None
         and previous.shape == shape
-        and previous.dtype == param.dtype
-        and previous.device == param.device
-        and previous._base is None
-        # References: the parameter's __dict__, `previous`, and getrefcount's argument.
-        and sys.getrefcount(previous) <= 3
-        # Storage users: `previous` and the temporary storage object.
-        and torch._C._storage_Use_Count(previous.untyped_storage()._cdata) <= 2
+        and previous.dtype == like.dtype
+        and previous.device == like.device
     ):
         return previous
-    return torch.empty(shape, dtype=param.dtype, device=param.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def is_unreferenced(tensor: Tensor, references: int) -> bool:
+    """Whether ``tensor`` has exactly ``references`` Python references (counted by the
+    caller, not counting this call's argument) and no view shares its memory."""
+    return (
+        tensor._base is None
+        and sys.getrefcount(tensor) - 2 <= references
+        # Storage users: `tensor` and the temporary storage object.
+        and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+    )

@@ -18,10 +18,15 @@ class BatchGrad(Extension):
     attribute = "grad_batch"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         param = getattr(io.module, name)
-        result = result_buffer(param, self.attribute, (mat.shape[1], *param.shape))
+        result = result_buffer(previous, (mat.shape[1], *param.shape), param)
         derivatives.param_jac_t_mat_prod(io, name, mat, out=result[None])
         return result
 
@@ -36,7 +41,12 @@ class BatchL2Grad(Extension):
     attribute = "batch_l2"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         return derivatives.param_sq_norm(io, name, mat)
 
@@ -47,7 +57,12 @@ class SumGradSquared(Extension):
     attribute = "sum_grad_squared"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         return derivatives.param_sq_sum(io, name, mat, per_sample=False)
 
@@ -61,7 +76,12 @@ class Variance(Extension):
     attribute = "variance"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         batch = mat.shape[1]
         second_moment = derivatives.param_sq_sum(io, name, mat, per_sample=False).div_(batch)

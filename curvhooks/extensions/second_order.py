@@ -23,10 +23,15 @@ class SqrtGGN(MonteCarloExtension):
     attribute = "sqrt_ggn"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         param = getattr(io.module, name)
-        result = result_buffer(param, self.attribute, (*mat.shape[:2], *param.shape))
+        result = result_buffer(previous, (*mat.shape[:2], *param.shape), param)
         return derivatives.param_jac_t_mat_prod(io, name, mat, out=result)
 
 
@@ -36,7 +41,12 @@ class DiagGGN(MonteCarloExtension):
     attribute = "diag_ggn"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         return derivatives.param_sq_sum(io, name, mat, per_sample=False)
 
@@ -47,6 +57,11 @@ class BatchDiagGGN(MonteCarloExtension):
     attribute = "diag_ggn_batch"
 
     def compute(
-        self, derivatives: ModuleDerivatives, io: ModuleIO, name: str, mat: Tensor
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: Tensor,
+        previous: Tensor | None = None,
     ) -> Tensor:
         return derivatives.param_sq_sum(io, name, mat, per_sample=True)
