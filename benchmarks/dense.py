@@ -1,0 +1,198 @@
+"""Dense curvature matrices on the visual-tour setting, and how they scale with D.
+
+Run: ``python -m benchmarks.dense [--repeats 5] [--scaling]``; writes docs/benchmarks/dense.md.
+Each matrix (Hessian, GGN, empirical Fisher over all three batches) against one plain
+backward pass over the loader and, where installed, curvlinops (linear operator @ identity),
+BackPACK (square-root factors and per-sample gradients assembled by hand) and ``torch.func``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+import curvhooks
+from benchmarks.common import (
+    environment,
+    markdown_table,
+    memory_main,
+    optional,
+    run_benchmark,
+    write_doc,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import visual_tour  # noqa: E402
+
+KINDS = ("hessian", "ggn", "empirical_fisher")
+
+
+def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    model, loss_fn, loader = visual_tour.setting()
+    data = [(X.to(device), y.to(device)) for X, y in loader]
+
+    def backward():
+        for X, y in data:
+            loss_fn(model(X), y).backward()
+
+    methods = {"backward": backward}
+    for kind in KINDS:
+        function = getattr(curvhooks, kind)
+        methods[f"curvhooks {kind}"] = lambda function=function: function(model, loss_fn, data)
+    methods.update(_torch_func(model, loss_fn, data))
+    if optional("curvlinops"):
+        methods.update(_curvlinops(model, loss_fn, data))
+    if optional("backpack"):
+        methods.update(_backpack(model, loss_fn, data))
+    return methods
+
+
+def _flat_function(model: nn.Module):
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def unflatten(flat):
+        pieces = flat.split([shape.numel() for shape in shapes])
+        return {name: piece.view(shape) for name, piece, shape in zip(names, pieces, shapes)}
+
+    point = torch.cat([p.detach().flatten() for p in model.parameters()])
+    return unflatten, point
+
+
+def _torch_func(model, loss_fn, data) -> dict[str, Callable[[], object]]:
+    """References a user would write with torch.func (mean over all samples)."""
+    unflatten, point = _flat_function(model)
+    total = sum(len(X) for X, _ in data)
+    sum_loss = type(loss_fn)(reduction="sum")
+
+    def hessian_matrix():
+        return sum(
+            hessian(lambda flat: loss_fn(functional_call(model, unflatten(flat), (X,)), y))(point)
+            * (len(X) / total)
+            for X, y in data
+        )
+
+    def ggn_matrix():
+        result = 0
+        for X, y in data:
+            output = functional_call(model, unflatten(point), (X,))
+            jac = jacrev(lambda flat: functional_call(model, unflatten(flat), (X,)))(point)
+            hess = vmap(hessian(lambda out, t: sum_loss(out[None], t[None])))(output.detach(), y)
+            result = result + torch.einsum("nca,ncd,ndb->ab", jac, hess, jac) / total
+        return result
+
+    def empirical_fisher_matrix():
+        def sample_loss(flat, x, t):
+            return sum_loss(functional_call(model, unflatten(flat), (x[None],)), t[None])
+
+        grads = torch.cat([vmap(grad(sample_loss), in_dims=(None, 0, 0))(point, X, y) for X, y in data])
+        return grads.T @ grads / total
+
+    return {
+        "torch.func hessian": hessian_matrix,
+        "torch.func ggn": ggn_matrix,
+        "torch.func empirical_fisher": empirical_fisher_matrix,
+    }
+
+
+def _curvlinops(model, loss_fn, data) -> dict[str, Callable[[], object]]:
+    from curvlinops import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    identity = torch.eye(sum(p.numel() for p in params))
+    operators = {
+        "hessian": HessianLinearOperator,
+        "ggn": GGNLinearOperator,
+        "empirical_fisher": EFLinearOperator,
+    }
+
+    def method(operator):
+        return lambda: operator(model, loss_fn, params, data, check_deterministic=False) @ identity
+
+    return {f"curvlinops {kind}": method(operator) for kind, operator in operators.items()}
+
+
+def _backpack(model, loss_fn, data) -> dict[str, Callable[[], object]]:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad, SqrtGGNExact
+
+    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+    total = sum(len(X) for X, _ in data)
+
+    def accumulate(extension, attribute, weight_of):
+        result = 0
+        for X, y in data:
+            with backpack(extension()):
+                loss_fn(model(X), y).backward()
+            factor = torch.cat(
+                [getattr(p, attribute).reshape(-1, p.numel()) for p in model.parameters()], dim=1
+            )
+            result = result + factor.T @ factor * weight_of(len(X))
+        return result
+
+    return {
+        "backpack ggn": lambda: accumulate(SqrtGGNExact, "sqrt_ggn_exact", lambda n: n / total),
+        "backpack empirical_fisher": lambda: accumulate(BatchGrad, "grad_batch", lambda n: n * n / total),
+    }
+
+
+def _peers_of(method: str) -> tuple[str, ...]:
+    if not method.startswith("curvhooks"):
+        return ()
+    kind = method.split()[-1]
+    return tuple(f"{peer} {kind}" for peer in ("torch.func", "curvlinops", "backpack"))
+
+
+def scaling(repeats: int) -> str:
+    """Time and peak memory of the full Hessian and GGN on wider MLPs, D from 1e3 to 2e4."""
+    rows = []
+    for width in (8, 32, 64, 128):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, width), nn.Sigmoid(), nn.Linear(width, width),
+                              nn.Sigmoid(), nn.Linear(width, 10))
+        dim = sum(p.numel() for p in model.parameters())
+        loss_fn = nn.CrossEntropyLoss()
+        data = [(torch.randn(64, 64), torch.randint(0, 10, (64,))) for _ in range(2)]
+        row = [str(dim)]
+        for kind in ("ggn", "hessian"):
+            function = getattr(curvhooks, kind)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                function(model, loss_fn, data)
+                times.append(time.perf_counter() - start)
+            row.append(f"{sorted(times)[len(times) // 2]:.3f}")
+        row.append(f"{dim * dim * 4 / 2**20:.0f}")
+        rows.append(row)
+        print(row, flush=True)
+    header = ["D", "GGN s", "Hessian s", "result MB"]
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--problem", default="visual-tour")
+    parser.add_argument("--memory-of")
+    parser.add_argument("--scaling", action="store_true", help="also time D from 1e3 to 2e4")
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_main(build_methods, args.problem, args.memory_of)
+    groups = tuple((f"curvhooks {kind}", f"torch.func {kind}", f"curvlinops {kind}",
+                    f"backpack {kind}") for kind in KINDS)
+    body = run_benchmark(__spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups)
+    if args.scaling:
+        body += "\n\n### Scaling with D (MLP 64-w-w-10, sigmoid, 2 batches of 64)\n\n" + scaling(3)
+    print("wrote", write_doc("dense", "Dense matrices (visual tour)", body))
+
+
+if __name__ == "__main__":
+    main()
