@@ -16,3 +16,8 @@ tour: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+.PHONY: docs
+docs: $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site

@@ -64,13 +64,33 @@ def test_tour_facts_float64(tour):
     assert_close(found["hessian"][last, last], found["ggn"][last, last])
 
 
-@pytest.mark.parametrize("script", ["visual_tour.py", "per_sample_gradients.py"])
-def test_example_runs(script, tmp_path):
+def _run(script: str, *arguments: str) -> str:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *(["--out", str(tmp_path)] if script == "visual_tour.py" else [])],
+        [sys.executable, str(EXAMPLES / script), *arguments],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    if script == "visual_tour.py":
-        assert "683 in total" in result.stdout
-        assert {p.name for p in tmp_path.iterdir()} == {"visual_tour_logabs.png", "visual_tour_unaltered.png"}
+    return result.stdout
+
+
+def test_visual_tour_runs(tmp_path):
+    assert "683 in total" in _run("visual_tour.py", "--out", str(tmp_path))
+    assert {p.name for p in tmp_path.iterdir()} == {"visual_tour_logabs.png", "visual_tour_unaltered.png"}
+
+
+def test_per_sample_gradients_runs():
+    assert "sums to p.grad: True" in _run("per_sample_gradients.py")
+
+
+def test_digits_runs_reduced(tmp_path):
+    """Reduced setting: 1 epoch, curvature on 64 samples."""
+    output = _run("digits.py", "--out", str(tmp_path), "--epochs", "1", "--curvature-samples", "64")
+    assert "test accuracy" in output
+    assert len(list(tmp_path.glob("*.png"))) == 5
+
+
+@pytest.mark.slow
+def test_digits_runs_full(tmp_path):
+    output = _run("digits.py", "--out", str(tmp_path))
+    accuracy = float(output.split("test accuracy ")[1].split()[0].rstrip(","))
+    assert accuracy > 0.85
