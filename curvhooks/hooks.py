@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvhooks.derivatives import (
+    diagonal_stack,
     LOSS_DERIVATIVES,
     MODULE_DERIVATIVES,
     SUPPORTED_REDUCTIONS,
@@ -32,9 +33,11 @@ from curvhooks.derivatives import (
 )
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
-from curvhooks.extensions.base import EXACT, is_unreferenced
+from curvhooks.extensions.base import EXACT, HESSIAN, is_unreferenced
 
 StackKey = str | int
+Stack = Tensor | tuple[Tensor, Tensor]
+"""A propagated stack ``[V, N, *shape]``, or for ``HESSIAN`` a pair (positive, negative)."""
 
 
 @dataclass(eq=False)
@@ -48,7 +51,7 @@ class _Call:
     pass_id: int
     producer: _Call | None
     push_to_producer: bool = False
-    stacks: dict[StackKey, Tensor] = field(default_factory=dict)
+    stacks: dict[StackKey, Stack] = field(default_factory=dict)
     handle: RemovableHandle | None = None
 
     def describe(self) -> str:
@@ -254,9 +257,13 @@ class extend:
 
     def _sqrt_hessian(
         self, derivatives: LossDerivatives, output: Tensor, target: Tensor, key: StackKey
-    ) -> Tensor:
+    ) -> Stack:
+        """The stack the loss starts for ``key`` (a fresh tensor per key: pushing consumes it)."""
         if key == EXACT:
             return derivatives.sqrt_hessian(self.loss_fn, output, target)
+        if key == HESSIAN:  # cross-entropy's and squared error's Hessians are PSD
+            positive = derivatives.sqrt_hessian(self.loss_fn, output, target)
+            return positive, positive.new_zeros(0, *positive.shape[1:])
         return derivatives.sqrt_hessian_mc(self.loss_fn, output, target, key)
 
     # ------------------------------------------------------------------- backward hook
@@ -271,10 +278,10 @@ class extend:
         grad_stack = grad_output.detach()[None]
         self._write_results(call, self._first_order, lambda ext: grad_stack)
         if self._second_order:
-            self._backward_stacks(call)
+            self._backward_stacks(call, grad_stack[0])
         call.release()
 
-    def _backward_stacks(self, call: _Call) -> None:
+    def _backward_stacks(self, call: _Call, grad_output: Tensor) -> None:
         if (call.params or call.push_to_producer) and not call.stacks:
             raise RuntimeError(
                 f"no square-root GGN reached module {call.describe()}: "
@@ -284,12 +291,30 @@ class extend:
         self._write_results(call, self._second_order, lambda ext: call.stacks[ext.stack_key()])
         if call.push_to_producer:
             call.producer.stacks = {
-                key: call.derivatives.jac_t_mat_prod(call.io, stack)
-                for key, stack in call.stacks.items()
+                key: self._push(call, key, stack, grad_output) for key, stack in call.stacks.items()
             }
 
+    def _push(self, call: _Call, key: StackKey, stack: Stack, grad_output: Tensor) -> Stack:
+        """Push a stack to the call's input; the exact Hessian also gains the module's own
+        curvature, a per-sample diagonal split by sign into the two stacks."""
+        if key != HESSIAN:
+            return call.derivatives.jac_t_mat_prod(call.io, stack)
+        positive, negative = (
+            call.derivatives.jac_t_mat_prod(call.io, part)
+            if len(part)
+            else part.new_zeros(0, *call.io.input_shape)
+            for part in stack
+        )
+        residual = call.derivatives.hessian_residual(call.io, grad_output)
+        if residual is None:
+            return positive, negative
+        return (
+            torch.cat([positive, diagonal_stack(residual.clamp(min=0))]),
+            torch.cat([negative, diagonal_stack((-residual).clamp(min=0))]),
+        )
+
     def _write_results(
-        self, call: _Call, extensions: list[Extension], stack_of: Callable[[Extension], Tensor]
+        self, call: _Call, extensions: list[Extension], stack_of: Callable[[Extension], Stack]
     ) -> None:
         """Set each extension's result on each trainable parameter of the call."""
         for name, param in call.params:

@@ -115,3 +115,14 @@ def restrict(matrix: Tensor, model: nn.Module, structure: str) -> Tensor:
     labels = torch.repeat_interleave(torch.arange(len(owners)), torch.tensor(sizes))
     owner_ids = torch.tensor([owners.index(owner) for owner in owners])[labels]
     return matrix * (owner_ids[:, None] == owner_ids[None, :])
+
+
+def hessian_blocks(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """``{name: [p.numel(), p.numel()]}``: the Hessian's diagonal blocks per parameter."""
+    full = hessian_matrix(model, loss_fn, X, y)
+    sizes = [p.numel() for p in trainable(model).values()]
+    starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
+    return {
+        name: full[start:stop, start:stop]
+        for name, start, stop in zip(trainable(model), starts[:-1], starts[1:])
+    }

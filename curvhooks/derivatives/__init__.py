@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from curvhooks.derivatives.activations import ReLUDerivatives, SigmoidDerivatives
-from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
+from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.conv2d import Conv2dDerivatives
 from curvhooks.derivatives.flatten import FlattenDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
@@ -56,6 +56,7 @@ __all__ = [
     "LossDerivatives",
     "ModuleDerivatives",
     "ModuleIO",
+    "diagonal_stack",
     "loss_derivatives",
     "module_derivatives",
     "supported_names",

@@ -61,6 +61,12 @@ class ModuleDerivatives:
         """
         raise NotImplementedError
 
+    def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
+        """The diagonal ``[N, *in]`` that the module's own curvature adds to the Hessian of
+        the loss in its input, ``d^2 out / d in^2`` times ``grad_output``; ``None`` where the
+        module is linear in its input (zero residual)."""
+        return None
+
     def param_jac_t_mat_prod(
         self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
     ) -> Tensor:
@@ -88,3 +94,12 @@ class ModuleDerivatives:
         products = self.param_jac_t_mat_prod(io, name, mat)
         return products.square_().flatten(2).sum((0, 2))
 
+
+
+def diagonal_stack(diagonal: Tensor) -> Tensor:
+    """Square root of per-sample diagonal matrices as a stack: ``[N, *shape]`` of
+    non-negative entries -> ``[U, N, *shape]`` (U = prod(shape)) whose vector u holds
+    ``sqrt(diagonal[n, u])`` at entry u and zeros elsewhere."""
+    batch, shape = diagonal.shape[0], diagonal.shape[1:]
+    roots = diagonal.reshape(batch, -1).sqrt()
+    return torch.diag_embed(roots).permute(1, 0, 2).reshape(-1, batch, *shape)

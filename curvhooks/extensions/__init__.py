@@ -2,6 +2,7 @@
 
 from curvhooks.extensions.base import Extension
 from curvhooks.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
+from curvhooks.extensions.hessian import DiagHessian, HessianBlock
 from curvhooks.extensions.second_order import BatchDiagGGN, DiagGGN, SqrtGGN
 
 EXTENSIONS: tuple[type[Extension], ...] = (
@@ -12,6 +13,8 @@ EXTENSIONS: tuple[type[Extension], ...] = (
     SqrtGGN,
     DiagGGN,
     BatchDiagGGN,
+    DiagHessian,
+    HessianBlock,
 )
 RESULT_ATTRIBUTES: tuple[str, ...] = tuple(cls.attribute for cls in EXTENSIONS)
 
@@ -20,7 +23,9 @@ __all__ = [
     "BatchGrad",
     "BatchL2Grad",
     "DiagGGN",
+    "DiagHessian",
     "Extension",
+    "HessianBlock",
     "SqrtGGN",
     "SumGradSquared",
     "Variance",

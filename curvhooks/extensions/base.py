@@ -17,6 +17,9 @@ from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 
 EXACT = "exact"
 """Stack key of the exact square-root GGN; Monte-Carlo stacks are keyed by their sample count."""
+HESSIAN = "hessian"
+"""Stack key of the exact Hessian: a pair of stacks ``(positive, negative)`` whose outer
+products' difference is the Hessian of the loss in a module's output."""
 
 
 class Extension:
@@ -27,7 +30,7 @@ class Extension:
 
     def stack_key(self) -> str | int | None:
         """Which propagated stack this extension reduces: ``None`` for the output gradient
-        (first order), ``EXACT`` or a Monte-Carlo sample count (second order)."""
+        (first order), ``EXACT`` or a Monte-Carlo sample count (GGN), ``HESSIAN``."""
         return None
 
     def compute(

@@ -1,0 +1,73 @@
+"""Exact Hessian extensions: ``DiagHessian`` and ``HessianBlock``.
+
+Representation: signed square-root stacks. The Hessian of the loss in a module's output is
+``P P^T - Q Q^T`` for a pair of stacks ``(P, Q)``. The loss starts ``P`` with its square
+root (cross-entropy's and squared error's Hessians are positive semi-definite) and ``Q``
+empty. Each module pushes both to its input; a nonlinearity then adds its own curvature,
+the per-sample diagonal ``r = f''(x) * dL/d(out)``, as unit vectors scaled by
+``sqrt(max(r, 0))`` to ``P`` and by ``sqrt(max(-r, 0))`` to ``Q``.
+
+Why this representation: it reuses the square-root GGN's propagation and every parameter
+reduction unchanged, and the stacks grow only where the residual is non-zero (Sigmoid; ReLU
+adds nothing). Propagating per-sample output Hessians ``[N, U, U]`` instead costs the same
+``U^2 N`` at a nonlinearity of U units but also at every layer before one (two Jacobian
+products per layer instead of one), so the stacks are cheaper for networks whose ReLUs
+outnumber their Sigmoids. The affine modules are linear in their parameters, so a parameter's
+block is ``J_p^T (P P^T - Q Q^T) J_p`` with no further term of its own.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from curvhooks.derivatives import ModuleDerivatives, ModuleIO
+from curvhooks.extensions.base import HESSIAN, Extension
+
+
+class HessianExtension(Extension):
+    """An extension that reduces the signed Hessian stacks ``(positive, negative)``."""
+
+    def stack_key(self) -> str:
+        return HESSIAN
+
+
+class DiagHessian(HessianExtension):
+    """``diag_hessian`` ``p.shape``: the exact diagonal of the Hessian block of ``p``."""
+
+    attribute = "diag_hessian"
+
+    def compute(
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: tuple[Tensor, Tensor],
+        previous: Tensor | None = None,
+    ) -> Tensor:
+        positive, negative = mat
+        result = derivatives.param_sq_sum(io, name, positive, per_sample=False)
+        if len(negative):
+            result -= derivatives.param_sq_sum(io, name, negative, per_sample=False)
+        return result
+
+
+class HessianBlock(HessianExtension):
+    """``hessian_block`` ``[p.numel(), p.numel()]``: the exact Hessian block of ``p``."""
+
+    attribute = "hessian_block"
+
+    def compute(
+        self,
+        derivatives: ModuleDerivatives,
+        io: ModuleIO,
+        name: str,
+        mat: tuple[Tensor, Tensor],
+        previous: Tensor | None = None,
+    ) -> Tensor:
+        positive, negative = mat
+        factor = derivatives.param_jac_t_mat_prod(io, name, positive).flatten(2).flatten(0, 1)
+        result = factor.T @ factor
+        if len(negative):
+            factor = derivatives.param_jac_t_mat_prod(io, name, negative).flatten(2).flatten(0, 1)
+            result.addmm_(factor.T, factor, alpha=-1)
+        return result
