@@ -47,6 +47,11 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     for kind in KINDS:
         function = getattr(curvhooks, kind)
         methods[f"curvhooks {kind}"] = lambda function=function: function(model, loss_fn, data)
+    for structure in ("param", "diag"):
+        for route in ("hooks", "autograd"):
+            methods[f"hessian {structure} by {route}"] = lambda s=structure, r=route: curvhooks.hessian(
+                model, loss_fn, data, structure=s, route=r
+            )
     methods.update(_torch_func(model, loss_fn, data))
     if optional("curvlinops"):
         methods.update(_curvlinops(model, loss_fn, data))
@@ -145,6 +150,8 @@ def _backpack(model, loss_fn, data) -> dict[str, Callable[[], object]]:
 
 
 def _peers_of(method: str) -> tuple[str, ...]:
+    if method.startswith("hessian") and method.endswith("hooks"):
+        return (method.replace("hooks", "autograd"),)
     if not method.startswith("curvhooks"):
         return ()
     kind = method.split()[-1]
@@ -188,6 +195,7 @@ def main() -> None:
         return memory_main(build_methods, args.problem, args.memory_of)
     groups = tuple((f"curvhooks {kind}", f"torch.func {kind}", f"curvlinops {kind}",
                     f"backpack {kind}") for kind in KINDS)
+    groups += (("hessian param",), ("hessian diag",))
     body = run_benchmark(__spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups)
     if args.scaling:
         body += "\n\n### Scaling with D (MLP 64-w-w-10, sigmoid, 2 batches of 64)\n\n" + scaling(3)

@@ -1,5 +1,8 @@
-"""Square-root GGN extensions: curvhooks ``DiagGGN`` and ``SqrtGGN`` against plain backward
-and BackPACK's ``DiagGGNExact`` / ``SqrtGGNExact``.
+"""Second-order extensions against plain backward and BackPACK: ``DiagGGN`` / ``SqrtGGN``
+against ``DiagGGNExact`` / ``SqrtGGNExact``, and ``DiagHessian`` against ``DiagHessian``.
+
+``DiagHessian`` runs on the MLP only: on the CNN its Sigmoid over 64 x 16 x 16 units would
+need a residual stack of 16384 x 32 x 16384 entries (34 GB), in curvhooks as in BackPACK.
 
 Run: ``python -m benchmarks.second_order [--repeats 10]``; writes
 docs/benchmarks/second_order.md.
@@ -24,10 +27,13 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     for extension in (curvhooks.DiagGGN, curvhooks.SqrtGGN):
         methods[f"curvhooks {extension.__name__}"] = _curvhooks(model, loss_fn, X, y, extension)
     methods["curvhooks SqrtGGN (context held open)"] = _held_open(model, loss_fn, X, y)
+    if problem == "mlp":
+        methods["curvhooks DiagHessian"] = _curvhooks(model, loss_fn, X, y, curvhooks.DiagHessian)
     if optional("backpack"):
-        from backpack.extensions import DiagGGNExact, SqrtGGNExact
+        from backpack.extensions import DiagGGNExact, DiagHessian, SqrtGGNExact
 
-        for extension in (DiagGGNExact, SqrtGGNExact):
+        extensions = (DiagGGNExact, SqrtGGNExact) + ((DiagHessian,) if problem == "mlp" else ())
+        for extension in extensions:
             methods[f"backpack {extension.__name__}"] = _backpack(model, loss_fn, X, y, extension)
     return methods
 
@@ -62,7 +68,11 @@ def _backpack(model, loss_fn, X, y, extension):
     return run
 
 
-GROUPS = (("curvhooks DiagGGN", "backpack DiagGGN"), ("curvhooks SqrtGGN", "backpack SqrtGGN"))
+GROUPS = (
+    ("curvhooks DiagGGN", "backpack DiagGGN"),
+    ("curvhooks SqrtGGN", "backpack SqrtGGN"),
+    ("curvhooks DiagHessian", "backpack DiagHessian"),
+)
 
 
 def _peers_of(method: str) -> tuple[str, ...]:
@@ -70,6 +80,8 @@ def _peers_of(method: str) -> tuple[str, ...]:
         return ("backpack DiagGGNExact",)
     if method.startswith("curvhooks SqrtGGN"):
         return ("backpack SqrtGGNExact",)
+    if method.startswith("curvhooks DiagHessian"):
+        return ("backpack DiagHessian",)
     return ()
 
 

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 
 STRUCTURES = ("full", "layer", "param", "diag")
+HESSIAN, GGN, EMPIRICAL_FISHER = "hessian", "ggn", "empirical_fisher"
+KINDS = (HESSIAN, GGN, EMPIRICAL_FISHER)
 DEFAULT_MAX_MEMORY = 4 * 2**30
 """Largest dense result (bytes) built without ``max_memory=`` raised: 4 GiB."""
 

@@ -1,8 +1,9 @@
-"""Dataset-level GGN and empirical Fisher from factors the hooks propagate.
+"""Dataset-level matrices from what the hooks propagate.
 
 One backward pass per batch yields the square-root GGN factor ``V`` ``[C * N_b, D]`` and the
 per-sample gradients ``G`` ``[N_b, D]`` of the batch's reduced loss; the matrices accumulate
-``V^T V`` and ``G^T G`` block by block into one preallocated result.
+``V^T V`` and ``G^T G`` block by block into one preallocated result. The same pass can yield
+the exact Hessian's per-parameter blocks or diagonal (``HessianBlock``, ``DiagHessian``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from torch import Tensor, nn
 
 from curvhooks.data import (
     DEFAULT_MAX_MEMORY,
+    EMPIRICAL_FISHER,
+    GGN,
+    HESSIAN,
     Layout,
     batch_weight,
     batches,
@@ -25,10 +29,24 @@ from curvhooks.data import (
 )
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
 from curvhooks.errors import UnsupportedError
-from curvhooks.extensions import BatchGrad, DiagGGN, SqrtGGN, SumGradSquared
+from curvhooks.extensions import (
+    BatchGrad,
+    DiagGGN,
+    DiagHessian,
+    Extension,
+    HessianBlock,
+    SqrtGGN,
+    SumGradSquared,
+)
 from curvhooks.hooks import clear_results, extend
 
-GGN, EMPIRICAL_FISHER = "ggn", "empirical_fisher"
+FACTORS: dict[str, tuple[type[Extension], type[Extension]]] = {
+    GGN: (DiagGGN, SqrtGGN),
+    EMPIRICAL_FISHER: (SumGradSquared, BatchGrad),
+}
+"""Per kind, the extension for ``structure="diag"`` and the one whose factor F gives F^T F."""
+BLOCKS = {HESSIAN: (DiagHessian, HessianBlock)}
+"""Per kind, the extension for ``structure="diag"`` and the one giving per-parameter blocks."""
 
 
 def ggn(
@@ -93,7 +111,8 @@ def hook_matrices(
     max_memory: int,
     progress: bool,
 ) -> dict[str, Tensor]:
-    """GGN and/or empirical Fisher (``kinds``), sharing one backward pass per batch."""
+    """GGN, empirical Fisher and (structures ``"param"``, ``"diag"``) Hessian, as ``kinds``
+    asks, sharing one backward pass per batch."""
     plan = layout(model, params, structure, max_memory)
     check_model_mode(model)
     reduction = reduction_of(loss_fn)
@@ -103,11 +122,13 @@ def hook_matrices(
             f"loss {type(loss_fn).__name__} is not supported by curvhooks.{'/'.join(kinds)}; "
             f"supported losses: {supported_names(LOSS_DERIVATIVES)}"
         )
+    if HESSIAN in kinds and structure not in ("param", "diag"):
+        raise ValueError(
+            f"the hooks give the Hessian's per-parameter blocks or diagonal, not "
+            f"structure={structure!r}; use structure='param' or 'diag', or the autograd route"
+        )
     diag = structure == "diag"
-    extensions = {
-        GGN: DiagGGN() if diag else SqrtGGN(),
-        EMPIRICAL_FISHER: SumGradSquared() if diag else BatchGrad(),
-    }
+    extensions = {kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1]() for kind in kinds}
     results = {kind: plan.new_result() for kind in kinds}
     total = 0
     with _only_these_require_grad(model, plan.params), extend(
@@ -118,26 +139,33 @@ def hook_matrices(
             torch.autograd.grad(loss_fn(output, y), plan.params, allow_unused=True)
             weight = batch_weight(reduction, len(X), index)
             total += len(X)
-            if GGN in kinds:
-                _accumulate(results[GGN], plan, extensions[GGN].attribute, weight)
-            if EMPIRICAL_FISHER in kinds:
-                # grad_batch[n] = s_b grad(l_n), so s_b^2 G^T G would be off by s_b: divide once.
-                ef_weight = weight / derivatives.scale(loss_fn, output)
-                _accumulate(results[EMPIRICAL_FISHER], plan, extensions[EMPIRICAL_FISHER].attribute, ef_weight)
+            for kind in kinds:
+                if kind == EMPIRICAL_FISHER:
+                    # grad_batch[n] = s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once.
+                    kind_weight = weight / derivatives.scale(loss_fn, output)
+                else:
+                    kind_weight = weight
+                _accumulate(results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS)
     clear_results(model)
     finish(results, reduction, total)
     return results
 
 
-def _accumulate(result: Tensor, plan: Layout, attribute: str, weight: float) -> None:
-    """Add ``weight`` times the batch's blocks (``F^T F`` of factors, or diagonals)."""
+def _accumulate(
+    result: Tensor, plan: Layout, attribute: str, weight: float, from_factors: bool
+) -> None:
+    """Add ``weight`` times the batch's diagonal, or its blocks: ``F^T F`` from factors F,
+    or the per-parameter blocks themselves."""
     if plan.structure == "diag":
         diagonal = torch.cat([getattr(p, attribute).flatten() for p in plan.params])
         result.add_(diagonal, alpha=weight)
         return
     for block in plan.blocks:
-        factor = torch.cat([_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1)
         rows = plan.span(block)
+        if not from_factors:
+            result[rows, rows].add_(getattr(plan.params[block[0]], attribute), alpha=weight)
+            continue
+        factor = torch.cat([_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1)
         result[rows, rows].addmm_(factor.T, factor, alpha=weight)
 
 

@@ -1,11 +1,13 @@
-"""The exact Hessian over a data set, by plain autograd (no hooks).
+"""The exact Hessian over a data set.
 
-Hessian-vector products ``H v`` are reverse-over-reverse derivatives (one ``vjp`` of
+Two routes. The hooks give the per-parameter blocks and the diagonal in one backward pass
+per batch (``DiagHessian``, ``HessianBlock``) for chains of supported modules. Plain
+autograd gives every structure for any model: Hessian-vector products ``H v`` are reverse-over-reverse derivatives (one ``vjp`` of
 ``grad``, linearised once per batch and block) of the loss as a function of the flat
 parameters of one block, vectorised over many directions at once with ``vmap`` in chunks of
 ``chunk_size`` directions, which bounds memory.
-This route is independent of the hook machinery: it works for any differentiable model and
-any scalar loss module, supported or not.
+The autograd route is independent of the hook machinery: it works for any differentiable
+model and any scalar loss module, supported or not.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from curvhooks.data import (
     DEFAULT_MAX_MEMORY,
+    HESSIAN,
     Layout,
     batch_weight,
     batches,
@@ -27,8 +30,10 @@ from curvhooks.data import (
     model_device,
     reduction_of,
 )
+from curvhooks.dataset import hook_matrices
+from curvhooks.hooks import supports_chain
 
-HESSIAN = "hessian"
+ROUTES = ("auto", "hooks", "autograd")
 
 
 def hessian(
@@ -41,13 +46,25 @@ def hessian(
     chunk_size: int = 256,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    route: str = "auto",
 ) -> Tensor:
     """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
 
     Arguments, structures and batch weighting as in ``curvhooks.ggn``; ``"layer"`` and
     ``"param"`` compute only the diagonal blocks, ``"diag"`` the exact diagonal ``[D]``.
-    ``chunk_size`` directions share one vectorised Hessian-vector product.
+    ``chunk_size`` directions share one vectorised Hessian-vector product (autograd route).
+    ``route``: ``"hooks"`` (structures ``"param"``, ``"diag"``; a chain of supported
+    modules), ``"autograd"`` (anything), or ``"auto"``: the hooks where they apply.
     """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "hooks" or (
+        route == "auto" and structure in ("param", "diag") and supports_chain(model, loss_fn)
+    ):
+        kinds = (HESSIAN,)
+        return hook_matrices(model, loss_fn, data, kinds, params, structure, max_memory, progress)[
+            HESSIAN
+        ]
     plan = layout(model, params, structure, max_memory)
     check_model_mode(model)
     reduction = reduction_of(loss_fn)

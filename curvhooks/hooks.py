@@ -389,6 +389,17 @@ def _take_results(model: nn.Module) -> dict[tuple[int, str], Tensor]:
     return spare
 
 
+def supports_chain(model: nn.Module, loss_fn: nn.Module) -> bool:
+    """Whether second-order extensions certainly apply: a supported loss, and a model that is
+    a supported module or an ``nn.Sequential`` (nested) of supported modules."""
+    if loss_derivatives(loss_fn) is None:
+        return False
+    if isinstance(model, nn.Sequential):
+        return all(supports_chain(child, loss_fn) for child in model)
+    derivatives = module_derivatives(model)
+    return derivatives is not None and derivatives.unsupported_reason(model) is None
+
+
 def clear_results(model: nn.Module) -> None:
     """Remove every curvhooks result attribute from the model's parameters."""
     for param in model.parameters():

@@ -6,11 +6,9 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from curvhooks.data import DEFAULT_MAX_MEMORY
-from curvhooks.dataset import EMPIRICAL_FISHER, GGN, hook_matrices
-from curvhooks.hessian import HESSIAN, hessian
-
-KINDS = (HESSIAN, GGN, EMPIRICAL_FISHER)
+from curvhooks.data import DEFAULT_MAX_MEMORY, HESSIAN, KINDS
+from curvhooks.dataset import hook_matrices
+from curvhooks.hessian import hessian
 
 
 def matrices(

@@ -130,3 +130,26 @@ def test_progress_bar(capsys):
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
     curvhooks.ggn(model, loss_fn, loader, progress=True)
     assert "batch 3/3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("structure", ["param", "diag"])
+@pytest.mark.parametrize("problem, loss", CASES, ids=CASE_IDS)
+def test_hessian_routes_agree(problem, loss, structure):
+    model, loss_fn, X, y, loader = _data(problem, loss)
+    by_hooks = curvhooks.hessian(model, loss_fn, loader, structure=structure, route="hooks")
+    by_autograd = curvhooks.hessian(model, loss_fn, loader, structure=structure, route="autograd")
+    assert_close(by_hooks, by_autograd)
+
+
+def test_hessian_route_choice():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = reference.hessian_matrix(model, loss_fn, X, y).diagonal()
+    assert_close(curvhooks.hessian(model, loss_fn, (X, y), structure="diag"), expected)  # auto
+    with pytest.raises(curvhooks.UnsupportedError, match="Tanh"):
+        curvhooks.hessian(model, loss_fn, (X, y), structure="diag", route="hooks")
+    with pytest.raises(ValueError, match="structure='param' or 'diag'"):
+        curvhooks.hessian(*PROBLEMS[0].make("ce-mean")[:2], (X, y), route="hooks")
+    with pytest.raises(ValueError, match="route must be one of"):
+        curvhooks.hessian(model, loss_fn, (X, y), route="fast")
