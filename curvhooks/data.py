@@ -1,10 +1,11 @@
 """What every dataset-level function shares: batches, parameter selection, blocks, weighting.
 
-Batch weighting is decided here, once: the whole-dataset loss is ``L = s * sum_n l_n``. For
+Batch weighting and the combination of several processes are decided here, once: the whole-dataset loss is ``L = s * sum_n l_n``. For
 reduction ``"sum"`` each batch's reduced loss adds with weight 1. For ``"mean"`` the factor s
 is proportional to 1 / (number of samples), so batch b adds with weight ``N_b``, and the
 sum is divided by the total sample count at the end: unequal batches are weighted right in
-a single pass over the data.
+a single pass over the data. Under ``torch.distributed`` each process accumulates its own
+batches; the sums and sample counts are then summed over the processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 STRUCTURES = ("full", "layer", "param", "diag")
@@ -125,6 +127,7 @@ def layer_sizes(model: nn.Module, params: list[nn.Parameter] | None = None) -> l
     ``params`` defaults to the parameters that require grad, as in ``ggn``; the sizes then sum
     to D, the side of the dataset-level matrices.
     """
+    model = unwrap(model)
     selected = {id(p) for p in _selected_params(model, params)}
     return [
         sum(p.numel() for p in child.parameters() if id(p) in selected)
@@ -162,8 +165,6 @@ def batches(
         yield X.to(device), y.to(device)
     if progress:
         print(file=sys.stderr)
-    if count == 0:
-        raise ValueError("data is empty: it yielded no batch; pass a non-empty data set")
 
 
 def _unpack(batch: object) -> tuple[Tensor, Tensor]:
@@ -216,11 +217,60 @@ def batch_weight(reduction: str | None, batch_size: int, batch_index: int) -> in
     return batch_size if reduction == "mean" else 1
 
 
-def finish(results: dict[str, Tensor], reduction: str | None, total_samples: int) -> None:
-    """Divide the weighted sums by the sample count for reduction ``"mean"`` (in place)."""
+def finish(
+    results: dict[str, Tensor], reduction: str | None, total_samples: int, group: object
+) -> None:
+    """Sum the results over the processes of ``group`` (if any) and divide the weighted sums
+    by the sample count for reduction ``"mean"``, all in place.
+
+    Sample counts are summed first, so the mean is over every process's samples.
+    """
+    if group is not None:
+        count = torch.tensor([float(total_samples)], device=next(iter(results.values())).device)
+        dist.all_reduce(count, group=group)
+        total_samples = int(count.item())
+        for result in results.values():
+            dist.all_reduce(result, group=group)
+    if total_samples == 0:
+        raise ValueError("data is empty: it yielded no batch; pass a non-empty data set")
     if reduction == "mean":
         for result in results.values():
             result.div_(total_samples)
+
+
+def process_group_of(process_group: object, reduction: str | None) -> object:
+    """The group to combine results over: ``process_group``, else the default group when
+    ``torch.distributed`` is initialised, else ``None`` (one process)."""
+    if process_group is None and dist.is_available() and dist.is_initialized():
+        process_group = dist.group.WORLD
+    if process_group is not None and reduction is None:
+        raise ValueError(
+            "the loss has no `reduction` attribute, so results of several processes cannot be "
+            "weighted; use a loss module with reduction='mean' or 'sum'"
+        )
+    return process_group
+
+
+def check_same_layout(plan: Layout, group: object) -> None:
+    """Raise on every process alike if the processes' parameter counts differ (instead of
+    hanging in a collective of mismatched sizes)."""
+    if group is None:
+        return
+    sizes: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(sizes, [p.numel() for p in plan.params], group=group)
+    if any(size != sizes[0] for size in sizes):
+        totals = [sum(size) for size in sizes]
+        raise ValueError(
+            f"the processes' models differ: parameter counts per rank {totals} (per tensor "
+            f"{sizes}); give every process the same model and params"
+        )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` (curvhooks combines results itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -22,10 +22,13 @@ from curvhooks.data import (
     batch_weight,
     batches,
     check_model_mode,
+    check_same_layout,
     finish,
     layout,
     model_device,
+    process_group_of,
     reduction_of,
+    unwrap,
 )
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
 from curvhooks.errors import UnsupportedError
@@ -58,6 +61,7 @@ def ggn(
     *,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    process_group: object = None,
 ) -> Tensor:
     """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss.
 
@@ -71,12 +75,17 @@ def ggn(
             blocks), or ``"diag"`` (``[D]``).
         max_memory: Largest dense result in bytes; a larger one raises ``ValueError``.
         progress: Show a progress bar over the batches.
+        process_group: Under ``torch.distributed``, the processes whose data sets together
+            form the whole data set (default: all, when ``torch.distributed`` is
+            initialised); each passes its own ``data`` and receives the combined matrix.
 
     Returns:
         The GGN of ``L = s * sum_n l_n`` over all samples (``s`` = 1 for ``"sum"``, the
         reduction's factor over the whole data set for ``"mean"``), in the parameters' dtype.
     """
-    return hook_matrices(model, loss_fn, data, (GGN,), params, structure, max_memory, progress)[GGN]
+    return hook_matrices(
+        model, loss_fn, data, (GGN,), params, structure, max_memory, progress, process_group
+    )[GGN]
 
 
 def empirical_fisher(
@@ -88,6 +97,7 @@ def empirical_fisher(
     *,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    process_group: object = None,
 ) -> Tensor:
     """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set.
 
@@ -96,9 +106,9 @@ def empirical_fisher(
     ``MSELoss`` ``"mean"``). Arguments and structures as in ``ggn``.
     """
     kinds = (EMPIRICAL_FISHER,)
-    return hook_matrices(model, loss_fn, data, kinds, params, structure, max_memory, progress)[
-        EMPIRICAL_FISHER
-    ]
+    return hook_matrices(
+        model, loss_fn, data, kinds, params, structure, max_memory, progress, process_group
+    )[EMPIRICAL_FISHER]
 
 
 def hook_matrices(
@@ -110,12 +120,16 @@ def hook_matrices(
     structure: str,
     max_memory: int,
     progress: bool,
+    process_group: object = None,
 ) -> dict[str, Tensor]:
     """GGN, empirical Fisher and (structures ``"param"``, ``"diag"``) Hessian, as ``kinds``
     asks, sharing one backward pass per batch."""
+    model = unwrap(model)
     plan = layout(model, params, structure, max_memory)
     check_model_mode(model)
     reduction = reduction_of(loss_fn)
+    group = process_group_of(process_group, reduction)
+    check_same_layout(plan, group)
     derivatives = loss_derivatives(loss_fn)
     if derivatives is None:
         raise UnsupportedError(
@@ -147,7 +161,7 @@ def hook_matrices(
                     kind_weight = weight
                 _accumulate(results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS)
     clear_results(model)
-    finish(results, reduction, total)
+    finish(results, reduction, total, group)
     return results
 
 

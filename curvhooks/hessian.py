@@ -25,10 +25,13 @@ from curvhooks.data import (
     batch_weight,
     batches,
     check_model_mode,
+    check_same_layout,
     finish,
     layout,
     model_device,
+    process_group_of,
     reduction_of,
+    unwrap,
 )
 from curvhooks.dataset import hook_matrices
 from curvhooks.hooks import supports_chain
@@ -47,6 +50,7 @@ def hessian(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
     route: str = "auto",
+    process_group: object = None,
 ) -> Tensor:
     """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
 
@@ -55,19 +59,23 @@ def hessian(
     ``chunk_size`` directions share one vectorised Hessian-vector product (autograd route).
     ``route``: ``"hooks"`` (structures ``"param"``, ``"diag"``; a chain of supported
     modules), ``"autograd"`` (anything), or ``"auto"``: the hooks where they apply.
+    ``process_group`` combines processes as in ``curvhooks.ggn``.
     """
+    model = unwrap(model)
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if route == "hooks" or (
         route == "auto" and structure in ("param", "diag") and supports_chain(model, loss_fn)
     ):
-        kinds = (HESSIAN,)
-        return hook_matrices(model, loss_fn, data, kinds, params, structure, max_memory, progress)[
-            HESSIAN
-        ]
+        return hook_matrices(
+            model, loss_fn, data, (HESSIAN,), params, structure, max_memory, progress,
+            process_group,
+        )[HESSIAN]
     plan = layout(model, params, structure, max_memory)
     check_model_mode(model)
     reduction = reduction_of(loss_fn)
+    group = process_group_of(process_group, reduction)
+    check_same_layout(plan, group)
     result = plan.new_result()
     total = 0
     for index, (X, y) in enumerate(batches(data, model_device(model), progress)):
@@ -76,7 +84,7 @@ def hessian(
         for block in plan.blocks:
             _add_block(result, plan, block, _loss_of_block(model, loss_fn, X, y, plan, block),
                        weight, chunk_size)
-    finish({HESSIAN: result}, reduction, total)
+    finish({HESSIAN: result}, reduction, total, group)
     return result
 
 

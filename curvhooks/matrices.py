@@ -21,6 +21,7 @@ def matrices(
     *,
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
+    process_group: object = None,
 ) -> dict[str, Tensor]:
     """``{kind: matrix}`` for ``kinds`` among ``"hessian"``, ``"ggn"``, ``"empirical_fisher"``.
 
@@ -34,11 +35,15 @@ def matrices(
     results = {}
     if HESSIAN in kinds:
         results[HESSIAN] = hessian(
-            model, loss_fn, data, params, structure, max_memory=max_memory, progress=progress
+            model, loss_fn, data, params, structure, max_memory=max_memory, progress=progress,
+            process_group=process_group,
         )
     hooked = tuple(kind for kind in kinds if kind != HESSIAN)
     if hooked:
         results.update(
-            hook_matrices(model, loss_fn, data, hooked, params, structure, max_memory, progress)
+            hook_matrices(
+                model, loss_fn, data, hooked, params, structure, max_memory, progress,
+                process_group,
+            )
         )
     return {kind: results[kind] for kind in kinds}

@@ -94,3 +94,19 @@ def test_digits_runs_full(tmp_path):
     output = _run("digits.py", "--out", str(tmp_path))
     accuracy = float(output.split("test accuracy ")[1].split()[0].rstrip(","))
     assert accuracy > 0.85
+
+
+def test_distributed_example_runs_under_torchrun():
+    from tests.test_distributed import _free_port
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         str(EXAMPLES / "distributed.py")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    dataset, model, loss_fn = _load("distributed").setting()
+    found = curvhooks.matrices(model, loss_fn, dataset.tensors, kinds=("ggn", "empirical_fisher"))
+    for kind, matrix in found.items():
+        assert f"{kind}: (2117, 2117), trace {matrix.trace():.4f}" in result.stdout

@@ -1,0 +1,99 @@
+"""Two processes on loopback (gloo), each with part of an unevenly split data set, give
+exactly the single-process matrices; mismatched models give a clear error, not a hang."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import curvhooks
+from tests.problems import PROBLEMS, assert_close
+
+STRUCTURES = ("full", "layer", "param", "diag")
+KINDS = ("ggn", "empirical_fisher", "hessian")
+LOSSES = ("ce-mean", "mse-sum")
+PROBLEM = PROBLEMS[-1]  # a CNN with Sigmoid and ReLU
+
+
+def _shards(X, y, rank):
+    """9 samples: rank 0 holds batches of 4 and 2, rank 1 one batch of 3."""
+    if rank == 0:
+        return [(X[:4], y[:4]), (X[4:6], y[4:6])]
+    return [(X[6:], y[6:])]
+
+
+def _compute(model, loss_fn, data, group=None) -> dict[str, torch.Tensor]:
+    results = {}
+    for kind in KINDS:
+        for structure in STRUCTURES:
+            function = getattr(curvhooks, kind)
+            results[f"{kind}-{structure}"] = function(
+                model, loss_fn, data, structure=structure, process_group=group
+            )
+    found = curvhooks.matrices(model, loss_fn, data, process_group=group)
+    results.update({f"matrices-{kind}": matrix for kind, matrix in found.items()})
+    return results
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        saved = {}
+        for loss in LOSSES:
+            model, loss_fn, X, y = PROBLEM.make(loss, num_samples=9)
+            saved[loss] = _compute(model, loss_fn, _shards(X, y, rank))
+        model, loss_fn, X, y = PROBLEM.make("ce-mean", num_samples=9)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        saved["ddp-ggn"] = curvhooks.ggn(wrapped, loss_fn, _shards(X, y, rank))
+        if rank == 1:
+            model = nn.Sequential(model, nn.Linear(4, 4)).double()
+        try:
+            curvhooks.ggn(model, loss_fn, _shards(X, y, rank))
+            saved["mismatch"] = "no error"
+        except ValueError as error:
+            saved["mismatch"] = str(error)
+        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("distributed")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_rank_gets_the_single_process_matrices(ranks, loss):
+    model, loss_fn, X, y = PROBLEM.make(loss, num_samples=9)
+    expected = _compute(model, loss_fn, [(X, y)])
+    for saved in ranks:
+        assert saved[loss].keys() == expected.keys()
+        for name, matrix in expected.items():
+            assert_close(saved[loss][name], matrix)
+
+
+def test_distributed_data_parallel_model_is_accepted(ranks):
+    model, loss_fn, X, y = PROBLEM.make("ce-mean", num_samples=9)
+    expected = curvhooks.ggn(model, loss_fn, [(X, y)])
+    for saved in ranks:
+        assert_close(saved["ddp-ggn"], expected)
+
+
+def test_mismatched_models_raise_on_every_rank(ranks):
+    for saved in ranks:
+        assert "models differ" in saved["mismatch"] and "same model" in saved["mismatch"]
