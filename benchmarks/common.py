@@ -16,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -52,7 +52,9 @@ def _resident_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_of(method: Callable[[], object], baseline: Callable[[], object], device: torch.device) -> int:
+def peak_memory_of(
+    method: Callable[[], object], baseline: Callable[[], object], device: torch.device
+) -> int:
     """Bytes by which ``method``'s peak exceeds memory in use after ``baseline`` ran."""
     baseline()
     if device.type == "cuda":
@@ -72,7 +74,9 @@ def memory_in_subprocess(module: str, problem: str, method: str) -> int | None:
     """Run ``python -m MODULE --memory-of METHOD --problem PROBLEM`` in a fresh process."""
     result = subprocess.run(
         [sys.executable, "-m", module, "--memory-of", method, "--problem", problem],
-        capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)

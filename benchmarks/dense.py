@@ -12,8 +12,8 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -21,7 +21,6 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import curvhooks
 from benchmarks.common import (
-    environment,
     markdown_table,
     memory_main,
     optional,
@@ -49,8 +48,8 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
         methods[f"curvhooks {kind}"] = lambda function=function: function(model, loss_fn, data)
     for structure in ("param", "diag"):
         for route in ("hooks", "autograd"):
-            methods[f"hessian {structure} by {route}"] = lambda s=structure, r=route: curvhooks.hessian(
-                model, loss_fn, data, structure=s, route=r
+            methods[f"hessian {structure} by {route}"] = lambda s=structure, r=route: (
+                curvhooks.hessian(model, loss_fn, data, structure=s, route=r)
             )
     methods.update(_torch_func(model, loss_fn, data))
     if optional("curvlinops"):
@@ -78,18 +77,20 @@ def _torch_func(model, loss_fn, data) -> dict[str, Callable[[], object]]:
     total = sum(len(X) for X, _ in data)
     sum_loss = type(loss_fn)(reduction="sum")
 
+    def batch_loss(X, y):
+        return lambda flat: loss_fn(functional_call(model, unflatten(flat), (X,)), y)
+
+    def batch_output(X):
+        return lambda flat: functional_call(model, unflatten(flat), (X,))
+
     def hessian_matrix():
-        return sum(
-            hessian(lambda flat: loss_fn(functional_call(model, unflatten(flat), (X,)), y))(point)
-            * (len(X) / total)
-            for X, y in data
-        )
+        return sum(hessian(batch_loss(X, y))(point) * (len(X) / total) for X, y in data)
 
     def ggn_matrix():
         result = 0
         for X, y in data:
             output = functional_call(model, unflatten(point), (X,))
-            jac = jacrev(lambda flat: functional_call(model, unflatten(flat), (X,)))(point)
+            jac = jacrev(batch_output(X))(point)
             hess = vmap(hessian(lambda out, t: sum_loss(out[None], t[None])))(output.detach(), y)
             result = result + torch.einsum("nca,ncd,ndb->ab", jac, hess, jac) / total
         return result
@@ -98,7 +99,9 @@ def _torch_func(model, loss_fn, data) -> dict[str, Callable[[], object]]:
         def sample_loss(flat, x, t):
             return sum_loss(functional_call(model, unflatten(flat), (x[None],)), t[None])
 
-        grads = torch.cat([vmap(grad(sample_loss), in_dims=(None, 0, 0))(point, X, y) for X, y in data])
+        grads = torch.cat(
+            [vmap(grad(sample_loss), in_dims=(None, 0, 0))(point, X, y) for X, y in data]
+        )
         return grads.T @ grads / total
 
     return {
@@ -145,7 +148,9 @@ def _backpack(model, loss_fn, data) -> dict[str, Callable[[], object]]:
 
     return {
         "backpack ggn": lambda: accumulate(SqrtGGNExact, "sqrt_ggn_exact", lambda n: n / total),
-        "backpack empirical_fisher": lambda: accumulate(BatchGrad, "grad_batch", lambda n: n * n / total),
+        "backpack empirical_fisher": lambda: accumulate(
+            BatchGrad, "grad_batch", lambda n: n * n / total
+        ),
     }
 
 
@@ -163,8 +168,13 @@ def scaling(repeats: int) -> str:
     rows = []
     for width in (8, 32, 64, 128):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, width), nn.Sigmoid(), nn.Linear(width, width),
-                              nn.Sigmoid(), nn.Linear(width, 10))
+        model = nn.Sequential(
+            nn.Linear(64, width),
+            nn.Sigmoid(),
+            nn.Linear(width, width),
+            nn.Sigmoid(),
+            nn.Linear(width, 10),
+        )
         dim = sum(p.numel() for p in model.parameters())
         loss_fn = nn.CrossEntropyLoss()
         data = [(torch.randn(64, 64), torch.randint(0, 10, (64,))) for _ in range(2)]
@@ -193,10 +203,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
-    groups = tuple((f"curvhooks {kind}", f"torch.func {kind}", f"curvlinops {kind}",
-                    f"backpack {kind}") for kind in KINDS)
+    groups = tuple(
+        (f"curvhooks {kind}", f"torch.func {kind}", f"curvlinops {kind}", f"backpack {kind}")
+        for kind in KINDS
+    )
     groups += (("hessian param",), ("hessian diag",))
-    body = run_benchmark(__spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups)
+    body = run_benchmark(
+        __spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups
+    )
     if args.scaling:
         body += "\n\n### Scaling with D (MLP 64-w-w-10, sigmoid, 2 batches of 64)\n\n" + scaling(3)
     print("wrote", write_doc("dense", "Dense matrices (visual tour)", body))

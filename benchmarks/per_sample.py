@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap

@@ -20,10 +20,14 @@ def cnn() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     batch 32, cross-entropy."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.Sigmoid(),
-        nn.Flatten(), nn.Linear(64 * 16 * 16, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(64 * 16 * 16, 10),
     )
     return model, nn.CrossEntropyLoss(), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 

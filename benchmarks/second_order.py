@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -94,9 +94,7 @@ def main() -> None:
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
     problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(
-        __spec__.name, build_methods, problems, args.repeats, _peers_of, GROUPS
-    )
+    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of, GROUPS)
     print("wrote", write_doc("second_order", "Square-root GGN (DiagGGN, SqrtGGN)", tables))
 
 

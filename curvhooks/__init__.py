@@ -1,5 +1,7 @@
 """curvhooks: curvature of neural networks from module hooks, in one backward pass."""
 
+from curvhooks.data import layer_sizes
+from curvhooks.dataset import empirical_fisher, ggn
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import (
     BatchDiagGGN,
@@ -12,8 +14,6 @@ from curvhooks.extensions import (
     SumGradSquared,
     Variance,
 )
-from curvhooks.data import layer_sizes
-from curvhooks.dataset import empirical_fisher, ggn
 from curvhooks.hessian import hessian
 from curvhooks.hooks import extend
 from curvhooks.matrices import matrices

@@ -1,11 +1,12 @@
 """What every dataset-level function shares: batches, parameter selection, blocks, weighting.
 
-Batch weighting and the combination of several processes are decided here, once: the whole-dataset loss is ``L = s * sum_n l_n``. For
-reduction ``"sum"`` each batch's reduced loss adds with weight 1. For ``"mean"`` the factor s
-is proportional to 1 / (number of samples), so batch b adds with weight ``N_b``, and the
-sum is divided by the total sample count at the end: unequal batches are weighted right in
-a single pass over the data. Under ``torch.distributed`` each process accumulates its own
-batches; the sums and sample counts are then summed over the processes.
+Batch weighting and the combination of several processes are decided here, once: the
+whole-dataset loss is ``L = s * sum_n l_n``. For reduction ``"sum"`` each batch's reduced
+loss adds with weight 1. For ``"mean"`` the factor s is proportional to 1 / (number of
+samples), so batch b adds with weight ``N_b``, and the sum is divided by the total sample
+count at the end: unequal batches are weighted right in a single pass over the data.
+Under ``torch.distributed`` each process accumulates its own batches; the sums and sample
+counts are then summed over the processes.
 """
 
 from __future__ import annotations
@@ -151,8 +152,10 @@ def batches(
     data: Iterable | tuple[Tensor, Tensor], device: torch.device, progress: bool = False
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """The ``(X, y)`` batches of ``data`` on ``device``; ``data`` may be one pair."""
-    single = isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(item, Tensor) for item in data
+    single = (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(item, Tensor) for item in data)
     )
     source = [data] if single else data
     count, start = 0, time.perf_counter()

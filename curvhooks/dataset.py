@@ -145,8 +145,9 @@ def hook_matrices(
     extensions = {kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1]() for kind in kinds}
     results = {kind: plan.new_result() for kind in kinds}
     total = 0
-    with _only_these_require_grad(model, plan.params), extend(
-        model, loss_fn, *(extensions[kind] for kind in kinds)
+    with (
+        _only_these_require_grad(model, plan.params),
+        extend(model, loss_fn, *(extensions[kind] for kind in kinds)),
     ):
         for index, (X, y) in enumerate(batches(data, model_device(model), progress)):
             output = model(X)
@@ -159,7 +160,9 @@ def hook_matrices(
                     kind_weight = weight / derivatives.scale(loss_fn, output)
                 else:
                     kind_weight = weight
-                _accumulate(results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS)
+                _accumulate(
+                    results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS
+                )
     clear_results(model)
     finish(results, reduction, total, group)
     return results
@@ -179,7 +182,9 @@ def _accumulate(
         if not from_factors:
             result[rows, rows].add_(getattr(plan.params[block[0]], attribute), alpha=weight)
             continue
-        factor = torch.cat([_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1)
+        factor = torch.cat(
+            [_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1
+        )
         result[rows, rows].addmm_(factor.T, factor, alpha=weight)
 
 

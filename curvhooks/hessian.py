@@ -2,10 +2,10 @@
 
 Two routes. The hooks give the per-parameter blocks and the diagonal in one backward pass
 per batch (``DiagHessian``, ``HessianBlock``) for chains of supported modules. Plain
-autograd gives every structure for any model: Hessian-vector products ``H v`` are reverse-over-reverse derivatives (one ``vjp`` of
-``grad``, linearised once per batch and block) of the loss as a function of the flat
-parameters of one block, vectorised over many directions at once with ``vmap`` in chunks of
-``chunk_size`` directions, which bounds memory.
+autograd gives every structure for any model: Hessian-vector products ``H v`` are
+reverse-over-reverse derivatives (one ``vjp`` of ``grad``, linearised once per batch and
+block) of the loss as a function of the flat parameters of one block, vectorised over many
+directions at once with ``vmap`` in chunks of ``chunk_size`` directions, which bounds memory.
 The autograd route is independent of the hook machinery: it works for any differentiable
 model and any scalar loss module, supported or not.
 """
@@ -68,7 +68,14 @@ def hessian(
         route == "auto" and structure in ("param", "diag") and supports_chain(model, loss_fn)
     ):
         return hook_matrices(
-            model, loss_fn, data, (HESSIAN,), params, structure, max_memory, progress,
+            model,
+            loss_fn,
+            data,
+            (HESSIAN,),
+            params,
+            structure,
+            max_memory,
+            progress,
             process_group,
         )[HESSIAN]
     plan = layout(model, params, structure, max_memory)
@@ -82,8 +89,14 @@ def hessian(
         weight = batch_weight(reduction, len(X), index)
         total += len(X)
         for block in plan.blocks:
-            _add_block(result, plan, block, _loss_of_block(model, loss_fn, X, y, plan, block),
-                       weight, chunk_size)
+            _add_block(
+                result,
+                plan,
+                block,
+                _loss_of_block(model, loss_fn, X, y, plan, block),
+                weight,
+                chunk_size,
+            )
     finish({HESSIAN: result}, reduction, total, group)
     return result
 

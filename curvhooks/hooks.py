@@ -11,22 +11,23 @@ downstream first, so every stack arrives before it is needed.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvhooks.derivatives import (
-    diagonal_stack,
     LOSS_DERIVATIVES,
     MODULE_DERIVATIVES,
     SUPPORTED_REDUCTIONS,
     LossDerivatives,
     ModuleDerivatives,
     ModuleIO,
+    diagonal_stack,
     loss_derivatives,
     module_derivatives,
     supported_names,
@@ -143,8 +144,8 @@ class extend:
         if derivatives is None:
             raise UnsupportedError(
                 f"module {_describe(path, module)} is not supported by "
-                f"{_names(needed_by)}; supported modules: {supported_names(MODULE_DERIVATIVES)}"
-                + ("" if _trainable_params(module) else ", and nn.Sequential containers")
+                f"{_names(needed_by)}; supported modules: {supported_names(MODULE_DERIVATIVES)}, "
+                "in nn.Sequential or other containers"
             )
         reason = derivatives.unsupported_reason(module)
         if reason is not None:
@@ -180,8 +181,9 @@ class extend:
                 "curvhooks supports each module with trainable parameters once per pass"
             )
         inp = args[0]
-        needs = derivatives or ModuleDerivatives()
-        keep_output = bool(self._second_order) and needs.needs_output
+        keep_output = (
+            bool(self._second_order) and derivatives is not None and derivatives.needs_output
+        )
         io = ModuleIO(
             module=module,
             input=inp.detach() if params else None,
@@ -214,8 +216,9 @@ class extend:
             )
         derivatives = self._check_loss(output, target)
         self._link_path(last_call)
-        last_call.stacks = {key: self._sqrt_hessian(derivatives, output, target, key)
-                            for key in self._stack_keys}
+        last_call.stacks = {
+            key: self._sqrt_hessian(derivatives, output, target, key) for key in self._stack_keys
+        }
 
     def _check_loss(self, output: Tensor, target: Tensor) -> LossDerivatives:
         derivatives = loss_derivatives(self.loss_fn)
@@ -357,16 +360,12 @@ def _check_arguments(model: nn.Module, loss_fn: nn.Module, extensions: tuple) ->
         if isinstance(ext, type) and issubclass(ext, Extension):
             raise TypeError(f"pass extension instances: {ext.__name__}(), not {ext.__name__}")
         if not isinstance(ext, Extension):
-            raise TypeError(
-                f"extensions must be instances from curvhooks.extensions, got {ext!r}"
-            )
+            raise TypeError(f"extensions must be instances from curvhooks.extensions, got {ext!r}")
     attributes = [ext.attribute for ext in extensions]
     for attribute in set(attributes):
         if attributes.count(attribute) > 1:
             clash = [ext for ext in extensions if ext.attribute == attribute]
-            raise ValueError(
-                f"{_names(clash)} all write p.{attribute}; pass each extension once"
-            )
+            raise ValueError(f"{_names(clash)} all write p.{attribute}; pass each extension once")
 
 
 def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

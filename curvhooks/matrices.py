@@ -35,14 +35,27 @@ def matrices(
     results = {}
     if HESSIAN in kinds:
         results[HESSIAN] = hessian(
-            model, loss_fn, data, params, structure, max_memory=max_memory, progress=progress,
+            model,
+            loss_fn,
+            data,
+            params,
+            structure,
+            max_memory=max_memory,
+            progress=progress,
             process_group=process_group,
         )
     hooked = tuple(kind for kind in kinds if kind != HESSIAN)
     if hooked:
         results.update(
             hook_matrices(
-                model, loss_fn, data, hooked, params, structure, max_memory, progress,
+                model,
+                loss_fn,
+                data,
+                hooked,
+                params,
+                structure,
+                max_memory,
+                progress,
                 process_group,
             )
         )

@@ -84,7 +84,7 @@ def block_mass(
     figure = Figure(figsize=(8, 1.2 + 0.6 * len(named)), layout="constrained")
     ax = figure.subplots()
     colors = [f"C{i}" for i in range(len(sizes))] + ["lightgray"]
-    for row, (title, matrix) in enumerate(named.items()):
+    for row, matrix in enumerate(named.values()):
         left = 0.0
         for share, color in zip(block_shares(matrix, layer_sizes), colors):
             ax.barh(row, share, left=left, color=color)
@@ -94,8 +94,14 @@ def block_mass(
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of squared Frobenius mass")
     handles = [Patch(color=color) for color in colors]
-    ax.legend(handles, names + ["off the blocks"], loc="upper center",
-              bbox_to_anchor=(0.5, -0.35), ncol=len(colors), frameon=False)
+    ax.legend(
+        handles,
+        names + ["off the blocks"],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.35),
+        ncol=len(colors),
+        frameon=False,
+    )
     return figure, ax
 
 

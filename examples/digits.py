@@ -39,9 +39,12 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
 
 def cnn() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Sigmoid(),
-        nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Sigmoid(),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
 
 
@@ -63,8 +66,10 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
 def curvature(model, loss_fn, loader, label: str) -> dict[str, torch.Tensor]:
     start = time.perf_counter()
     found = curvhooks.matrices(model, loss_fn, loader)
-    print(f"{label}: three {len(found['ggn'])}x{len(found['ggn'])} matrices in "
-          f"{time.perf_counter() - start:.2f} s")
+    print(
+        f"{label}: three {len(found['ggn'])}x{len(found['ggn'])} matrices in "
+        f"{time.perf_counter() - start:.2f} s"
+    )
     return {TITLES[kind]: matrix for kind, matrix in found.items()}
 
 
@@ -99,8 +104,10 @@ def main() -> None:
     stages = {"initialisation": curvature(model, loss_fn, loader, "at initialisation")}
     start = time.perf_counter()
     train(model, loss_fn, train_set, args.epochs)
-    print(f"trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s, "
-          f"test accuracy {accuracy(model, test_set):.3f}")
+    print(
+        f"trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s, "
+        f"test accuracy {accuracy(model, test_set):.3f}"
+    )
     stages["after training"] = curvature(model, loss_fn, loader, "after training")
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,13 +120,17 @@ def main() -> None:
         figure, _ = curvhooks.plot.block_mass(named, sizes, layer_names=names)
         figure.suptitle(f"mass in per-layer blocks, {stage}")
         figure.savefig(args.out / f"digits_block_mass_{slug}.png", dpi=100)
-        shares = {t: round(1 - curvhooks.plot.block_shares(m, sizes)[-1], 3) for t, m in named.items()}
+        shares = {
+            t: round(1 - curvhooks.plot.block_shares(m, sizes)[-1], 3) for t, m in named.items()
+        }
         print(f"{stage}: share of squared Frobenius mass in per-layer blocks {shares}")
     spectrum_figure(stages, top=20).savefig(args.out / "digits_spectrum.png", dpi=100)
     for stage, named in stages.items():
         ggn, hessian, fisher = named["GGN"], named["Hessian"], named["Empirical Fisher"]
-        print(f"{stage}: ||H - GGN|| / ||H|| = {(hessian - ggn).norm() / hessian.norm():.3f}, "
-              f"||EF - GGN|| / ||GGN|| = {(fisher - ggn).norm() / ggn.norm():.3f}")
+        print(
+            f"{stage}: ||H - GGN|| / ||H|| = {(hessian - ggn).norm() / hessian.norm():.3f}, "
+            f"||EF - GGN|| / ||GGN|| = {(fisher - ggn).norm() / ggn.norm():.3f}"
+        )
     print(f"wrote figures to {args.out}/")
 
 

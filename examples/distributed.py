@@ -20,9 +20,7 @@ def setting() -> tuple[TensorDataset, nn.Module, nn.Module]:
     """The same data set and model on every process (same seed)."""
     torch.manual_seed(0)
     dataset = TensorDataset(torch.rand(50, 3, 10, 10), torch.randint(0, 5, (50,)))
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(400, 5)
-    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(400, 5))
     return dataset, model, nn.CrossEntropyLoss()
 
 

@@ -6,8 +6,8 @@ from a fixed seed so that every test sees the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -94,13 +94,21 @@ PROBLEMS: list[Problem] = [
     Problem(
         "frozen-params",
         lambda: _frozen_bias(
-            _frozen(nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4),
-                                  nn.ReLU(), nn.Linear(4, 3)), 2)
+            _frozen(
+                nn.Sequential(
+                    nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)
+                ),
+                2,
+            )
         ),
         (6,),
     ),
-    Problem("batch-of-one", lambda: nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 3)),
-            (4,), batch_size=1),
+    Problem(
+        "batch-of-one",
+        lambda: nn.Sequential(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 3)),
+        (4,),
+        batch_size=1,
+    ),
     Problem(
         "linear-extra-dims",
         lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Flatten(), nn.Linear(10, 3)),
@@ -112,20 +120,34 @@ PROBLEMS: list[Problem] = [
         (2, 4),
         losses=("mse-mean", "mse-sum"),
     ),
-    Problem("conv-stride-padding", lambda: _conv_net(kernel_size=3, stride=2, padding=1), (2, 7, 6)),
-    Problem("conv-dilation-tuple", lambda: _conv_net(kernel_size=(3, 2), dilation=(2, 1),
-                                                     padding=(1, 2)), (2, 7, 6)),
-    Problem("conv-groups-no-bias", lambda: _conv_net(kernel_size=2, groups=2, bias=False),
-            (2, 7, 6)),
-    Problem("conv-same-even-kernel", lambda: _conv_net(kernel_size=4, padding="same", dilation=2),
-            (2, 7, 6)),
-    Problem("conv-valid", lambda: _conv_net(kernel_size=3, padding="valid", stride=(1, 2)),
-            (2, 7, 6)),
+    Problem(
+        "conv-stride-padding", lambda: _conv_net(kernel_size=3, stride=2, padding=1), (2, 7, 6)
+    ),
+    Problem(
+        "conv-dilation-tuple",
+        lambda: _conv_net(kernel_size=(3, 2), dilation=(2, 1), padding=(1, 2)),
+        (2, 7, 6),
+    ),
+    Problem(
+        "conv-groups-no-bias", lambda: _conv_net(kernel_size=2, groups=2, bias=False), (2, 7, 6)
+    ),
+    Problem(
+        "conv-same-even-kernel",
+        lambda: _conv_net(kernel_size=4, padding="same", dilation=2),
+        (2, 7, 6),
+    ),
+    Problem(
+        "conv-valid", lambda: _conv_net(kernel_size=3, padding="valid", stride=(1, 2)), (2, 7, 6)
+    ),
     Problem(
         "cnn-sigmoid",
         lambda: nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.Sigmoid(), nn.Conv2d(3, 2, 3, stride=2),
-            nn.ReLU(), nn.Flatten(), nn.Linear(12, 4),
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.Sigmoid(),
+            nn.Conv2d(3, 2, 3, stride=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(12, 4),
         ),
         (2, 7, 6),
     ),

@@ -31,7 +31,9 @@ def _sum_loss(loss_fn: nn.Module) -> nn.Module:
     return type(loss_fn)(reduction="sum")
 
 
-def per_sample_grads(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:
+def per_sample_grads(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor
+) -> dict[str, Tensor]:
     """``{name: [N, *p.shape]}``: gradients of ``s * l_n``."""
     frozen, sum_loss = _frozen(model), _sum_loss(loss_fn)
     scale = reduction_scale(loss_fn, model(X))
@@ -44,7 +46,8 @@ def per_sample_grads(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor)
 
 
 def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
-    """Jacobian of the batch output ``[N, C]`` (C = prod(out)) in the flat parameters: ``[N, C, D]``."""
+    """Jacobian ``[N, C, D]`` of the batch output ``[N, C]`` (C = prod(out)) in the flat
+    trainable parameters."""
     params, frozen = trainable(model), _frozen(model)
 
     def output(params: dict) -> Tensor:

@@ -33,8 +33,11 @@ def test_exit_leaves_the_model_as_before():
     assert context._calls == [] and context._producers == {}
     # torch.func works on the model afterwards
     params = {k: v.detach() for k, v in model.named_parameters()}
-    f = lambda p, x: functional_call(model, p, (x[None],)).sum()
-    vmap(grad(f), in_dims=(None, 0))(params, X)
+
+    def output_sum(params, x):
+        return functional_call(model, params, (x[None],)).sum()
+
+    vmap(grad(output_sum), in_dims=(None, 0))(params, X)
 
 
 def test_results_belong_to_the_last_backward_pass():
@@ -108,7 +111,9 @@ def test_first_order_on_a_residual_model(loss):
     loss_fn = nn.CrossEntropyLoss() if loss == "ce-mean" else nn.MSELoss(reduction="sum")
     y = torch.randint(0, 3, (4,)) if loss == "ce-mean" else torch.randn(4, 3, dtype=torch.float64)
     expected = per_sample_grads(model, loss_fn, X, y)
-    results = run_with(model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
+    results = run_with(
+        model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()
+    )
     for name, grads in expected.items():
         assert_close(results[name]["grad_batch"], grads)
         assert_close(results[name]["batch_l2"], grads.flatten(1).square().sum(1))
@@ -121,7 +126,9 @@ def test_float32_results_match_float64():
     for name in exact:
         for attribute, value in exact[name].items():
             assert single[name][attribute].dtype == torch.float32
-            torch.testing.assert_close(single[name][attribute].double(), value, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(
+                single[name][attribute].double(), value, rtol=1e-4, atol=1e-6
+            )
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -200,7 +207,11 @@ def test_loss_input_must_be_the_model_output():
     "loss_fn, target, pattern",
     [
         (nn.NLLLoss(), torch.tensor([0, 1, 2]), "NLLLoss is not supported.*CrossEntropyLoss"),
-        (nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), torch.tensor([0, 1, 2]), "weight"),
+        (
+            nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)),
+            torch.tensor([0, 1, 2]),
+            "weight",
+        ),
         (nn.CrossEntropyLoss(label_smoothing=0.1), torch.tensor([0, 1, 2]), "label_smoothing"),
         (nn.CrossEntropyLoss(ignore_index=1), torch.tensor([0, 1, 2]), "ignore_index=1"),
         (nn.CrossEntropyLoss(), torch.full((3, 3), 1 / 3, dtype=torch.float64), "probabilities"),

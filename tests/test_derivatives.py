@@ -18,7 +18,10 @@ MODULES = {
     "conv-stride-padding": (lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 6)),
     "conv-dilation-groups": (lambda: nn.Conv2d(4, 6, (2, 3), dilation=(2, 1), groups=2), (4, 7, 6)),
     "conv-same-even": (lambda: nn.Conv2d(2, 3, 4, padding="same", bias=False), (2, 5, 6)),
-    "conv-valid-stride-tuple": (lambda: nn.Conv2d(2, 3, 3, padding="valid", stride=(2, 1)), (2, 7, 6)),
+    "conv-valid-stride-tuple": (
+        lambda: nn.Conv2d(2, 3, 3, padding="valid", stride=(2, 1)),
+        (2, 7, 6),
+    ),
     "relu": (nn.ReLU, (3, 4)),
     "sigmoid": (nn.Sigmoid, (3, 4)),
     "flatten": (nn.Flatten, (2, 3, 4)),
@@ -41,7 +44,7 @@ def test_jacobian_transpose_products(key):
     derivatives = module_derivatives(module)
     io = ModuleIO(module, x, output.detach(), x.shape)
     assert_close(derivatives.jac_t_mat_prod(io, mat.clone()), torch.stack([dx for dx, _ in pulled]))
-    for name, param in params.items():
+    for name in params:
         per_sample = derivatives.param_jac_t_mat_prod(io, name, mat)
         assert_close(per_sample, _per_sample_pullback(pullback, mat, name))
         assert_close(derivatives.param_jac_t_mat_prod_summed(io, name, mat), per_sample.sum((0, 1)))
@@ -55,8 +58,14 @@ def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor
     """``[V, N, *p.shape]``: the pullback of each vector restricted to one sample at a time."""
     rows = []
     for vector in mat:
-        rows.append(torch.stack([
-            pullback(vector * (torch.arange(BATCH) == n).view(-1, *[1] * (vector.dim() - 1)))[1][name]
-            for n in range(BATCH)
-        ]))
+        rows.append(
+            torch.stack(
+                [
+                    pullback(
+                        vector * (torch.arange(BATCH) == n).view(-1, *[1] * (vector.dim() - 1))
+                    )[1][name]
+                    for n in range(BATCH)
+                ]
+            )
+        )
     return torch.stack(rows)

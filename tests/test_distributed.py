@@ -73,7 +73,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, _free_port(), str(out_dir)), nprocs=2, start_method="spawn"
+    )
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -41,13 +41,19 @@ def test_tour_facts_float32(tour):
     model, _, _, found = tour
     norms = {kind: m.norm().item() for kind, m in found.items()}
     traces = {kind: m.trace().item() for kind, m in found.items()}
-    assert norms == pytest.approx({"hessian": 1.387, "ggn": 1.154, "empirical_fisher": 1.143}, abs=1e-3)
-    assert traces == pytest.approx({"hessian": 2.084, "ggn": 2.084, "empirical_fisher": 2.077}, abs=1e-3)
+    assert norms == pytest.approx(
+        {"hessian": 1.387, "ggn": 1.154, "empirical_fisher": 1.143}, abs=1e-3
+    )
+    assert traces == pytest.approx(
+        {"hessian": 2.084, "ggn": 2.084, "empirical_fisher": 2.077}, abs=1e-3
+    )
     for matrix in found.values():
         torch.testing.assert_close(matrix, matrix.T)
         in_blocks = sum(curvhooks.plot.block_shares(matrix, curvhooks.layer_sizes(model))[:-1])
         assert 0.4 <= in_blocks <= 0.6
-    assert torch.linalg.eigvalsh(found["hessian"].double())[0].item() == pytest.approx(-0.37, abs=0.01)
+    assert torch.linalg.eigvalsh(found["hessian"].double())[0].item() == pytest.approx(
+        -0.37, abs=0.01
+    )
 
 
 def test_tour_facts_float64(tour):
@@ -67,7 +73,9 @@ def test_tour_facts_float64(tour):
 def _run(script: str, *arguments: str) -> str:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *arguments],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -75,7 +83,10 @@ def _run(script: str, *arguments: str) -> str:
 
 def test_visual_tour_runs(tmp_path):
     assert "683 in total" in _run("visual_tour.py", "--out", str(tmp_path))
-    assert {p.name for p in tmp_path.iterdir()} == {"visual_tour_logabs.png", "visual_tour_unaltered.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "visual_tour_logabs.png",
+        "visual_tour_unaltered.png",
+    }
 
 
 def test_per_sample_gradients_runs():
@@ -100,10 +111,21 @@ def test_distributed_example_runs_under_torchrun():
     from tests.test_distributed import _free_port
 
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         str(EXAMPLES / "distributed.py")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            str(EXAMPLES / "distributed.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     dataset, model, loss_fn = _load("distributed").setting()

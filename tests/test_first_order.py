@@ -14,7 +14,9 @@ from tests.reference import per_sample_grads
 def test_first_order_extensions(problem, loss):
     model, loss_fn, X, y = problem.make(loss)
     expected = per_sample_grads(model, loss_fn, X, y)
-    results = run_with(model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
+    results = run_with(
+        model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()
+    )
     for name, param in model.named_parameters():
         if not param.requires_grad:
             assert results[name] == {}, "frozen parameters get no attributes"

@@ -32,11 +32,15 @@ def test_sigmoid_heavy_network_where_hessian_and_ggn_differ():
     X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     loss_fn = nn.CrossEntropyLoss()
     results = run_with(model, loss_fn, X, y, DiagHessian(), DiagGGN())
-    expected = split(torch.cat([b.diagonal() for b in hessian_blocks(model, loss_fn, X, y).values()]), model)
+    expected = split(
+        torch.cat([b.diagonal() for b in hessian_blocks(model, loss_fn, X, y).values()]), model
+    )
     ggn_diag = split(ggn(model, loss_fn, X, y).diagonal(), model)
     first = results["0.weight"]
     assert_close(first["diag_hessian"], expected["0.weight"])
-    assert (first["diag_hessian"] - ggn_diag["0.weight"]).abs().max() > 0.1 * ggn_diag["0.weight"].abs().max()
+    assert (first["diag_hessian"] - ggn_diag["0.weight"]).abs().max() > 0.1 * ggn_diag[
+        "0.weight"
+    ].abs().max()
 
 
 def test_unsupported_module_is_named():

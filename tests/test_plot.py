@@ -33,7 +33,9 @@ def test_boundary_lines_one_per_distinct_inner_boundary():
     figure, axes = curvhooks.plot.matrices(_matrices(), layer_sizes=[2, 0, 3, 1])
     for ax in axes:
         dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
-        horizontal = sorted(line.get_ydata()[0] for line in dashed if line.get_ydata()[0] == line.get_ydata()[1])
+        horizontal = sorted(
+            line.get_ydata()[0] for line in dashed if line.get_ydata()[0] == line.get_ydata()[1]
+        )
         assert horizontal == [1.5, 4.5]  # boundaries after 2 and 5 parameters, none at 0 or 6
         assert all(line.get_color() == "white" for line in dashed)
     assert curvhooks.plot.layer_boundaries([0, 2, 0, 3, 1], 6) == [2, 5]

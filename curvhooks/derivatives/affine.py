@@ -22,8 +22,6 @@ _UNFOLDED = "unfolded_input"
 class AffineDerivatives(ModuleDerivatives):
     """Parameter products of a module that is affine in its unfolded input."""
 
-    needs_input = True
-
     def unfold_input(self, io: ModuleIO) -> Tensor:
         """The input rearranged to ``[N, G, I, T]`` (may be a view)."""
         raise NotImplementedError
@@ -141,4 +139,3 @@ class AffineDerivatives(ModuleDerivatives):
         in_per_group, positions = self._unfolded(io).shape[-2:]
         gram_cost = positions * (num_vectors * out_per_group + in_per_group)
         return gram_cost < num_vectors * out_per_group * in_per_group
-

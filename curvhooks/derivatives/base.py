@@ -45,8 +45,9 @@ class ModuleDerivatives:
     build the per-sample products; subclasses override them where a cheaper contraction exists.
     """
 
-    needs_input: bool = False
     needs_output: bool = False
+    """Whether the backward pass needs the module's output (the hooks always keep the input
+    of a module with trainable parameters, and the input's shape)."""
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why ``module``'s arguments are not supported, or ``None`` if they are."""
@@ -93,7 +94,6 @@ class ModuleDerivatives:
         """Squared norm of the per-sample products, summed over the stack: ``[N]``."""
         products = self.param_jac_t_mat_prod(io, name, mat)
         return products.square_().flatten(2).sum((0, 2))
-
 
 
 def diagonal_stack(diagonal: Tensor) -> Tensor:
