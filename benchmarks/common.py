@@ -174,3 +174,45 @@ def memory_main(build_methods, problem: str, method: str) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     methods = build_methods(problem, device)
     report_memory(peak_memory_of(methods[method], methods["backward"], device))
+
+
+def curvhooks_per_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
+    """A context per step, on a model of its own (freeing results is part of the step)."""
+    import copy
+
+    import curvhooks
+
+    model = copy.deepcopy(model)
+
+    def run() -> None:
+        with curvhooks.extend(model, loss_fn, extension()):
+            loss_fn(model(X), y).backward()
+
+    return run
+
+
+def curvhooks_held_open(model, loss_fn, X, y, extension) -> Callable[[], object]:
+    """One context entered once around all steps, as around a training loop: each step writes
+    into the previous step's results (on copies of model and loss, whose hooks stay)."""
+    import copy
+
+    import curvhooks
+
+    model, loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    curvhooks.extend(model, loss_fn, extension()).__enter__()
+    return lambda: loss_fn(model(X), y).backward()
+
+
+def backpack_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
+    """One BackPACK step with ``extension`` on extended copies of model and loss."""
+    import copy
+
+    from backpack import backpack, extend
+
+    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+
+    def run() -> None:
+        with backpack(extension()):
+            loss_fn(model(X), y).backward()
+
+    return run

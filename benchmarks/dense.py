@@ -1,6 +1,8 @@
 """Dense curvature matrices on the visual-tour setting, and how they scale with D.
 
-Run: ``python -m benchmarks.dense [--repeats 5] [--scaling]``; writes docs/benchmarks/dense.md.
+Run: ``python -m benchmarks.dense [--repeats 5]``; writes docs/benchmarks/dense.md;
+``--scaling`` instead times the full GGN and Hessian for D from 1e3 to 2e4
+(docs/benchmarks/dense_scaling.md).
 Each matrix (Hessian, GGN, empirical Fisher over all three batches) against one plain
 backward pass over the loader and, where installed, curvlinops (linear operator @ identity),
 BackPACK (square-root factors and per-sample gradients assembled by hand) and ``torch.func``.
@@ -13,6 +15,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,9 +24,11 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import curvhooks
 from benchmarks.common import (
+    environment,
     markdown_table,
     memory_main,
     optional,
+    peak_memory_of,
     run_benchmark,
     write_doc,
 )
@@ -178,19 +183,20 @@ def scaling(repeats: int) -> str:
         dim = sum(p.numel() for p in model.parameters())
         loss_fn = nn.CrossEntropyLoss()
         data = [(torch.randn(64, 64), torch.randint(0, 10, (64,))) for _ in range(2)]
-        row = [str(dim)]
+        row = [str(dim), f"{dim * dim * 4 / 2**20:.0f}"]
         for kind in ("ggn", "hessian"):
-            function = getattr(curvhooks, kind)
+            run = partial(getattr(curvhooks, kind), model, loss_fn, data)
+
+            peak = peak_memory_of(run, lambda: None, torch.device("cpu"))
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                function(model, loss_fn, data)
+                run()
                 times.append(time.perf_counter() - start)
-            row.append(f"{sorted(times)[len(times) // 2]:.3f}")
-        row.append(f"{dim * dim * 4 / 2**20:.0f}")
+            row += [f"{sorted(times)[len(times) // 2]:.3f}", f"{peak / 2**20:.0f}"]
         rows.append(row)
         print(row, flush=True)
-    header = ["D", "GGN s", "Hessian s", "result MB"]
+    header = ["D", "result MB", "GGN s", "GGN peak MB", "Hessian s", "Hessian peak MB"]
     return markdown_table(header, rows)
 
 
@@ -199,10 +205,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--problem", default="visual-tour")
     parser.add_argument("--memory-of")
-    parser.add_argument("--scaling", action="store_true", help="also time D from 1e3 to 2e4")
+    parser.add_argument(
+        "--scaling", action="store_true", help="only time D from 1e3 to 2e4 (dense_scaling.md)"
+    )
     args = parser.parse_args()
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
+    if args.scaling:
+        title = "Dense matrices: scaling with D"
+        body = f"{environment()}, MLP 64-w-w-10 with Sigmoid, 2 batches of 64, medians of 3.\n\n"
+        print("wrote", write_doc("dense_scaling", title, body + scaling(3)))
+        return
     groups = tuple(
         (f"curvhooks {kind}", f"torch.func {kind}", f"curvlinops {kind}", f"backpack {kind}")
         for kind in KINDS
@@ -211,8 +224,6 @@ def main() -> None:
     body = run_benchmark(
         __spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups
     )
-    if args.scaling:
-        body += "\n\n### Scaling with D (MLP 64-w-w-10, sigmoid, 2 batches of 64)\n\n" + scaling(3)
     print("wrote", write_doc("dense", "Dense matrices (visual tour)", body))
 
 

@@ -1,6 +1,6 @@
 """Per-sample gradients: curvhooks ``BatchGrad`` against plain backward and peers.
 
-Run: ``python benchmarks/per_sample.py [--repeats 10]``; writes docs/benchmarks/per_sample.md.
+Run: ``python -m benchmarks.per_sample [--repeats 10]``; writes docs/benchmarks/per_sample.md.
 Peers (optional): ``torch.func`` ``vmap(grad)``, BackPACK ``BatchGrad``, Opacus
 ``GradSampleModule``; see benchmarks/README.md to install them.
 """
@@ -14,9 +14,17 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, grad, vmap
 
-import curvhooks
-from benchmarks.common import memory_main, optional, run_benchmark, write_doc
+from benchmarks.common import (
+    backpack_step,
+    curvhooks_held_open,
+    curvhooks_per_step,
+    memory_main,
+    optional,
+    run_benchmark,
+    write_doc,
+)
 from benchmarks.problems import PROBLEMS, on_device
+from curvhooks import BatchGrad
 
 
 def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
@@ -27,32 +35,17 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
 
     methods = {
         "backward": backward,
-        "curvhooks (context per step)": _curvhooks_per_step(model, loss_fn, X, y),
-        "curvhooks (context held open)": _curvhooks_held_open(model, loss_fn, X, y),
+        "curvhooks (context per step)": curvhooks_per_step(model, loss_fn, X, y, BatchGrad),
+        "curvhooks (context held open)": curvhooks_held_open(model, loss_fn, X, y, BatchGrad),
         "torch.func vmap(grad)": _vmap_grad(model, loss_fn, X, y),
     }
     if optional("backpack"):
-        methods["backpack BatchGrad"] = _backpack(model, loss_fn, X, y)
+        from backpack.extensions import BatchGrad as BackpackBatchGrad
+
+        methods["backpack BatchGrad"] = backpack_step(model, loss_fn, X, y, BackpackBatchGrad)
     if optional("opacus"):
         methods["opacus GradSampleModule"] = _opacus(model, loss_fn, X, y)
     return methods
-
-
-def _curvhooks_per_step(model, loss_fn, X, y):
-    model = copy.deepcopy(model)
-
-    def run():
-        with curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()):
-            loss_fn(model(X), y).backward()
-
-    return run
-
-
-def _curvhooks_held_open(model, loss_fn, X, y):
-    """One context entered once, as around a training loop: results are written in place."""
-    model, loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
-    curvhooks.extend(model, loss_fn, curvhooks.BatchGrad()).__enter__()
-    return lambda: loss_fn(model(X), y).backward()
 
 
 def _vmap_grad(model, loss_fn, X, y):
@@ -64,19 +57,6 @@ def _vmap_grad(model, loss_fn, X, y):
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     return lambda: per_sample(params, X, y)
-
-
-def _backpack(model, loss_fn, X, y):
-    from backpack import backpack, extend
-    from backpack.extensions import BatchGrad
-
-    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
-
-    def run():
-        with backpack(BatchGrad()):
-            loss_fn(model(X), y).backward()
-
-    return run
 
 
 def _opacus(model, loss_fn, X, y):

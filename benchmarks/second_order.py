@@ -11,61 +11,44 @@ docs/benchmarks/second_order.md.
 from __future__ import annotations
 
 import argparse
-import copy
 from collections.abc import Callable
 
 import torch
 
 import curvhooks
-from benchmarks.common import memory_main, optional, run_benchmark, write_doc
+from benchmarks.common import (
+    backpack_step,
+    curvhooks_held_open,
+    curvhooks_per_step,
+    memory_main,
+    optional,
+    run_benchmark,
+    write_doc,
+)
 from benchmarks.problems import PROBLEMS, on_device
 
 
 def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
     model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
     methods = {"backward": lambda: loss_fn(model(X), y).backward()}
-    for extension in (curvhooks.DiagGGN, curvhooks.SqrtGGN):
-        methods[f"curvhooks {extension.__name__}"] = _curvhooks(model, loss_fn, X, y, extension)
-    methods["curvhooks SqrtGGN (context held open)"] = _held_open(model, loss_fn, X, y)
-    if problem == "mlp":
-        methods["curvhooks DiagHessian"] = _curvhooks(model, loss_fn, X, y, curvhooks.DiagHessian)
+    extensions = (curvhooks.DiagGGN, curvhooks.SqrtGGN)
+    extensions += (curvhooks.DiagHessian,) if problem == "mlp" else ()
+    for extension in extensions:
+        methods[f"curvhooks {extension.__name__}"] = curvhooks_per_step(
+            model, loss_fn, X, y, extension
+        )
+    methods["curvhooks SqrtGGN (context held open)"] = curvhooks_held_open(
+        model, loss_fn, X, y, curvhooks.SqrtGGN
+    )
     if optional("backpack"):
         from backpack.extensions import DiagGGNExact, DiagHessian, SqrtGGNExact
 
         extensions = (DiagGGNExact, SqrtGGNExact) + ((DiagHessian,) if problem == "mlp" else ())
         for extension in extensions:
-            methods[f"backpack {extension.__name__}"] = _backpack(model, loss_fn, X, y, extension)
+            methods[f"backpack {extension.__name__}"] = backpack_step(
+                model, loss_fn, X, y, extension
+            )
     return methods
-
-
-def _curvhooks(model, loss_fn, X, y, extension):
-    """A context per step, on a model of its own (freeing results is part of the step)."""
-    model = copy.deepcopy(model)
-
-    def run():
-        with curvhooks.extend(model, loss_fn, extension()):
-            loss_fn(model(X), y).backward()
-
-    return run
-
-
-def _held_open(model, loss_fn, X, y):
-    """One context around all steps: each step writes into the previous step's results."""
-    model, loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
-    curvhooks.extend(model, loss_fn, curvhooks.SqrtGGN()).__enter__()
-    return lambda: loss_fn(model(X), y).backward()
-
-
-def _backpack(model, loss_fn, X, y, extension):
-    from backpack import backpack, extend
-
-    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
-
-    def run():
-        with backpack(extension()):
-            loss_fn(model(X), y).backward()
-
-    return run
 
 
 GROUPS = (

@@ -34,7 +34,7 @@ from curvhooks.derivatives import (
 )
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
-from curvhooks.extensions.base import EXACT, HESSIAN, is_unreferenced
+from curvhooks.extensions.base import EXACT, HESSIAN, Target, is_unreferenced
 
 StackKey = str | int
 Stack = Tensor | tuple[Tensor, Tensor]
@@ -321,9 +321,9 @@ class extend:
     ) -> None:
         """Set each extension's result on each trainable parameter of the call."""
         for name, param in call.params:
+            target = Target(call.derivatives, call.io, name)
             for ext in extensions:
-                previous = self._previous(param, ext)
-                result = ext.compute(call.derivatives, call.io, name, stack_of(ext), previous)
+                result = ext.compute(target, stack_of(ext), self._previous(param, ext))
                 setattr(param, ext.attribute, result)
 
     def _previous(self, param: nn.Parameter, ext: Extension) -> Tensor | None:

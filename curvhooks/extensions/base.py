@@ -9,6 +9,7 @@ their own.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -22,6 +23,37 @@ HESSIAN = "hessian"
 products' difference is the Hessian of the loss in a module's output."""
 
 
+@dataclass(frozen=True)
+class Target:
+    """A trainable parameter of one module call, and the products that push a stack
+    ``[V, N, *out]`` from the module's output to it (its module's derivatives)."""
+
+    derivatives: ModuleDerivatives
+    io: ModuleIO
+    name: str
+
+    @property
+    def param(self) -> Tensor:
+        return getattr(self.io.module, self.name)
+
+    def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
+        """Per-sample products ``[V, N, *p.shape]``, written into ``out`` if given."""
+        return self.derivatives.param_jac_t_mat_prod(self.io, self.name, mat, out=out)
+
+    def summed(self, mat: Tensor) -> Tensor:
+        """The products summed over the stack and the batch: ``p.shape``."""
+        return self.derivatives.param_jac_t_mat_prod_summed(self.io, self.name, mat)
+
+    def sq_sum(self, mat: Tensor, per_sample: bool) -> Tensor:
+        """Squared products summed over the stack (``[N, *p.shape]``) and, unless
+        ``per_sample``, over the batch (``p.shape``)."""
+        return self.derivatives.param_sq_sum(self.io, self.name, mat, per_sample)
+
+    def sq_norm(self, mat: Tensor) -> Tensor:
+        """Squared norms of the per-sample products, summed over the stack: ``[N]``."""
+        return self.derivatives.param_sq_norm(self.io, self.name, mat)
+
+
 class Extension:
     """Base class: subclasses set ``attribute`` and implement ``compute``."""
 
@@ -33,15 +65,8 @@ class Extension:
         (first order), ``EXACT`` or a Monte-Carlo sample count (GGN), ``HESSIAN``."""
         return None
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        """The result for parameter ``name`` of ``io.module`` from the stack ``mat``.
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        """The result for the parameter ``target`` from the stack ``mat``.
 
         ``previous`` is this attribute's previous result on the parameter when nobody else
         references it: an extension may write its result into it.

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvhooks.derivatives import ModuleDerivatives, ModuleIO
-from curvhooks.extensions.base import Extension, result_buffer
+from curvhooks.extensions.base import Extension, Target, result_buffer
 
 
 class BatchGrad(Extension):
@@ -17,17 +16,9 @@ class BatchGrad(Extension):
 
     attribute = "grad_batch"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        param = getattr(io.module, name)
-        result = result_buffer(previous, (mat.shape[1], *param.shape), param)
-        derivatives.param_jac_t_mat_prod(io, name, mat, out=result[None])
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        result = result_buffer(previous, (mat.shape[1], *target.param.shape), target.param)
+        target.products(mat, out=result[None])
         return result
 
 
@@ -40,15 +31,8 @@ class BatchL2Grad(Extension):
 
     attribute = "batch_l2"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        return derivatives.param_sq_norm(io, name, mat)
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        return target.sq_norm(mat)
 
 
 class SumGradSquared(Extension):
@@ -56,15 +40,8 @@ class SumGradSquared(Extension):
 
     attribute = "sum_grad_squared"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        return derivatives.param_sq_sum(io, name, mat, per_sample=False)
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        return target.sq_sum(mat, per_sample=False)
 
 
 class Variance(Extension):
@@ -75,15 +52,8 @@ class Variance(Extension):
 
     attribute = "variance"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
         batch = mat.shape[1]
-        second_moment = derivatives.param_sq_sum(io, name, mat, per_sample=False).div_(batch)
-        mean = derivatives.param_jac_t_mat_prod_summed(io, name, mat).div_(batch)
+        second_moment = target.sq_sum(mat, per_sample=False).div_(batch)
+        mean = target.summed(mat).div_(batch)
         return second_moment.sub_(mean.square_())

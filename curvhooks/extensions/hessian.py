@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvhooks.derivatives import ModuleDerivatives, ModuleIO
-from curvhooks.extensions.base import HESSIAN, Extension
+from curvhooks.extensions.base import HESSIAN, Extension, Target
 
 
 class HessianExtension(Extension):
@@ -37,17 +36,12 @@ class DiagHessian(HessianExtension):
     attribute = "diag_hessian"
 
     def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: tuple[Tensor, Tensor],
-        previous: Tensor | None = None,
+        self, target: Target, mat: tuple[Tensor, Tensor], previous: Tensor | None = None
     ) -> Tensor:
         positive, negative = mat
-        result = derivatives.param_sq_sum(io, name, positive, per_sample=False)
+        result = target.sq_sum(positive, per_sample=False)
         if len(negative):
-            result -= derivatives.param_sq_sum(io, name, negative, per_sample=False)
+            result -= target.sq_sum(negative, per_sample=False)
         return result
 
 
@@ -57,17 +51,12 @@ class HessianBlock(HessianExtension):
     attribute = "hessian_block"
 
     def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: tuple[Tensor, Tensor],
-        previous: Tensor | None = None,
+        self, target: Target, mat: tuple[Tensor, Tensor], previous: Tensor | None = None
     ) -> Tensor:
         positive, negative = mat
-        factor = derivatives.param_jac_t_mat_prod(io, name, positive).flatten(2).flatten(0, 1)
+        factor = target.products(positive).flatten(2).flatten(0, 1)
         result = factor.T @ factor
         if len(negative):
-            factor = derivatives.param_jac_t_mat_prod(io, name, negative).flatten(2).flatten(0, 1)
+            factor = target.products(negative).flatten(2).flatten(0, 1)
             result.addmm_(factor.T, factor, alpha=-1)
         return result

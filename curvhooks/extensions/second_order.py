@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvhooks.derivatives import ModuleDerivatives, ModuleIO
-from curvhooks.extensions.base import MonteCarloExtension, result_buffer
+from curvhooks.extensions.base import MonteCarloExtension, Target, result_buffer
 
 
 class SqrtGGN(MonteCarloExtension):
@@ -22,17 +21,9 @@ class SqrtGGN(MonteCarloExtension):
 
     attribute = "sqrt_ggn"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        param = getattr(io.module, name)
-        result = result_buffer(previous, (*mat.shape[:2], *param.shape), param)
-        return derivatives.param_jac_t_mat_prod(io, name, mat, out=result)
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        result = result_buffer(previous, (*mat.shape[:2], *target.param.shape), target.param)
+        return target.products(mat, out=result)
 
 
 class DiagGGN(MonteCarloExtension):
@@ -40,15 +31,8 @@ class DiagGGN(MonteCarloExtension):
 
     attribute = "diag_ggn"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        return derivatives.param_sq_sum(io, name, mat, per_sample=False)
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        return target.sq_sum(mat, per_sample=False)
 
 
 class BatchDiagGGN(MonteCarloExtension):
@@ -56,12 +40,5 @@ class BatchDiagGGN(MonteCarloExtension):
 
     attribute = "diag_ggn_batch"
 
-    def compute(
-        self,
-        derivatives: ModuleDerivatives,
-        io: ModuleIO,
-        name: str,
-        mat: Tensor,
-        previous: Tensor | None = None,
-    ) -> Tensor:
-        return derivatives.param_sq_sum(io, name, mat, per_sample=True)
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        return target.sq_sum(mat, per_sample=True)
