@@ -164,6 +164,9 @@ def hook_matrices(
                     results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS
                 )
     clear_results(model)
+    if structure != "diag":
+        for kind in set(kinds) & set(FACTORS):
+            _mirror_upper_tiles(results[kind], plan)
     finish(results, reduction, total, group)
     return results
 
@@ -185,7 +188,37 @@ def _accumulate(
         factor = torch.cat(
             [_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1
         )
-        result[rows, rows].addmm_(factor.T, factor, alpha=weight)
+        for tile_rows, tile_columns in _upper_tiles(factor.shape[1]):
+            result[rows, rows][tile_rows, tile_columns].addmm_(
+                factor[:, tile_rows].T, factor[:, tile_columns], alpha=weight
+            )
+
+
+TILE = 2048
+"""Side of the tiles in which Gram matrices ``F^T F`` are built: above one tile, only the
+tiles on and above the diagonal are multiplied (about half the work) and then mirrored."""
+
+
+def _upper_tiles(size: int) -> list[tuple[slice, slice]]:
+    """``(rows, columns)`` of the tiles on and above the diagonal of a ``[size, size]``
+    matrix."""
+    starts = range(0, size, TILE)
+    return [
+        (slice(row, row + TILE), slice(column, column + TILE))
+        for row in starts
+        for column in starts
+        if row <= column
+    ]
+
+
+def _mirror_upper_tiles(result: Tensor, plan: Layout) -> None:
+    """Copy each block's tiles above the diagonal to their mirror images below it."""
+    for block in plan.blocks:
+        rows = plan.span(block)
+        square = result[rows, rows]
+        for tile_rows, tile_columns in _upper_tiles(square.shape[0]):
+            if tile_rows != tile_columns:
+                square[tile_columns, tile_rows].copy_(square[tile_rows, tile_columns].T)
 
 
 def _rows(factor: Tensor, param: nn.Parameter) -> Tensor:

@@ -153,3 +153,17 @@ def test_hessian_route_choice():
         curvhooks.hessian(*PROBLEMS[0].make("ce-mean")[:2], (X, y), route="hooks")
     with pytest.raises(ValueError, match="route must be one of"):
         curvhooks.hessian(model, loss_fn, (X, y), route="fast")
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical_fisher"])
+def test_gram_in_tiles_above_the_diagonal(monkeypatch, kind):
+    """With tiles smaller than the matrix, only the upper tiles are multiplied, then mirrored."""
+    import curvhooks.dataset
+
+    monkeypatch.setattr(curvhooks.dataset, "TILE", 7)
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
+    function, reference_function = FUNCTIONS[kind]
+    expected = reference_function(model, loss_fn, X, y)
+    for structure in ("full", "layer"):
+        result = function(model, loss_fn, loader, structure=structure)
+        assert_close(result, reference.restrict(expected, model, structure))
