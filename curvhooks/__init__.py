@@ -20,6 +20,15 @@ from curvhooks.matrices import matrices
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``curvhooks.plot`` on first use, so that importing curvhooks does not load matplotlib."""
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module("curvhooks.plot")
+    raise AttributeError(f"module 'curvhooks' has no attribute {name!r}")
+
 __all__ = [
     "BatchDiagGGN",
     "BatchGrad",

@@ -70,3 +70,13 @@ def test_block_shares_and_figure():
     figure, ax = curvhooks.plot.block_mass({"M": matrix, "N": matrix * 2}, [2, 0, 1])
     widths = [patch.get_width() for patch in ax.patches if patch.get_width() > 0]
     assert widths[:3] == pytest.approx(shares)
+
+
+def test_plot_is_reachable_after_plain_import():
+    """``import curvhooks`` then ``curvhooks.plot.matrices``, as API.md writes it."""
+    import subprocess
+    import sys
+
+    code = "import curvhooks; print(curvhooks.plot.matrices.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "matrices", result.stderr
