@@ -29,6 +29,7 @@ def __getattr__(name: str):
         return importlib.import_module("curvhooks.plot")
     raise AttributeError(f"module 'curvhooks' has no attribute {name!r}")
 
+
 __all__ = [
     "BatchDiagGGN",
     "BatchGrad",

@@ -41,7 +41,7 @@ from curvhooks.extensions import (
     SqrtGGN,
     SumGradSquared,
 )
-from curvhooks.hooks import clear_results, extend
+from curvhooks.hooks import extend, results_preserved
 
 FACTORS: dict[str, tuple[type[Extension], type[Extension]]] = {
     GGN: (DiagGGN, SqrtGGN),
@@ -146,6 +146,7 @@ def hook_matrices(
     results = {kind: plan.new_result() for kind in kinds}
     total = 0
     with (
+        results_preserved(model),  # the user's own results stay as they were
         _only_these_require_grad(model, plan.params),
         extend(model, loss_fn, *(extensions[kind] for kind in kinds)),
     ):
@@ -163,7 +164,6 @@ def hook_matrices(
                 _accumulate(
                     results[kind], plan, extensions[kind].attribute, kind_weight, kind in FACTORS
                 )
-    clear_results(model)
     if structure != "diag":
         for kind in set(kinds) & set(FACTORS):
             _mirror_upper_tiles(results[kind], plan)

@@ -11,7 +11,8 @@ downstream first, so every stack arrives before it is needed.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -397,6 +398,24 @@ def supports_chain(model: nn.Module, loss_fn: nn.Module) -> bool:
         return all(supports_chain(child, loss_fn) for child in model)
     derivatives = module_derivatives(model)
     return derivatives is not None and derivatives.unsupported_reason(model) is None
+
+
+@contextmanager
+def results_preserved(model: nn.Module) -> Iterator[None]:
+    """Set the result attributes on the model's parameters aside for the block, then remove
+    whatever results the block left and put the earlier ones back."""
+    saved = [
+        (param, attribute, param.__dict__.pop(attribute))
+        for param in model.parameters()
+        for attribute in RESULT_ATTRIBUTES
+        if attribute in param.__dict__
+    ]
+    try:
+        yield
+    finally:
+        clear_results(model)
+        for param, attribute, result in saved:
+            setattr(param, attribute, result)
 
 
 def clear_results(model: nn.Module) -> None:

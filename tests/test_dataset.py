@@ -167,3 +167,15 @@ def test_gram_in_tiles_above_the_diagonal(monkeypatch, kind):
     for structure in ("full", "layer"):
         result = function(model, loss_fn, loader, structure=structure)
         assert_close(result, reference.restrict(expected, model, structure))
+
+
+def test_hook_level_results_survive_dataset_functions():
+    model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
+    with curvhooks.extend(model, loss_fn, curvhooks.BatchGrad(), curvhooks.DiagGGN()):
+        loss_fn(model(X), y).backward()
+    before = {name: (p.grad_batch, p.diag_ggn) for name, p in model.named_parameters()}
+    curvhooks.matrices(model, loss_fn, loader)
+    curvhooks.hessian(model, loss_fn, loader, structure="diag")
+    for name, p in model.named_parameters():
+        assert p.grad_batch is before[name][0] and p.diag_ggn is before[name][1]
+        assert not hasattr(p, "sqrt_ggn") and not hasattr(p, "diag_hessian")
