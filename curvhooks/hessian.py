@@ -4,8 +4,11 @@ Two routes. The hooks give the per-parameter blocks and the diagonal in one back
 per batch (``DiagHessian``, ``HessianBlock``) for chains of supported modules. Plain
 autograd gives every structure for any model: Hessian-vector products ``H v`` are
 reverse-over-reverse derivatives (one ``vjp`` of ``grad``, linearised once per batch and
-block) of the loss as a function of the flat parameters of one block, vectorised over many
-directions at once with ``vmap`` in chunks of ``chunk_size`` directions, which bounds memory.
+task) of the loss as a function of flat parameters, vectorised over many directions at once
+with ``vmap`` in chunks of ``chunk_size`` directions, which bounds memory. For an
+``nn.Sequential`` it uses the chain: the columns of one stage's parameters need only the
+tail of the network from that stage on (its input computed once), and their rows of earlier
+stages follow by symmetry, so directions into later layers cost less.
 The autograd route is independent of the hook machinery: it works for any differentiable
 model and any scalar loss module, supported or not.
 """
@@ -13,6 +16,7 @@ model and any scalar loss module, supported or not.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -85,49 +89,106 @@ def hessian(
     check_same_layout(plan, group)
     result = plan.new_result()
     total = 0
+    stages = _stages(model)
     for index, (X, y) in enumerate(batches(data, model_device(model), progress)):
         weight = batch_weight(reduction, len(X), index)
         total += len(X)
-        for block in plan.blocks:
-            _add_block(
-                result,
-                plan,
-                block,
-                _loss_of_block(model, loss_fn, X, y, plan, block),
-                weight,
-                chunk_size,
-            )
+        stage_inputs = _stage_inputs(stages, X)
+        for task in _tasks(plan, stages):
+            _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
     finish({HESSIAN: result}, reduction, total, group)
     return result
 
 
-def _loss_of_block(model, loss_fn, X, y, plan: Layout, block: list[int]):
-    """The batch loss as a function of the block's flat parameters (others held fixed)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    fixed = {name: p.detach() for name, p in model.named_parameters()}
-    block_params = [plan.params[i] for i in block]
+@dataclass(frozen=True)
+class _Task:
+    """The Hessian's entries in rows ``rows`` and columns ``columns`` (parameter indices; the
+    columns are among the rows), computed on the model's tail from stage ``start`` on."""
+
+    rows: list[int]
+    columns: list[int]
+    start: int
+
+
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """The model as a chain of stages: a (nested) ``nn.Sequential`` flattened; otherwise,
+    or where stages share a parameter, the model itself."""
+    if not isinstance(model, nn.Sequential):
+        return [model]
+    stages = [stage for child in model for stage in _stages(child)]
+    owners = [id(p) for stage in stages for p in stage.parameters()]
+    return stages if len(owners) == len(set(owners)) else [model]
+
+
+def _stage_inputs(stages: list[nn.Module], X: Tensor) -> list[Tensor]:
+    """The input of each stage, without gradients."""
+    inputs = [X]
+    with torch.no_grad():
+        for stage in stages[:-1]:
+            inputs.append(stage(inputs[-1]))
+    return inputs
+
+
+def _tasks(plan: Layout, stages: list[nn.Module]) -> list[_Task]:
+    """Per diagonal block: its own rows and columns, on the tail from its first stage. For
+    ``"full"``, per stage: its parameters' columns, with rows of its own and later stages
+    only. Parameters of a stage do not change earlier stages' outputs, so their entries in
+    rows of earlier stages are those of the earlier stages' tasks, mirrored."""
+    stage_of = {id(p): k for k, stage in enumerate(stages) for p in stage.parameters()}
+    first = [stage_of[id(p)] for p in plan.params]
+    if plan.structure != "full":
+        return [_Task(block, block, min(first[i] for i in block)) for block in plan.blocks]
+    return [
+        _Task(
+            rows=[i for i, stage in enumerate(first) if stage >= start],
+            columns=[i for i, stage in enumerate(first) if stage == start],
+            start=start,
+        )
+        for start in sorted(set(first))
+    ]
+
+
+def _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size) -> None:
+    """Add ``weight`` times the task's Hessian entries, and their mirror images, to ``result``."""
+    tail = nn.Sequential(*stages[task.start :])
+    names = {id(p): name for name, p in tail.named_parameters()}
+    fixed = {name: p.detach() for name, p in tail.named_parameters()}
+    row_params = [plan.params[i] for i in task.rows]
+    tail_input = stage_inputs[task.start]
 
     def loss(flat: Tensor) -> Tensor:
-        pieces = flat.split([p.numel() for p in block_params])
-        values = {names[id(p)]: piece.view_as(p) for p, piece in zip(block_params, pieces)}
-        return loss_fn(functional_call(model, {**fixed, **values}, (X,)), y)
+        pieces = flat.split([p.numel() for p in row_params])
+        values = {names[id(p)]: piece.view_as(p) for p, piece in zip(row_params, pieces)}
+        return loss_fn(functional_call(tail, {**fixed, **values}, (tail_input,)), y)
 
-    return loss, torch.cat([p.detach().flatten() for p in block_params])
-
-
-def _add_block(result, plan: Layout, block, loss_and_point, weight: float, chunk_size: int) -> None:
-    """Add ``weight`` times the block's Hessian (or its diagonal) to ``result``."""
-    loss, point = loss_and_point
-    _, gradient_vjp = vjp(grad(loss), point)
-
-    rows = plan.span(block)
-    size = point.numel()
-    for start in range(0, size, chunk_size):
-        stop = min(start + chunk_size, size)
-        directions = torch.zeros(stop - start, size, dtype=point.dtype, device=point.device)
-        directions[:, start:stop].fill_diagonal_(1)
-        (columns,) = vmap(gradient_vjp)(directions)  # [k, size]: rows start..stop of H
+    point = torch.cat([p.detach().flatten() for p in row_params])
+    _, hessian_vjp = vjp(grad(loss), point)
+    later = [i for i in task.rows if i not in task.columns]
+    rows, columns, later_rows = (_flat(plan, part) for part in (task.rows, task.columns, later))
+    positions = _flat(plan, task.columns, within=task.rows)
+    later_positions = _flat(plan, later, within=task.rows)
+    for start in range(0, len(columns), chunk_size):
+        chunk = slice(start, start + chunk_size)
+        count = len(positions[chunk])
+        directions = torch.zeros(count, len(point), dtype=point.dtype, device=point.device)
+        directions[torch.arange(count), positions[chunk]] = 1
+        (entries,) = vmap(hessian_vjp)(directions)  # [k, rows]: H[rows, column], per column
+        entries.mul_(weight)
         if plan.structure == "diag":
-            result[rows][start:stop].add_(columns[:, start:stop].diagonal(), alpha=weight)
-        else:
-            result[rows, rows][start:stop].add_(columns, alpha=weight)
+            result[columns[chunk]] += entries[torch.arange(count), positions[chunk]]
+            continue
+        result[rows[:, None], columns[chunk][None, :]] += entries.T
+        result[columns[chunk][:, None], later_rows[None, :]] += entries[:, later_positions]
+
+
+def _flat(plan: Layout, indices: list[int], within: list[int] | None = None) -> Tensor:
+    """The rows of the listed parameters in the result; given ``within``, their positions in
+    the concatenation of the ``within`` parameters instead."""
+    order = range(len(plan.params)) if within is None else within
+    starts, position = {}, 0
+    for i in order:
+        starts[i] = plan.offsets[i] if within is None else position
+        position += plan.params[i].numel()
+    pieces = [torch.arange(starts[i], starts[i] + plan.params[i].numel()) for i in indices]
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    return flat.to(plan.params[0].device)

@@ -179,3 +179,33 @@ def test_hook_level_results_survive_dataset_functions():
     for name, p in model.named_parameters():
         assert p.grad_batch is before[name][0] and p.diag_ggn is before[name][1]
         assert not hasattr(p, "sqrt_ggn") and not hasattr(p, "diag_hessian")
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_autograd_hessian_any_model_and_parameter_order(structure):
+    """A non-Sequential model (one stage), and parameters listed against the model's order."""
+    from tests.test_context import Residual
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss_fn = nn.CrossEntropyLoss()
+    expected = reference.hessian_matrix(model, loss_fn, X, y)
+    found = curvhooks.hessian(model, loss_fn, [(X[:4], y[:4]), (X[4:], y[4:])], structure=structure)
+    assert_close(found, reference.restrict(expected, model, structure))
+
+    model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "mse-sum")
+    params = [model[5].weight, model[0].bias, model[2].weight]  # against the model's order
+    expected = reference.hessian_matrix(model, loss_fn, X, y)
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    offsets = torch.tensor([0] + [p.numel() for p in model.parameters()]).cumsum(0)
+    rows = torch.cat(
+        [
+            torch.arange(offsets[index[n]], offsets[index[n] + 1])
+            for n in ("5.weight", "0.bias", "2.weight")
+        ]
+    )
+    found = curvhooks.hessian(
+        model, loss_fn, loader, params=params, structure="full", route="autograd"
+    )
+    assert_close(found, expected[rows][:, rows])
