@@ -177,8 +177,25 @@ def _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chun
         if plan.structure == "diag":
             result[columns[chunk]] += entries[torch.arange(count), positions[chunk]]
             continue
-        result[rows[:, None], columns[chunk][None, :]] += entries.T
-        result[columns[chunk][:, None], later_rows[None, :]] += entries[:, later_positions]
+        _add(result, rows, columns[chunk], entries.T)
+        _add(result, columns[chunk], later_rows, entries[:, later_positions])
+
+
+def _add(result: Tensor, rows: Tensor, columns: Tensor, values: Tensor) -> None:
+    """``result[rows, columns] += values``, through a view where both are ranges."""
+    if _is_range(rows) and _is_range(columns):
+        block = result[rows[0] : rows[0] + len(rows), columns[0] : columns[0] + len(columns)]
+        block.add_(values)
+    elif len(rows) and len(columns):
+        result.index_put_((rows[:, None], columns[None, :]), values, accumulate=True)
+
+
+def _is_range(indices: Tensor) -> bool:
+    """Whether ``indices`` is a non-empty run of consecutive increasing integers."""
+    if not len(indices):
+        return False
+    start = int(indices[0])
+    return torch.equal(indices, torch.arange(start, start + len(indices), device=indices.device))
 
 
 def _flat(plan: Layout, indices: list[int], within: list[int] | None = None) -> Tensor:
