@@ -59,8 +59,11 @@ class AffineDerivatives(ModuleDerivatives):
         """Write the per-sample weight products ``[V, N, *weight.shape]`` into ``out``."""
         stacked = self.to_positions(io, mat)
         out_grouped = out.view(*stacked.shape[:-1], -1)  # [V, N, G, O, I]
-        if stacked.shape[0] == 1 or stacked.shape[-1] == 1:  # broadcasting x over V copies little
-            torch.matmul(stacked, self._unfolded(io).transpose(-1, -2), out=out_grouped)
+        x_t = self._unfolded(io).transpose(-1, -2)  # [N, G, T, I]
+        if stacked.shape[-1] == 1:  # outer products, broadcast over V without copying x
+            torch.mul(stacked, x_t, out=out_grouped)
+        elif stacked.shape[0] == 1:
+            torch.matmul(stacked, x_t, out=out_grouped)
         else:
             out_grouped.copy_(self._folded_products(io, mat).permute(2, 0, 1, 3, 4))
 

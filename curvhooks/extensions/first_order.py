@@ -47,7 +47,7 @@ class SumGradSquared(Extension):
 class Variance(Extension):
     """``variance`` ``p.shape``: per-entry variance (divided by N) of the rows of ``grad_batch``.
 
-    Computed as ``sum_grad_squared / N - (p.grad / N) ** 2``.
+    Computed as ``sum_grad_squared / N - (p.grad / N) ** 2``, clamped at zero.
     """
 
     attribute = "variance"
@@ -56,4 +56,5 @@ class Variance(Extension):
         batch = mat.shape[1]
         second_moment = target.sq_sum(mat, per_sample=False).div_(batch)
         mean = target.summed(mat).div_(batch)
-        return second_moment.sub_(mean.square_())
+        # Rounding can leave an entry of a (near-)constant column slightly below zero.
+        return second_moment.sub_(mean.square_()).clamp_(min=0)
