@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
-from curvhooks.derivatives import ModuleIO, module_derivatives
+from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
 from tests.problems import assert_close
 
 MODULES = {
@@ -52,6 +52,15 @@ def test_jacobian_transpose_products(key):
         assert_close(derivatives.param_sq_sum(io, name, mat, per_sample=True), squares.sum(0))
         assert_close(derivatives.param_sq_sum(io, name, mat, per_sample=False), squares.sum((0, 1)))
         assert_close(derivatives.param_sq_norm(io, name, mat), squares.flatten(2).sum((0, 2)))
+        # the generic reductions a new module with parameters inherits agree as well
+        generic = ModuleDerivatives
+        assert_close(
+            generic.param_jac_t_mat_prod_summed(derivatives, io, name, mat), per_sample.sum((0, 1))
+        )
+        assert_close(generic.param_sq_sum(derivatives, io, name, mat, True), squares.sum(0))
+        assert_close(
+            generic.param_sq_norm(derivatives, io, name, mat), squares.flatten(2).sum((0, 2))
+        )
 
 
 def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor:
