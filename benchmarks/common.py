@@ -216,3 +216,30 @@ def backpack_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
             loss_fn(model(X), y).backward()
 
     return run
+
+
+def problems_main(
+    module: str,
+    build_methods: Callable[[str, torch.device], dict[str, Callable[[], object]]],
+    peers_of: Callable[[str], tuple[str, ...]],
+    doc_name: str,
+    title: str,
+    groups: tuple[tuple[str, ...], ...] = ((),),
+) -> None:
+    """The command line of a benchmark over the shared problems (``--repeats``, ``--problem``,
+    ``--memory-of``); writes ``docs/benchmarks/<doc_name>.md`` when every problem ran."""
+    import argparse
+
+    from benchmarks.problems import PROBLEMS
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--problem", choices=list(PROBLEMS))
+    parser.add_argument("--memory-of")
+    args = parser.parse_args()
+    if args.memory_of:
+        return memory_main(build_methods, args.problem, args.memory_of)
+    problems = [args.problem] if args.problem else list(PROBLEMS)
+    tables = run_benchmark(module, build_methods, problems, args.repeats, peers_of, groups)
+    if not args.problem:
+        print("wrote", write_doc(doc_name, title, tables))

@@ -7,7 +7,6 @@ Peers (optional): ``torch.func`` ``vmap(grad)``, BackPACK ``BatchGrad``, Opacus
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
@@ -18,10 +17,8 @@ from benchmarks.common import (
     backpack_step,
     curvhooks_held_open,
     curvhooks_per_step,
-    memory_main,
     optional,
-    run_benchmark,
-    write_doc,
+    problems_main,
 )
 from benchmarks.problems import PROBLEMS, on_device
 from curvhooks import BatchGrad
@@ -80,16 +77,9 @@ def _peers_of(method: str) -> tuple[str, ...]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--problem", choices=list(PROBLEMS))
-    parser.add_argument("--memory-of")
-    args = parser.parse_args()
-    if args.memory_of:
-        return memory_main(build_methods, args.problem, args.memory_of)
-    problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of)
-    print("wrote", write_doc("per_sample", "Per-sample gradients (BatchGrad)", tables))
+    problems_main(
+        __spec__.name, build_methods, _peers_of, "per_sample", "Per-sample gradients (BatchGrad)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ docs/benchmarks/second_order.md.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
@@ -20,10 +19,8 @@ from benchmarks.common import (
     backpack_step,
     curvhooks_held_open,
     curvhooks_per_step,
-    memory_main,
     optional,
-    run_benchmark,
-    write_doc,
+    problems_main,
 )
 from benchmarks.problems import PROBLEMS, on_device
 
@@ -69,16 +66,8 @@ def _peers_of(method: str) -> tuple[str, ...]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--problem", choices=list(PROBLEMS))
-    parser.add_argument("--memory-of")
-    args = parser.parse_args()
-    if args.memory_of:
-        return memory_main(build_methods, args.problem, args.memory_of)
-    problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(__spec__.name, build_methods, problems, args.repeats, _peers_of, GROUPS)
-    print("wrote", write_doc("second_order", "Square-root GGN (DiagGGN, SqrtGGN)", tables))
+    title = "Second order (DiagGGN, SqrtGGN, DiagHessian)"
+    problems_main(__spec__.name, build_methods, _peers_of, "second_order", title, GROUPS)
 
 
 if __name__ == "__main__":
