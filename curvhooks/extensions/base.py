@@ -111,12 +111,17 @@ def result_buffer(previous: Tensor | None, shape: tuple[int, ...], like: Tensor)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def is_unreferenced(tensor: Tensor, references: int) -> bool:
     """Whether ``tensor`` has exactly ``references`` Python references (counted by the
-    caller, not counting this call's argument) and no view shares its memory."""
+    caller, not counting this call's argument) and no view shares its memory. ``False``
+    where this PyTorch cannot count a storage's users (results are then never reused)."""
     return (
-        tensor._base is None
+        _storage_use_count is not None
+        and tensor._base is None
         and sys.getrefcount(tensor) - 2 <= references
         # Storage users: `tensor` and the temporary storage object.
-        and torch._C._storage_Use_Count(tensor.untyped_storage()._cdata) <= 2
+        and _storage_use_count(tensor.untyped_storage()._cdata) <= 2
     )
