@@ -269,6 +269,24 @@ def check_same_layout(plan: Layout, group: object) -> None:
         )
 
 
+def prepare(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    params: list[nn.Parameter] | None,
+    structure: str,
+    max_memory: int,
+    process_group: object,
+) -> tuple[Layout, str | None, object]:
+    """Check a dataset-level call's arguments; return its layout, the loss's reduction and
+    the process group to combine over (``None``: one process)."""
+    plan = layout(model, params, structure, max_memory)
+    check_model_mode(model)
+    reduction = reduction_of(loss_fn)
+    group = process_group_of(process_group, reduction)
+    check_same_layout(plan, group)
+    return plan, reduction, group
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside ``DistributedDataParallel`` (curvhooks combines results itself)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):

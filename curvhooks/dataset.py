@@ -21,13 +21,9 @@ from curvhooks.data import (
     Layout,
     batch_weight,
     batches,
-    check_model_mode,
-    check_same_layout,
     finish,
-    layout,
     model_device,
-    process_group_of,
-    reduction_of,
+    prepare,
     unwrap,
 )
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
@@ -125,11 +121,7 @@ def hook_matrices(
     """GGN, empirical Fisher and (structures ``"param"``, ``"diag"``) Hessian, as ``kinds``
     asks, sharing one backward pass per batch."""
     model = unwrap(model)
-    plan = layout(model, params, structure, max_memory)
-    check_model_mode(model)
-    reduction = reduction_of(loss_fn)
-    group = process_group_of(process_group, reduction)
-    check_same_layout(plan, group)
+    plan, reduction, group = prepare(model, loss_fn, params, structure, max_memory, process_group)
     derivatives = loss_derivatives(loss_fn)
     if derivatives is None:
         raise UnsupportedError(

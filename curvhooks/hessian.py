@@ -28,13 +28,9 @@ from curvhooks.data import (
     Layout,
     batch_weight,
     batches,
-    check_model_mode,
-    check_same_layout,
     finish,
-    layout,
     model_device,
-    process_group_of,
-    reduction_of,
+    prepare,
     unwrap,
 )
 from curvhooks.dataset import hook_matrices
@@ -82,11 +78,7 @@ def hessian(
             progress,
             process_group,
         )[HESSIAN]
-    plan = layout(model, params, structure, max_memory)
-    check_model_mode(model)
-    reduction = reduction_of(loss_fn)
-    group = process_group_of(process_group, reduction)
-    check_same_layout(plan, group)
+    plan, reduction, group = prepare(model, loss_fn, params, structure, max_memory, process_group)
     result = plan.new_result()
     total = 0
     stages = _stages(model)
