@@ -2,10 +2,11 @@
 
 Times: every method runs once per round, rounds repeat, the table reports medians and their
 ratio to a baseline measured in the same rounds (the machines are noisy; ratios of
-interleaved medians are stable). Peak memory: each method runs in a fresh subprocess, which
-reports the growth of its peak resident set (CPU) or of ``torch.cuda.max_memory_allocated``
-(CUDA) during its first call over what a plain backward pass left in use, its results
-included.
+interleaved medians are stable). Peak memory: the growth during a method's first call over
+what a plain backward pass left in use, its results included; on CPU of the peak resident
+set, in a fresh subprocess per method; on CUDA of ``torch.cuda.max_memory_allocated``, in
+the benchmark's own process (the allocator's peak can be reset, a process's cannot).
+Tables measured on CUDA go to ``<name>-cuda.md`` beside the CPU ones.
 """
 
 from __future__ import annotations
@@ -105,8 +106,11 @@ def environment() -> str:
 
 
 def write_doc(name: str, title: str, body: str) -> Path:
-    """Write ``docs/benchmarks/<name>.md`` and return its path."""
+    """Write ``docs/benchmarks/<name>.md`` (``<name>-cuda.md`` when measured on CUDA) and
+    return its path."""
     DOCS.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        name, title = f"{name}-cuda", f"{title}, CUDA"
     path = DOCS / f"{name}.md"
     path.write_text(f"# {title}\n\n{body}\n")
     return path
@@ -147,16 +151,24 @@ def run_benchmark(
             names = [n for n in methods if n != baseline and n.startswith(prefixes or ("",))]
             names = names if rows else [baseline, *names]
             times = time_interleaved({n: methods[n] for n in (baseline, *names)}, device, repeats)
-            rows += [_row(module, problem, name, times, peers_of, baseline) for name in names]
+            for name in names:
+                peak = _peak_memory(module, problem, name, methods, baseline, device)
+                rows.append(_row(name, times, peak, peers_of, baseline))
         header = ["method", "median ms", f"x {baseline}", "peak MB over backward", "x fastest peer"]
         sections.append(f"### {problem}\n\n" + markdown_table(header, rows))
         print(sections[-1], "\n", flush=True)
     return f"{environment()}, {repeats} interleaved rounds.\n\n" + "\n\n".join(sections)
 
 
-def _row(module, problem, name, times, peers_of, baseline) -> list[str]:
+def _peak_memory(module, problem, name, methods, baseline, device) -> int | None:
+    """``name``'s peak memory over the baseline's: on CUDA here, on CPU in a subprocess."""
+    if device.type == "cuda":
+        return peak_memory_of(methods[name], methods[baseline], device)
+    return memory_in_subprocess(module, problem, name)
+
+
+def _row(name, times, peak, peers_of, baseline) -> list[str]:
     """One table row: times relative to the baseline and fastest peer of the same rounds."""
-    peak = memory_in_subprocess(module, problem, name)
     peers = [peer for peer in peers_of(name) if peer in times]
     fastest = min(peers, key=times.__getitem__) if peers else None
     return [

@@ -58,7 +58,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
             )
     methods.update(_torch_func(model, loss_fn, data))
     if optional("curvlinops"):
-        methods.update(_curvlinops(model, loss_fn, data))
+        methods.update(_curvlinops(model, loss_fn, data, device))
     if optional("backpack"):
         methods.update(_backpack(model, loss_fn, data))
     return methods
@@ -116,11 +116,11 @@ def _torch_func(model, loss_fn, data) -> dict[str, Callable[[], object]]:
     }
 
 
-def _curvlinops(model, loss_fn, data) -> dict[str, Callable[[], object]]:
+def _curvlinops(model, loss_fn, data, device) -> dict[str, Callable[[], object]]:
     from curvlinops import EFLinearOperator, GGNLinearOperator, HessianLinearOperator
 
     params = [p for p in model.parameters() if p.requires_grad]
-    identity = torch.eye(sum(p.numel() for p in params))
+    identity = torch.eye(sum(p.numel() for p in params), device=device)
     operators = {
         "hessian": HessianLinearOperator,
         "ggn": GGNLinearOperator,

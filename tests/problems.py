@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -36,18 +37,20 @@ class Problem:
         seed: int = 0,
         num_samples: int | None = None,
     ) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
-        """``(model, loss_fn, X, y)`` on ``device``, reproducible from ``seed``; X holds
-        ``num_samples`` samples (default: the problem's batch size)."""
+        """``(model, loss_fn, X, y)`` on ``device``, reproducible from ``seed`` and the same
+        numbers on every device (drawn on the CPU); X holds ``num_samples`` samples (default:
+        the problem's batch size)."""
         torch.manual_seed(seed)
-        model = self.build_model().to(device=device, dtype=dtype)
+        model = self.build_model().to(dtype=dtype)
         num_samples = num_samples or self.batch_size
-        X = torch.randn(num_samples, *self.input_shape, device=device, dtype=dtype)
+        X = torch.randn(num_samples, *self.input_shape, dtype=dtype)
         with torch.no_grad():
             output = model(X)
         if loss.startswith("ce"):
-            y = torch.randint(0, output.shape[1], (num_samples,), device=device)
+            y = torch.randint(0, output.shape[1], (num_samples,))
         else:
             y = torch.randn_like(output)
+        model, X, y = model.to(device), X.to(device), y.to(device)
         return model, LOSSES[loss](), X, y
 
 
@@ -173,3 +176,9 @@ def run_with(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, *extens
 def assert_close(actual: Tensor, expected: Tensor) -> None:
     """float64 agreement: rtol 1e-10, with an absolute floor for entries that cancel to 0."""
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+def needs_cuda(test: Callable) -> Callable:
+    """Mark ``test`` as a CUDA case (``-m cuda``), skipped where no CUDA device is present."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return pytest.mark.cuda(skip(test))

@@ -9,8 +9,17 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import curvhooks
-from curvhooks import BatchGrad, BatchL2Grad, DiagGGN, SqrtGGN, SumGradSquared, Variance
-from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, run_with
+from curvhooks import (
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGN,
+    DiagHessian,
+    HessianBlock,
+    SqrtGGN,
+    SumGradSquared,
+    Variance,
+)
+from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, needs_cuda, run_with
 from tests.reference import ggn, per_sample_grads, split
 
 MLP = PROBLEMS[0]
@@ -131,14 +140,11 @@ def test_float32_results_match_float64():
             )
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@cuda
-@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("problem, loss", CASES[::3], ids=CASE_IDS[::3])
 def test_cuda_matches_cpu(problem, loss):
-    extensions = BatchGrad(), BatchL2Grad(), Variance(), SqrtGGN(), DiagGGN()
+    extensions = BatchGrad(), BatchL2Grad(), Variance(), SqrtGGN(), DiagGGN(), DiagHessian()
+    extensions += (HessianBlock(),)
     on_cpu = run_with(*problem.make(loss), *extensions)
     on_gpu = run_with(*problem.make(loss, device="cuda"), *extensions)
     for name in on_cpu:

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvhooks
 from tests import reference
-from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close
+from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, needs_cuda
 
 STRUCTURES = ("full", "layer", "param", "diag")
 FUNCTIONS = {
@@ -34,6 +34,28 @@ def test_matrices_match_reference(problem, loss, kind):
     for structure in STRUCTURES:
         result = function(model, loss_fn, loader, structure=structure)
         assert_close(result, reference.restrict(expected, model, structure))
+
+
+@needs_cuda
+@pytest.mark.parametrize("problem, loss", CASES[::3], ids=CASE_IDS[::3])
+def test_cuda_matches_cpu(problem, loss):
+    """A CPU loader's batches go to the model's GPU; the matrices stay there and agree."""
+    model, loss_fn, _, _, loader = _data(problem, loss)
+
+    def every_matrix():
+        return {
+            (kind, structure): matrix
+            for structure in ("full", "param", "diag")
+            for kind, matrix in curvhooks.matrices(
+                model, loss_fn, loader, structure=structure
+            ).items()
+        }
+
+    on_cpu = every_matrix()
+    model.cuda()
+    for key, matrix in every_matrix().items():
+        assert matrix.is_cuda
+        torch.testing.assert_close(matrix.cpu(), on_cpu[key], rtol=1e-9, atol=1e-11)
 
 
 @pytest.mark.parametrize("loss", ["ce-mean", "mse-mean"])

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One pass on a CUDA machine: the test suite (its CUDA cases included), then every benchmark
+# except the CPU scaling table. Uses the machine's own torch; curvhooks from this checkout.
+# Logs and the *-cuda.md tables go to LOGS (default: ./cuda-logs).
+# Run from the repository root: bash benchmarks/cuda_check.sh [LOGS]
+set -uo pipefail
+LOGS=${1:-cuda-logs}
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
+    | tee "$LOGS/tests.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee -a "$LOGS/tests.log"
+for benchmark in dense per_sample second_order; do
+    timeout 90 python3 -m "benchmarks.$benchmark" --repeats 3 2>&1 | tee -a "$LOGS/benchmarks.log"
+done
+cp docs/benchmarks/*-cuda.md "$LOGS"/
