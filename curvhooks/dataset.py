@@ -37,7 +37,7 @@ from curvhooks.extensions import (
     SqrtGGN,
     SumGradSquared,
 )
-from curvhooks.hooks import extend, results_preserved
+from curvhooks.hooks import ChainBackward, extend, results_preserved, supports_chain
 
 FACTORS: dict[str, tuple[type[Extension], type[Extension]]] = {
     GGN: (DiagGGN, SqrtGGN),
@@ -107,6 +107,7 @@ def empirical_fisher(
     )[EMPIRICAL_FISHER]
 
 
+@torch.enable_grad()  # also inside a caller's torch.no_grad() block
 def hook_matrices(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -119,7 +120,8 @@ def hook_matrices(
     process_group: object = None,
 ) -> dict[str, Tensor]:
     """GGN, empirical Fisher and (structures ``"param"``, ``"diag"``) Hessian, as ``kinds``
-    asks, sharing one backward pass per batch."""
+    asks, sharing one backward pass per batch (run by the hooks themselves on a chain of
+    supported modules, by autograd otherwise)."""
     model = unwrap(model)
     plan, reduction, group = prepare(model, loss_fn, params, structure, max_memory, process_group)
     derivatives = loss_derivatives(loss_fn)
@@ -137,14 +139,14 @@ def hook_matrices(
     extensions = {kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1]() for kind in kinds}
     results = {kind: plan.new_result() for kind in kinds}
     total = 0
+    context = ChainBackward if supports_chain(model, loss_fn) else extend
     with (
         results_preserved(model),  # the user's own results stay as they were
         _only_these_require_grad(model, plan.params),
-        extend(model, loss_fn, *(extensions[kind] for kind in kinds)),
+        context(model, loss_fn, *(extensions[kind] for kind in kinds)) as hooks,
     ):
         for index, (X, y) in enumerate(batches(data, model_device(model), progress)):
-            output = model(X)
-            torch.autograd.grad(loss_fn(output, y), plan.params, allow_unused=True)
+            output = hooks.run_batch(X, y)
             weight = batch_weight(reduction, len(X), index)
             total += len(X)
             for kind in kinds:
@@ -158,7 +160,7 @@ def hook_matrices(
                 )
     if structure != "diag":
         for kind in set(kinds) & set(FACTORS):
-            _mirror_upper_tiles(results[kind], plan)
+            _mirror_upper_panels(results[kind], plan)
     finish(results, reduction, total, group)
     return results
 
@@ -180,37 +182,33 @@ def _accumulate(
         factor = torch.cat(
             [_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1
         )
-        for tile_rows, tile_columns in _upper_tiles(factor.shape[1]):
-            result[rows, rows][tile_rows, tile_columns].addmm_(
-                factor[:, tile_rows].T, factor[:, tile_columns], alpha=weight
+        square = result[rows, rows]
+        for panel in _row_panels(factor.shape[1]):
+            square[panel, panel.start :].addmm_(
+                factor[:, panel].T, factor[:, panel.start :], alpha=weight
             )
 
 
-TILE = 2048
-"""Side of the tiles in which Gram matrices ``F^T F`` are built: above one tile, only the
-tiles on and above the diagonal are multiplied (about half the work) and then mirrored."""
+PANEL = 512
+"""Most rows of a panel: Gram matrices ``F^T F`` are built in row panels, each multiplied
+only with the columns from the diagonal on (about half the work once there are several),
+then mirrored."""
 
 
-def _upper_tiles(size: int) -> list[tuple[slice, slice]]:
-    """``(rows, columns)`` of the tiles on and above the diagonal of a ``[size, size]``
-    matrix."""
-    starts = range(0, size, TILE)
-    return [
-        (slice(row, row + TILE), slice(column, column + TILE))
-        for row in starts
-        for column in starts
-        if row <= column
-    ]
+def _row_panels(size: int) -> list[slice]:
+    """Equal row panels of at most ``PANEL`` rows that cover ``[size, size]``."""
+    count = -(-size // PANEL)
+    edges = [size * index // count for index in range(count + 1)]
+    return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 
 
-def _mirror_upper_tiles(result: Tensor, plan: Layout) -> None:
-    """Copy each block's tiles above the diagonal to their mirror images below it."""
+def _mirror_upper_panels(result: Tensor, plan: Layout) -> None:
+    """Copy each block's entries right of its panels' diagonal parts to their mirror images."""
     for block in plan.blocks:
         rows = plan.span(block)
         square = result[rows, rows]
-        for tile_rows, tile_columns in _upper_tiles(square.shape[0]):
-            if tile_rows != tile_columns:
-                square[tile_columns, tile_rows].copy_(square[tile_rows, tile_columns].T)
+        for panel in _row_panels(square.shape[0]):
+            square[panel.stop :, panel].copy_(square[panel, panel.stop :].T)
 
 
 def _rows(factor: Tensor, param: nn.Parameter) -> Tensor:

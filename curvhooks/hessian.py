@@ -39,6 +39,7 @@ from curvhooks.hooks import supports_chain
 ROUTES = ("auto", "hooks", "autograd")
 
 
+@torch.enable_grad()  # also inside a caller's torch.no_grad() block
 def hessian(
     model: nn.Module,
     loss_fn: nn.Module,

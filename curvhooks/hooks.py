@@ -6,6 +6,10 @@ gradient during ``backward()``; it hands the gradient (first order) and the squa
 that its consumer pushed to it (second order) to the extensions, pushes the stack on to the
 producer of its input, and frees what the call stored. Tensor hooks on module outputs fire
 downstream first, so every stack arrives before it is needed.
+
+``ChainBackward``, for a chain of supported modules, runs the same steps without autograd's
+backward pass: it pushes the output gradient through the recorded calls itself, with the
+modules' derivatives, and so computes no parameter gradients nobody asked for.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class extend:
     Entering clears earlier results; leaving removes every hook and stored tensor.
     """
 
+    pushes_gradients = False
+    """Whether the context pushes output gradients through the calls itself (``ChainBackward``)
+    instead of receiving them from autograd's backward pass."""
+
     def __init__(self, model: nn.Module, loss_fn: nn.Module, *extensions: Extension) -> None:
         _check_arguments(model, loss_fn, extensions)
         self.model = model
@@ -115,7 +123,8 @@ class extend:
             handle.remove()
         self._handles.clear()
         for call in self._calls:
-            call.handle.remove()
+            if call.handle is not None:
+                call.handle.remove()
         self._release_calls()
         self._model_output = None
         self._spare.clear()
@@ -127,7 +136,7 @@ class extend:
         for path, module in self.model.named_modules():
             is_leaf = next(module.children(), None) is None
             trainable = bool(_trainable_params(module))
-            if not (trainable or (is_leaf and self._second_order)):
+            if not (trainable or (is_leaf and self._pushes_through_leaves)):
                 continue
             derivatives = module_derivatives(module)
             if trainable:
@@ -155,6 +164,19 @@ class extend:
                 f"{reason}"
             )
 
+    @property
+    def _pushes_through_leaves(self) -> bool:
+        """Whether stacks or gradients pass through every leaf module (so all are hooked)."""
+        return bool(self._second_order) or self.pushes_gradients
+
+    def run_batch(self, X: Tensor, y: Tensor) -> Tensor:
+        """One forward and backward pass of ``loss_fn(model(X), y)`` without touching
+        ``p.grad``: writes the extensions' results; returns the model output."""
+        output = self.model(X)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.autograd.grad(self.loss_fn(output, y), params, allow_unused=True)
+        return output
+
     # ------------------------------------------------------------------- forward hooks
     def _start_pass(self, module: nn.Module, args: tuple) -> None:
         """A new forward pass of the model: calls of earlier passes are stale (their tensor
@@ -173,7 +195,9 @@ class extend:
         args: tuple,
         output: Any,
     ) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+        if not isinstance(output, Tensor):
+            return
+        if not (self.pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
         params = _trainable_params(module)
         if params and any(call.io.module is module for call in self._calls):
@@ -183,7 +207,7 @@ class extend:
             )
         inp = args[0]
         keep_output = (
-            bool(self._second_order) and derivatives is not None and derivatives.needs_output
+            self._pushes_through_leaves and derivatives is not None and derivatives.needs_output
         )
         io = ModuleIO(
             module=module,
@@ -192,7 +216,8 @@ class extend:
             input_shape=inp.shape,
         )
         call = _Call(path, io, derivatives, params, self._pass_id, self._producer_of(inp))
-        call.handle = output.register_hook(partial(self._backward, call))
+        if not self.pushes_gradients:
+            call.handle = output.register_hook(partial(self._backward, call))
         self._calls.append(call)
         self._producers[id(output)] = (weakref.ref(output), call)
 
@@ -279,11 +304,14 @@ class extend:
                 "backward() reached a forward pass that is not the latest one inside the "
                 "curvhooks.extend context; call backward() before the next forward pass"
             )
-        grad_stack = grad_output.detach()[None]
-        self._write_results(call, self._first_order, lambda ext: grad_stack)
-        if self._second_order:
-            self._backward_stacks(call, grad_stack[0])
+        self._backward_extensions(call, grad_output.detach())
         call.release()
+
+    def _backward_extensions(self, call: _Call, grad_output: Tensor | None) -> None:
+        """Every extension's results at ``call``; push the stacks on to its producer."""
+        self._write_results(call, self._first_order, lambda ext: grad_output[None])
+        if self._second_order:
+            self._backward_stacks(call, grad_output)
 
     def _backward_stacks(self, call: _Call, grad_output: Tensor) -> None:
         if (call.params or call.push_to_producer) and not call.stacks:
@@ -431,3 +459,41 @@ def _describe(path: str, module: nn.Module) -> str:
 
 def _names(extensions) -> str:
     return ", ".join(map(repr, extensions))
+
+
+class ChainBackward(extend):
+    """``extend`` for a chain of supported modules (``supports_chain``) that runs the
+    backward pass itself.
+
+    ``run_batch`` runs the model without building an autograd graph, recording each call;
+    autograd gives only the loss's gradient in the model output. That gradient and the
+    square-root stacks are then pushed through the recorded calls, last to first, with the
+    modules' derivatives, and each call's extensions get what the tensor hooks of ``extend``
+    would have handed them. No parameter gradient and no gradient of the first module's
+    input is computed. Used by the dataset-level functions.
+    """
+
+    pushes_gradients = True
+
+    def run_batch(self, X: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            output = self.model(X)
+        last_call = self._producer_of(output)
+        output.requires_grad_()
+        (grad_output,) = torch.autograd.grad(self.loss_fn(output, y), output)
+        self._push_gradients(last_call, grad_output)
+        return output.detach()
+
+    def _push_gradients(self, last_call: _Call | None, grad_output: Tensor) -> None:
+        """Hand each call on the path its output gradient, last to first."""
+        if not self._second_order:
+            self._link_path(last_call)
+        if not (self._first_order or HESSIAN in self._stack_keys):
+            grad_output = None  # only the stacks are needed
+        call = last_call
+        while call is not None:
+            self._backward_extensions(call, grad_output)
+            if call.push_to_producer and grad_output is not None:
+                grad_output = call.derivatives.jac_t_mat_prod(call.io, grad_output[None])[0]
+            call.release()
+            call = call.producer

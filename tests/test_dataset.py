@@ -67,6 +67,18 @@ def test_matrices_shares_passes_and_matches_single_functions(loss):
         assert_close(together[kind], function(model, loss_fn, loader))
 
 
+def test_inside_no_grad():
+    """Inside a caller's ``torch.no_grad()`` block the matrices are those outside it."""
+    model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "ce-mean")
+    expected = curvhooks.matrices(model, loss_fn, loader)
+    diagonal = curvhooks.hessian(model, loss_fn, loader, structure="diag")
+    with torch.no_grad():
+        found = curvhooks.matrices(model, loss_fn, loader)
+        assert_close(curvhooks.hessian(model, loss_fn, loader, structure="diag"), diagonal)
+    for kind, matrix in expected.items():
+        assert_close(found[kind], matrix)
+
+
 def test_data_forms_agree():
     """A shuffled loader and a single (X, y) pair give the plain loader's matrix."""
     model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "ce-mean", num_samples=8)
@@ -178,11 +190,12 @@ def test_hessian_route_choice():
 
 
 @pytest.mark.parametrize("kind", ["ggn", "empirical_fisher"])
-def test_gram_in_tiles_above_the_diagonal(monkeypatch, kind):
-    """With tiles smaller than the matrix, only the upper tiles are multiplied, then mirrored."""
+def test_gram_in_row_panels(monkeypatch, kind):
+    """With panels smaller than the matrix, each panel is multiplied from its diagonal on,
+    then mirrored."""
     import curvhooks.dataset
 
-    monkeypatch.setattr(curvhooks.dataset, "TILE", 7)
+    monkeypatch.setattr(curvhooks.dataset, "PANEL", 7)
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
     function, reference_function = FUNCTIONS[kind]
     expected = reference_function(model, loss_fn, X, y)
@@ -201,6 +214,26 @@ def test_hook_level_results_survive_dataset_functions():
     for name, p in model.named_parameters():
         assert p.grad_batch is before[name][0] and p.diag_ggn is before[name][1]
         assert not hasattr(p, "sqrt_ggn") and not hasattr(p, "diag_hessian")
+
+
+@pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
+def test_empirical_fisher_of_a_model_that_is_not_a_chain(loss):
+    """Autograd's backward pass feeds the hooks where the model is not a chain of supported
+    modules; the GGN, which needs such a chain, names what breaks it."""
+    from tests.test_context import Residual
+
+    torch.manual_seed(0)
+    model = Residual().double()
+    X = torch.randn(7, 5, dtype=torch.float64)
+    loss_fn = nn.CrossEntropyLoss() if loss == "ce-mean" else nn.MSELoss(reduction="sum")
+    y = torch.randint(0, 3, (7,)) if loss == "ce-mean" else torch.randn(7, 3, dtype=X.dtype)
+    loader = DataLoader(TensorDataset(X, y), batch_size=3)
+    expected = reference.empirical_fisher(model, loss_fn, X, y)
+    for structure in STRUCTURES:
+        found = curvhooks.empirical_fisher(model, loss_fn, loader, structure=structure)
+        assert_close(found, reference.restrict(expected, model, structure))
+    with pytest.raises(curvhooks.UnsupportedError, match="Tanh"):
+        curvhooks.ggn(model, loss_fn, loader)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
