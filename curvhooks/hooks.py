@@ -80,8 +80,9 @@ class extend:
         *extensions: Extension instances, e.g. ``BatchGrad(), DiagGGN()``.
 
     Every result is a quantity of the reduced loss that ``loss_fn`` returns and is written
-    to an attribute of each trainable parameter of the model (``p.grad_batch``, ...).
-    Entering clears earlier results; leaving removes every hook and stored tensor.
+    to an attribute of each trainable parameter of the model (``p.grad_batch``, ...): those
+    that require grad on entering. Entering clears earlier results; leaving removes every
+    hook and stored tensor.
     """
 
     pushes_gradients = False
@@ -111,8 +112,8 @@ class extend:
         self._active = True
         self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
         self._handles.append(self.model.register_forward_hook(self._record_model_output))
-        for path, module, derivatives in hooked:
-            hook = partial(self._record_call, path, derivatives)
+        for path, module, derivatives, params in hooked:
+            hook = partial(self._record_call, path, derivatives, params)
             self._handles.append(module.register_forward_hook(hook))
         if self._second_order:
             self._handles.append(self.loss_fn.register_forward_hook(self._start_stacks))
@@ -130,18 +131,21 @@ class extend:
         self._spare.clear()
         self._active = False
 
-    def _modules_to_hook(self) -> list[tuple[str, nn.Module, ModuleDerivatives | None]]:
-        """The modules to hook; raises for a trainable module curvhooks cannot handle."""
+    def _modules_to_hook(
+        self,
+    ) -> list[tuple[str, nn.Module, ModuleDerivatives | None, list[tuple[str, nn.Parameter]]]]:
+        """The modules to hook, with their derivatives and trainable parameters; raises for
+        a trainable module curvhooks cannot handle."""
         hooked = []
         for path, module in self.model.named_modules():
             is_leaf = next(module.children(), None) is None
-            trainable = bool(_trainable_params(module))
-            if not (trainable or (is_leaf and self._pushes_through_leaves)):
+            params = _trainable_params(module)
+            if not (params or (is_leaf and self._pushes_through_leaves)):
                 continue
             derivatives = module_derivatives(module)
-            if trainable:
+            if params:
                 self._check_supported(path, module, derivatives, self.extensions)
-            hooked.append((path, module, derivatives))
+            hooked.append((path, module, derivatives, params))
         return hooked
 
     def _check_supported(
@@ -191,6 +195,7 @@ class extend:
         self,
         path: str,
         derivatives: ModuleDerivatives | None,
+        params: list[tuple[str, nn.Parameter]],
         module: nn.Module,
         args: tuple,
         output: Any,
@@ -199,7 +204,6 @@ class extend:
             return
         if not (self.pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
-        params = _trainable_params(module)
         if params and any(call.io.module is module for call in self._calls):
             raise UnsupportedError(
                 f"module {_describe(path, module)} was called twice in one forward pass; "
@@ -479,17 +483,20 @@ class ChainBackward(extend):
         with torch.no_grad():
             output = self.model(X)
         last_call = self._producer_of(output)
-        output.requires_grad_()
-        (grad_output,) = torch.autograd.grad(self.loss_fn(output, y), output)
-        self._push_gradients(last_call, grad_output)
+        if self._first_order or HESSIAN in self._stack_keys:
+            output.requires_grad_()
+            (grad_output,) = torch.autograd.grad(self.loss_fn(output, y), output)
+        else:  # the stacks alone: the loss's forward hook starts them
+            self.loss_fn(output, y)
+            grad_output = None
+        self._push_back(last_call, grad_output)
         return output.detach()
 
-    def _push_gradients(self, last_call: _Call | None, grad_output: Tensor) -> None:
-        """Hand each call on the path its output gradient, last to first."""
+    def _push_back(self, last_call: _Call | None, grad_output: Tensor | None) -> None:
+        """Hand each call on the path its output gradient (if needed) and stacks, last to
+        first."""
         if not self._second_order:
             self._link_path(last_call)
-        if not (self._first_order or HESSIAN in self._stack_keys):
-            grad_output = None  # only the stacks are needed
         call = last_call
         while call is not None:
             self._backward_extensions(call, grad_output)
