@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
+import curvhooks.derivatives.conv2d
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
 from tests.problems import assert_close
 
@@ -22,12 +23,28 @@ MODULES = {
         lambda: nn.Conv2d(2, 3, 3, padding="valid", stride=(2, 1)),
         (2, 7, 6),
     ),
+    "conv-padding-beyond-kernel": (lambda: nn.Conv2d(2, 3, 2, stride=3, padding=3), (2, 5, 4)),
     "relu": (nn.ReLU, (3, 4)),
     "sigmoid": (nn.Sigmoid, (3, 4)),
     "flatten": (nn.Flatten, (2, 3, 4)),
     "flatten-partial": (lambda: nn.Flatten(2, 3), (2, 3, 4, 5)),
 }
 NUM_VECTORS, BATCH = 3, 2
+
+
+@pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
+def test_large_stacks_through_transposed_convolution(key, monkeypatch):
+    """Stacks above ``SMALL_STACK`` take the transposed-convolution kernel (here all)."""
+    monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL_STACK", 0)
+    build, input_shape = MODULES[key]
+    torch.manual_seed(0)
+    module = build().double()
+    x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
+    output, pullback = vjp(module, x)
+    mat = torch.randn(NUM_VECTORS, *output.shape, dtype=torch.float64)
+    io = ModuleIO(module, x, output.detach(), x.shape)
+    pushed = module_derivatives(module).jac_t_mat_prod(io, mat.clone())
+    assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
 
 
 @pytest.mark.parametrize("key", MODULES)
