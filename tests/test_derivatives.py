@@ -33,6 +33,24 @@ NUM_VECTORS, BATCH = 3, 2
 
 
 @pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
+def test_unfolded_input_of_any_memory_layout(key):
+    """The patches of a channels-last input and of a view with an offset are F.unfold's."""
+    build, input_shape = MODULES[key]
+    module = build().double()
+    x = torch.randn(BATCH + 1, *input_shape, dtype=torch.float64)
+    derivatives = module_derivatives(module)
+    for layout in (x.contiguous(memory_format=torch.channels_last), x[1:]):
+        expected = torch.nn.functional.unfold(
+            torch.nn.functional.pad(layout, curvhooks.derivatives.conv2d.explicit_padding(module)),
+            module.kernel_size,
+            dilation=module.dilation,
+            stride=module.stride,
+        )
+        io = ModuleIO(module, layout, None, layout.shape)
+        assert torch.equal(derivatives.unfold_input(io).flatten(1, 2), expected)
+
+
+@pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
 def test_large_stacks_through_transposed_convolution(key, monkeypatch):
     """Stacks above ``SMALL_STACK`` take the transposed-convolution kernel (here all)."""
     monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL_STACK", 0)

@@ -64,12 +64,28 @@ class Conv2dDerivatives(AffineDerivatives):
         return F.pad(io.input, padding), (0, 0)
 
     def unfold_input(self, io: ModuleIO) -> Tensor:
+        # A strided view of the padded input, copied once (F.unfold loops over the samples).
         module = io.module
-        x, padding = self._input_and_padding(io)
-        patches = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        padding = explicit_padding(module)
+        padded = F.pad(io.input, padding) if any(padding) else io.input
+        batch, channels, height, width = padded.shape
+        (kernel_h, kernel_w), (dilation_h, dilation_w) = module.kernel_size, module.dilation
+        (stride_h, stride_w), (step_n, step_c, step_h, step_w) = module.stride, padded.stride()
+        out_h = (height - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+        out_w = (width - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+        patches = padded.as_strided(
+            (batch, module.groups, channels // module.groups, kernel_h, kernel_w, out_h, out_w),
+            (
+                step_n,
+                step_c * channels // module.groups,
+                step_c,
+                step_h * dilation_h,
+                step_w * dilation_w,
+                step_h * stride_h,
+                step_w * stride_w,
+            ),
         )
-        return patches.view(patches.shape[0], module.groups, -1, patches.shape[-1])
+        return patches.reshape(batch, module.groups, -1, out_h * out_w)
 
     def to_positions(self, io: ModuleIO, mat: Tensor) -> Tensor:
         return mat.reshape(*mat.shape[:2], io.module.groups, -1, mat[0, 0, 0].numel())
