@@ -51,18 +51,24 @@ def test_unfolded_input_of_any_memory_layout(key):
 
 
 @pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
-def test_large_stacks_through_transposed_convolution(key, monkeypatch):
-    """Stacks above ``SMALL_STACK`` take the transposed-convolution kernel (here all)."""
-    monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL_STACK", 0)
+@pytest.mark.parametrize("num_vectors", [1, NUM_VECTORS])
+def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
+    """Above ``SMALL`` (here: always), stacks pass the transposed convolution and products of
+    one vector come from a grouped convolution."""
+    monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL", 0)
     build, input_shape = MODULES[key]
     torch.manual_seed(0)
     module = build().double()
     x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
-    output, pullback = vjp(module, x)
-    mat = torch.randn(NUM_VECTORS, *output.shape, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
+    mat = torch.randn(num_vectors, *output.shape, dtype=torch.float64)
+    derivatives = module_derivatives(module)
     io = ModuleIO(module, x, output.detach(), x.shape)
-    pushed = module_derivatives(module).jac_t_mat_prod(io, mat.clone())
+    pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
+    per_sample = derivatives.param_jac_t_mat_prod(io, "weight", mat)
+    assert_close(per_sample, _per_sample_pullback(pullback, mat, "weight"))
 
 
 @pytest.mark.parametrize("key", MODULES)
