@@ -32,6 +32,20 @@ MODULES = {
 NUM_VECTORS, BATCH = 3, 2
 
 
+def _setting(key: str, num_vectors: int = NUM_VECTORS):
+    """Module ``key`` in float64 on a random batch: its derivatives, the record of the call,
+    a random stack ``[V, N, *out]`` and ``torch.func``'s pullback of the call."""
+    build, input_shape = MODULES[key]
+    torch.manual_seed(0)
+    module = build().double()
+    x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
+    params = dict(module.named_parameters())
+    output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
+    mat = torch.randn(num_vectors, *output.shape, dtype=torch.float64)
+    io = ModuleIO(module, x, output.detach(), x.shape)
+    return module_derivatives(module), io, mat, pullback
+
+
 @pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
 def test_unfolded_input_of_any_memory_layout(key):
     """The patches of a channels-last input and of a view with an offset are F.unfold's."""
@@ -56,15 +70,7 @@ def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
     """Above ``SMALL`` (here: always), stacks pass the transposed convolution and products of
     one vector come from a grouped convolution."""
     monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL", 0)
-    build, input_shape = MODULES[key]
-    torch.manual_seed(0)
-    module = build().double()
-    x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
-    params = dict(module.named_parameters())
-    output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
-    mat = torch.randn(num_vectors, *output.shape, dtype=torch.float64)
-    derivatives = module_derivatives(module)
-    io = ModuleIO(module, x, output.detach(), x.shape)
+    derivatives, io, mat, pullback = _setting(key, num_vectors)
     pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
     per_sample = derivatives.param_jac_t_mat_prod(io, "weight", mat)
@@ -73,19 +79,10 @@ def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
 
 @pytest.mark.parametrize("key", MODULES)
 def test_jacobian_transpose_products(key):
-    build, input_shape = MODULES[key]
-    torch.manual_seed(0)
-    module = build().double()
-    x = torch.randn(BATCH, *input_shape, dtype=torch.float64)
-    params = dict(module.named_parameters())
-    output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
-    mat = torch.randn(NUM_VECTORS, *output.shape, dtype=torch.float64)
+    derivatives, io, mat, pullback = _setting(key)
     pulled = [pullback(v) for v in mat]  # per vector: (d x, {name: d p}) summed over the batch
-
-    derivatives = module_derivatives(module)
-    io = ModuleIO(module, x, output.detach(), x.shape)
     assert_close(derivatives.jac_t_mat_prod(io, mat.clone()), torch.stack([dx for dx, _ in pulled]))
-    for name in params:
+    for name, _ in io.module.named_parameters():
         per_sample = derivatives.param_jac_t_mat_prod(io, name, mat)
         assert_close(per_sample, _per_sample_pullback(pullback, mat, name))
         assert_close(derivatives.param_jac_t_mat_prod_summed(io, name, mat), per_sample.sum((0, 1)))
