@@ -197,7 +197,7 @@ then mirrored."""
 
 def _row_panels(size: int) -> list[slice]:
     """Equal row panels of at most ``PANEL`` rows that cover ``[size, size]``."""
-    count = -(-size // PANEL)
+    count = max(1, -(-size // PANEL))
     edges = [size * index // count for index in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 

@@ -317,7 +317,7 @@ class extend:
         if self._second_order:
             self._backward_stacks(call, grad_output)
 
-    def _backward_stacks(self, call: _Call, grad_output: Tensor) -> None:
+    def _backward_stacks(self, call: _Call, grad_output: Tensor | None) -> None:
         if (call.params or call.push_to_producer) and not call.stacks:
             raise RuntimeError(
                 f"no square-root GGN reached module {call.describe()}: "
@@ -330,7 +330,7 @@ class extend:
                 key: self._push(call, key, stack, grad_output) for key, stack in call.stacks.items()
             }
 
-    def _push(self, call: _Call, key: StackKey, stack: Stack, grad_output: Tensor) -> Stack:
+    def _push(self, call: _Call, key: StackKey, stack: Stack, grad_output: Tensor | None) -> Stack:
         """Push a stack to the call's input; the exact Hessian also gains the module's own
         curvature, a per-sample diagonal split by sign into the two stacks."""
         if key != HESSIAN:
