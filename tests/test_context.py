@@ -112,6 +112,27 @@ class Residual(nn.Module):
         return self.head(x + F.softplus(self.inner(x)))
 
 
+@pytest.mark.parametrize("problem, loss", CASES[::4], ids=CASE_IDS[::4])
+def test_run_batch_and_the_chain_backward_match_loss_backward(problem, loss):
+    """``run_batch`` (autograd's backward pass, and the hooks' own on a chain) writes what
+    ``loss.backward()`` writes, without touching ``p.grad``."""
+    from curvhooks.hooks import ChainBackward
+
+    extensions = (BatchGrad(), SqrtGGN(), DiagHessian())
+    model, loss_fn, X, y = problem.make(loss)
+    expected = run_with(model, loss_fn, X, y, *extensions)
+    for context in (curvhooks.extend, ChainBackward):
+        for p in model.parameters():
+            p.grad = None
+        with context(model, loss_fn, *extensions) as hooks:
+            output = hooks.run_batch(X, y)
+            assert_close(output, model(X))
+            for name, p in model.named_parameters():
+                assert p.grad is None
+                for attribute, value in expected[name].items():
+                    assert_close(getattr(p, attribute), value)
+
+
 @pytest.mark.parametrize("loss", ["ce-mean", "mse-sum"])
 def test_first_order_on_a_residual_model(loss):
     torch.manual_seed(0)
