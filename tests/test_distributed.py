@@ -4,7 +4,6 @@ exactly the single-process matrices; mismatched models give a clear error, not a
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -41,9 +40,10 @@ def _compute(model, loss_fn, data, group=None) -> dict[str, torch.Tensor]:
     return results
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    # A file store: no port to find free and then race for.
+    store = f"file://{os.path.join(out_dir, 'store')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world_size)
     try:
         saved = {}
         for loss in LOSSES:
@@ -64,18 +64,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(
-        _worker, args=(2, _free_port(), str(out_dir)), nprocs=2, start_method="spawn"
-    )
+    mp.start_processes(_worker, args=(2, str(out_dir)), nprocs=2, start_method="spawn")
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2)]
 
 

@@ -108,19 +108,14 @@ def test_digits_runs_full(tmp_path):
 
 
 def test_distributed_example_runs_under_torchrun():
-    from tests.test_distributed import _free_port
-
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # torchrun picks a free port itself
             "--nproc_per_node",
             "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
             str(EXAMPLES / "distributed.py"),
         ],
         capture_output=True,
