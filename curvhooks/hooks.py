@@ -85,7 +85,7 @@ class extend:
     hook and stored tensor.
     """
 
-    pushes_gradients = False
+    _pushes_gradients = False
     """Whether the context pushes output gradients through the calls itself (``ChainBackward``)
     instead of receiving them from autograd's backward pass."""
 
@@ -171,7 +171,7 @@ class extend:
     @property
     def _pushes_through_leaves(self) -> bool:
         """Whether stacks or gradients pass through every leaf module (so all are hooked)."""
-        return bool(self._second_order) or self.pushes_gradients
+        return bool(self._second_order) or self._pushes_gradients
 
     def run_batch(self, X: Tensor, y: Tensor) -> Tensor:
         """One forward and backward pass of ``loss_fn(model(X), y)`` without touching
@@ -202,7 +202,7 @@ class extend:
     ) -> None:
         if not isinstance(output, Tensor):
             return
-        if not (self.pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
+        if not (self._pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
         if params and any(call.io.module is module for call in self._calls):
             raise UnsupportedError(
@@ -220,7 +220,7 @@ class extend:
             input_shape=inp.shape,
         )
         call = _Call(path, io, derivatives, params, self._pass_id, self._producer_of(inp))
-        if not self.pushes_gradients:
+        if not self._pushes_gradients:
             call.handle = output.register_hook(partial(self._backward, call))
         self._calls.append(call)
         self._producers[id(output)] = (weakref.ref(output), call)
@@ -477,7 +477,7 @@ class ChainBackward(extend):
     input is computed. Used by the dataset-level functions.
     """
 
-    pushes_gradients = True
+    _pushes_gradients = True
 
     def run_batch(self, X: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
