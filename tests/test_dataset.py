@@ -236,6 +236,19 @@ def test_empirical_fisher_of_a_model_that_is_not_a_chain(loss):
         curvhooks.ggn(model, loss_fn, loader)
 
 
+def test_hessian_in_small_chunks_of_directions():
+    """Several vectorised calls per task (chunks of 3 directions) give the same matrix."""
+    model, loss_fn, X, y, loader = _data(PROBLEMS[-1], "ce-mean")
+    expected = reference.hessian_matrix(model, loss_fn, X, y)
+    for structure in STRUCTURES:
+        found = curvhooks.hessian(
+            model, loss_fn, loader, structure=structure, route="autograd", chunk_size=3
+        )
+        assert_close(found, reference.restrict(expected, model, structure))
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        curvhooks.hessian(model, loss_fn, loader, chunk_size=0)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_autograd_hessian_any_model_and_parameter_order(structure):
     """A non-Sequential model (one stage), and parameters listed against the model's order."""
