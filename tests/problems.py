@@ -28,6 +28,11 @@ class Problem:
     input_shape: tuple[int, ...]
     batch_size: int = 3
     losses: tuple[str, ...] = tuple(LOSSES)
+    hessian_glue: str | None = None
+    """The nonlinear operation outside the supported modules that the Hessian extensions
+    reject (they are exact where this is ``None``)."""
+    is_chain: bool = True
+    """Whether the model is a chain of supported modules (so both routes apply)."""
 
     def make(
         self,
@@ -71,6 +76,91 @@ def _conv_net(**conv_args) -> nn.Sequential:
     with torch.no_grad():
         out_shape = conv(torch.zeros(1, 2, 7, 6)).shape
     return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(out_shape[1:].numel(), 3))
+
+
+class Unsupported(nn.Module):
+    """A parameter-free module curvhooks has no derivatives for: ``x ** 3``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x**3
+
+
+class Residual(nn.Module):
+    """``relu(x + inner(x))``: a skip connection around ``inner`` and a torch function."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.inner(x))
+
+
+class Branches(nn.Module):
+    """Two branches of the same input joined by ``torch.cat`` along the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = nn.Linear(6, 3)
+        self.right = nn.Sequential(nn.Linear(6, 2), nn.Sigmoid())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.left(x), self.right(x)], dim=1)
+
+
+class Reshapes(nn.Module):
+    """A Linear on ``[N, 2, 4]``, then a permute, a reshape and a slice before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 5)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.first(x).permute(0, 2, 1)  # [N, 5, 2]
+        return self.head(h.reshape(h.shape[0], -1)[:, 1:9] * 0.5)
+
+
+class TwoHeads(nn.Module):
+    """One trunk feeding two heads whose outputs are added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 5), nn.ReLU())
+        self.head = nn.Linear(5, 3)
+        self.other = nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.trunk(x)
+        return self.head(h) + self.other(h)
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over ``[N, T, E]`` from ``nn.Linear`` modules and torch
+    functions, then a Linear head on the flattened tokens."""
+
+    def __init__(self, tokens: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.head = nn.Linear(tokens * width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = torch.matmul(self.query(x), self.key(x).transpose(1, 2)) / 2.0
+        mixed = torch.matmul(torch.softmax(scores, dim=-1), self.value(x))
+        return self.head(mixed.flatten(1))
+
+
+def _conv_residual() -> nn.Sequential:
+    block = nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1)
+    )
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=2), nn.ReLU(), Residual(block), nn.Flatten(), nn.Linear(18, 3)
+    )
+
+
+def _unsupported_in_chain() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(6, 5), Unsupported(), nn.Linear(5, 3))
 
 
 PROBLEMS: list[Problem] = [
@@ -156,6 +246,51 @@ PROBLEMS: list[Problem] = [
     ),
 ]
 
+GRAPH_PROBLEMS: list[Problem] = [
+    Problem(
+        "residual-inplace-relu",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5),
+            Residual(nn.Sequential(nn.Linear(5, 5), nn.ReLU(inplace=True), nn.Linear(5, 5))),
+            nn.Linear(5, 3),
+        ),
+        (6,),
+        is_chain=False,
+    ),
+    Problem("conv-residual", _conv_residual, (2, 7, 6), is_chain=False),
+    Problem(
+        "branches-cat", lambda: nn.Sequential(Branches(), nn.Linear(5, 3)), (6,), is_chain=False
+    ),
+    Problem("reshapes", Reshapes, (2, 4), is_chain=False),
+    Problem("two-heads", TwoHeads, (6,), is_chain=False),
+    Problem(
+        "residual-sigmoid-branch",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5),
+            Residual(nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 5))),
+            nn.Linear(5, 3),
+        ),
+        (6,),
+        is_chain=False,
+    ),
+    Problem("attention", Attention, (3, 4), hessian_glue="BmmBackward0", is_chain=False),
+    Problem(
+        "unsupported-in-chain",
+        _unsupported_in_chain,
+        (6,),
+        hessian_glue="PowBackward0",
+        is_chain=False,
+    ),
+]
+PROBLEMS = PROBLEMS + GRAPH_PROBLEMS
+
+
+def by_name(name: str) -> Problem:
+    """The problem called ``name``."""
+    return next(problem for problem in PROBLEMS if problem.name == name)
+
+
+CNN = by_name("cnn-sigmoid")
 CASES = [(problem, loss) for problem in PROBLEMS for loss in problem.losses]
 CASE_IDS = [f"{problem.name}-{loss}" for problem, loss in CASES]
 

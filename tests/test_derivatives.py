@@ -42,7 +42,7 @@ def _setting(key: str, num_vectors: int = NUM_VECTORS):
     params = dict(module.named_parameters())
     output, pullback = vjp(lambda x, p: functional_call(module, p, (x,)), x, params)
     mat = torch.randn(num_vectors, *output.shape, dtype=torch.float64)
-    io = ModuleIO(module, x, output.detach(), x.shape)
+    io = ModuleIO(module, x, output.detach(), x.shape, output.shape)
     return module_derivatives(module), io, mat, pullback
 
 
@@ -60,7 +60,7 @@ def test_unfolded_input_of_any_memory_layout(key):
             dilation=module.dilation,
             stride=module.stride,
         )
-        io = ModuleIO(module, layout, None, layout.shape)
+        io = ModuleIO(module, layout, None, layout.shape, module(layout).shape)
         assert torch.equal(derivatives.unfold_input(io).flatten(1, 2), expected)
 
 

@@ -12,12 +12,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import curvhooks
-from tests.problems import PROBLEMS, assert_close
+from tests.problems import CNN, assert_close
 
 STRUCTURES = ("full", "layer", "param", "diag")
 KINDS = ("ggn", "empirical_fisher", "hessian")
 LOSSES = ("ce-mean", "mse-sum")
-PROBLEM = PROBLEMS[-1]  # a CNN with Sigmoid and ReLU
+PROBLEM = CNN  # a CNN with Sigmoid and ReLU
 
 
 def _shards(X, y, rank):

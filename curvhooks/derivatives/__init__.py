@@ -31,7 +31,9 @@ LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {
 
 
 def _lookup(table: dict, obj: object):
-    return next((value for cls, value in table.items() if isinstance(obj, cls)), None)
+    """The entry of the most specific class of ``obj`` in ``table`` (a registered subclass
+    overrides its base), or ``None``."""
+    return next((table[cls] for cls in type(obj).__mro__ if cls in table), None)
 
 
 def module_derivatives(module: nn.Module) -> ModuleDerivatives | None:

@@ -22,6 +22,8 @@ _UNFOLDED = "unfolded_input"
 class AffineDerivatives(ModuleDerivatives):
     """Parameter products of a module that is affine in its unfolded input."""
 
+    needs_input = True
+
     def unfold_input(self, io: ModuleIO) -> Tensor:
         """The input rearranged to ``[N, G, I, T]`` (may be a view)."""
         raise NotImplementedError

@@ -20,6 +20,7 @@ class ModuleIO:
         input: Its input ``[N, *in]`` (detached), if its derivatives need it.
         output: Its output ``[N, *out]`` (detached), if its derivatives need it.
         input_shape: The shape of its input.
+        output_shape: The shape of its output.
         cache: Quantities derived from ``input`` that several extensions share (e.g. the
             unfolded input of a convolution); dropped with the input.
     """
@@ -28,6 +29,7 @@ class ModuleIO:
     input: Tensor | None
     output: Tensor | None
     input_shape: torch.Size
+    output_shape: torch.Size
     cache: dict[str, Tensor] = field(default_factory=dict)
 
     def release(self) -> None:
@@ -45,9 +47,12 @@ class ModuleDerivatives:
     build the per-sample products; subclasses override them where a cheaper contraction exists.
     """
 
+    needs_input: bool = False
+    """Whether the backward pass needs the module's input (the hooks keep the input's and the
+    output's shapes always)."""
+
     needs_output: bool = False
-    """Whether the backward pass needs the module's output (the hooks always keep the input
-    of a module with trainable parameters, and the input's shape)."""
+    """Whether the backward pass needs the module's output."""
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
         """Why ``module``'s arguments are not supported, or ``None`` if they are."""

@@ -20,6 +20,10 @@ SUPPORTED_REDUCTIONS = ("mean", "sum")
 class LossDerivatives:
     """Square roots of one loss class's Hessian in its input."""
 
+    hessian_is_psd: bool = True
+    """Whether the Hessian in the input is positive semi-definite for every input, so that
+    its square root starts the exact Hessian's stacks too."""
+
     def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
         """Why this call of ``loss_fn`` is not supported, or ``None`` if it is."""
         return None

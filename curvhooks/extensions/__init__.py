@@ -1,24 +1,12 @@
 """Extensions: what to compute during the backward pass, one class per result attribute."""
 
-from curvhooks.extensions.base import Extension
+from curvhooks.extensions.base import RESULT_ATTRIBUTES, Extension
 from curvhooks.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from curvhooks.extensions.hessian import DiagHessian, HessianBlock
-from curvhooks.extensions.second_order import BatchDiagGGN, DiagGGN, SqrtGGN
-
-EXTENSIONS: tuple[type[Extension], ...] = (
-    BatchGrad,
-    BatchL2Grad,
-    SumGradSquared,
-    Variance,
-    SqrtGGN,
-    DiagGGN,
-    BatchDiagGGN,
-    DiagHessian,
-    HessianBlock,
-)
-RESULT_ATTRIBUTES: tuple[str, ...] = tuple(cls.attribute for cls in EXTENSIONS)
+from curvhooks.extensions.second_order import BatchDiagGGN, DiagGGN, Jacobian, SqrtGGN
 
 __all__ = [
+    "RESULT_ATTRIBUTES",
     "BatchDiagGGN",
     "BatchGrad",
     "BatchL2Grad",
@@ -26,6 +14,7 @@ __all__ = [
     "DiagHessian",
     "Extension",
     "HessianBlock",
+    "Jacobian",
     "SqrtGGN",
     "SumGradSquared",
     "Variance",

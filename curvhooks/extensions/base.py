@@ -15,12 +15,11 @@ import torch
 from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
+from curvhooks.extensions.stacks import GGN_EXACT, MonteCarloStack, Stack, StackKind
 
-EXACT = "exact"
-"""Stack key of the exact square-root GGN; Monte-Carlo stacks are keyed by their sample count."""
-HESSIAN = "hessian"
-"""Stack key of the exact Hessian: a pair of stacks ``(positive, negative)`` whose outer
-products' difference is the Hessian of the loss in a module's output."""
+RESULT_ATTRIBUTES: set[str] = set()
+"""Every result attribute of every extension class defined so far (library or user), so that
+entering a context clears them all."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,17 @@ class Extension:
     attribute: str = ""
     """Name of the attribute that receives the result on each parameter."""
 
-    def stack_key(self) -> str | int | None:
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.attribute:
+            RESULT_ATTRIBUTES.add(cls.attribute)
+
+    def stack_kind(self) -> StackKind | None:
         """Which propagated stack this extension reduces: ``None`` for the output gradient
-        (first order), ``EXACT`` or a Monte-Carlo sample count (GGN), ``HESSIAN``."""
+        (first order), else a kind from ``curvhooks.extensions.stacks``."""
         return None
 
-    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+    def compute(self, target: Target, mat: Stack, previous: object = None) -> object:
         """The result for the parameter ``target`` from the stack ``mat``.
 
         ``previous`` is this attribute's previous result on the parameter when nobody else
@@ -87,8 +91,8 @@ class MonteCarloExtension(Extension):
             raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples!r}")
         self.mc_samples = mc_samples
 
-    def stack_key(self) -> str | int:
-        return EXACT if self.mc_samples is None else self.mc_samples
+    def stack_kind(self) -> StackKind:
+        return GGN_EXACT if self.mc_samples is None else MonteCarloStack(self.mc_samples)
 
     def __repr__(self) -> str:
         argument = "" if self.mc_samples is None else f"mc_samples={self.mc_samples}"

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvhooks.extensions.base import HESSIAN, Extension, Target
+from curvhooks.extensions.base import Extension, Target
+from curvhooks.extensions.stacks import HESSIAN, StackKind
 
 
 class HessianExtension(Extension):
     """An extension that reduces the signed Hessian stacks ``(positive, negative)``."""
 
-    def stack_key(self) -> str:
+    def stack_kind(self) -> StackKind:
         return HESSIAN
 
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from curvhooks.extensions.base import MonteCarloExtension, Target, result_buffer
+from curvhooks.extensions.base import Extension, MonteCarloExtension, Target, result_buffer
+from curvhooks.extensions.stacks import IDENTITY, StackKind
+
+
+def _per_sample_products(target: Target, mat: Tensor, previous: Tensor | None) -> Tensor:
+    """The stack's per-sample parameter products ``[V, N, *p.shape]``, written into
+    ``previous`` where it fits."""
+    result = result_buffer(previous, (*mat.shape[:2], *target.param.shape), target.param)
+    return target.products(mat, out=result)
 
 
 class SqrtGGN(MonteCarloExtension):
@@ -22,8 +30,23 @@ class SqrtGGN(MonteCarloExtension):
     attribute = "sqrt_ggn"
 
     def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
-        result = result_buffer(previous, (*mat.shape[:2], *target.param.shape), target.param)
-        return target.products(mat, out=result)
+        return _per_sample_products(target, mat, previous)
+
+
+class Jacobian(Extension):
+    """``jacobian`` ``[C, N, *p.shape]``: the per-sample Jacobian of the model output in ``p``.
+
+    Entry ``[c, n]`` is the derivative of output entry c (of the C = prod(out) entries of a
+    sample, flattened) of sample n; the loss plays no part.
+    """
+
+    attribute = "jacobian"
+
+    def stack_kind(self) -> StackKind:
+        return IDENTITY
+
+    def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
+        return _per_sample_products(target, mat, previous)
 
 
 class DiagGGN(MonteCarloExtension):

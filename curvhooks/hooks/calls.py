@@ -1,0 +1,128 @@
+"""The record of one forward pass: each call of a hooked module, and which call produced which
+tensor.
+
+A call keeps what its module's derivatives need (``ModuleIO``), the stacks that reach its
+output, and two autograd edges: where its output and its input enter the autograd graph, taken
+when the call ran, so that a later in-place operation on either tensor does not change what is
+differentiated. A call's producer is the recorded call whose output is its input, unchanged
+since (same tensor object, same version counter): a link of a chain. The calls need not form a
+chain; ``CallRecord.chain`` says whether they do.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from curvhooks.derivatives import ModuleDerivatives, ModuleIO
+from curvhooks.extensions.stacks import Stack
+
+try:
+    from torch.autograd.graph import GradientEdge, get_gradient_edge
+except ImportError:  # torch < 2.2: no graph route (chains still work)
+    GradientEdge = object  # type: ignore[assignment,misc]
+    get_gradient_edge = None
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a hooked module during the current forward pass.
+
+    Attributes:
+        path: The module's path in the model (``""`` for the model itself).
+        io: What the module's derivatives need from the call.
+        derivatives: The module's derivatives, ``None`` for an unsupported module.
+        params: The module's trainable parameters, by name.
+        pass_id: The forward pass the call belongs to.
+        index: Its position in the pass (calls run in this order).
+        producer: The recorded call whose unchanged output is this call's input.
+        push_to_producer: Whether the chain route pushes the stacks on to the producer.
+        output_edge: Where the output enters the autograd graph (graph route).
+        input_edge: Where the input enters the autograd graph (graph route, Hessian).
+        stacks: The stacks at the output, by stack kind key.
+        handle: The output's tensor hook.
+    """
+
+    path: str
+    io: ModuleIO
+    derivatives: ModuleDerivatives | None
+    params: list[tuple[str, nn.Parameter]]
+    pass_id: int
+    index: int
+    producer: Call | None
+    push_to_producer: bool = False
+    output_edge: GradientEdge | None = None
+    input_edge: GradientEdge | None = None
+    stacks: dict[object, Stack] = field(default_factory=dict)
+    handle: RemovableHandle | None = None
+
+    def describe(self) -> str:
+        return describe(self.path, self.io.module)
+
+    def unsupported_reason(self) -> str | None:
+        """Why the analytic route cannot push through this call, or ``None``."""
+        if self.derivatives is None:
+            return "no derivatives"
+        return self.derivatives.unsupported_reason(self.io.module)
+
+    def release(self) -> None:
+        """Drop every stored tensor."""
+        self.io.release()
+        self.stacks = {}
+        self.output_edge = self.input_edge = None
+
+
+class CallRecord:
+    """The calls of the current forward pass, in order, and the tensors they produced."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self._outputs: dict[int, tuple[weakref.ref, int, Call]] = {}
+
+    def add(self, call: Call, output: Tensor) -> None:
+        self.calls.append(call)
+        self._outputs[id(output)] = (weakref.ref(output), output._version, call)
+
+    def producer_of(self, tensor: object) -> Call | None:
+        """The recorded call whose output is ``tensor``, unchanged since (the latest, for
+        in-place modules); ``None`` if there is none."""
+        entry = self._outputs.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != tensor._version:
+            return None
+        return entry[2]
+
+    def chain(self, last: Call | None) -> list[Call] | None:
+        """The calls from ``last`` back to the first, if they form a chain the analytic route
+        can push through: every call on it supported, every call with trainable parameters on
+        it. ``None`` otherwise."""
+        path = []
+        call = last
+        while call is not None:
+            if call.unsupported_reason() is not None:
+                return None
+            path.append(call)
+            call = call.producer
+        on_path = set(map(id, path))
+        if not path or any(c.params and id(c) not in on_path for c in self.calls):
+            return None
+        return path
+
+    def release(self) -> None:
+        for call in self.calls:
+            call.release()
+        self.calls.clear()
+        self._outputs.clear()
+
+
+def gradient_edge(tensor: Tensor) -> GradientEdge | None:
+    """Where ``tensor`` enters the autograd graph now, or ``None`` if it needs no gradient."""
+    if get_gradient_edge is None or not tensor.requires_grad:
+        return None
+    return get_gradient_edge(tensor)
+
+
+def describe(path: str, module: nn.Module) -> str:
+    return f"{path or '(the model itself)'!r} ({type(module).__name__})"

@@ -1,0 +1,138 @@
+"""The graph route: stacks pushed by autograd through any graph.
+
+The stack at a module's output is the total derivative of ``S^T f`` in that output, so one
+batched vector-Jacobian product, ``torch.autograd.grad(f, outputs, grad_outputs=S,
+is_grads_batched=True)``, gives it at every recorded output at once: through residual
+additions, ``torch.cat``, views, torch functions and modules without derivatives of ours.
+
+The exact Hessian also needs the curvature of every nonlinear operation between the
+parameters and the loss. Supported nonlinear modules add theirs at their input, and it is
+pushed on the same way; ``check_hessian_glue`` walks the autograd graph between the recorded
+calls and rejects any other operation that is not linear or piecewise linear in its inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from curvhooks.errors import UnsupportedError
+from curvhooks.extensions.stacks import Stack, StackKind
+from curvhooks.hooks.calls import Call, GradientEdge
+
+_LINEAR = """
+    Add Sub Neg View UnsafeView Reshape ReshapeAlias Alias Cat Stack Permute Transpose T Slice
+    Select Index Split SplitWithSizes Unbind Squeeze Unsqueeze Expand Clone Sum Mean AsStrided
+    ConstantPadNd Flip Roll Repeat ToCopy Narrow Unfold Fill MaskedFill Where Diagonal Im2Col
+    Col2Im AvgPool1D AvgPool2D AvgPool3D AdaptiveAvgPool1D AdaptiveAvgPool2D AdaptiveAvgPool3D
+"""
+_PIECEWISE_LINEAR = """
+    Relu Threshold LeakyRelu Hardtanh Abs Maximum Minimum Clamp ClampMin ClampMax Max Min Sort
+    Topk MaxPool2DWithIndices MaxPool3DWithIndices AdaptiveMaxPool1D AdaptiveMaxPool2D
+    AdaptiveMaxPool3D
+"""
+LINEAR_OPERATIONS = frozenset(
+    f"{name}Backward{variant}"
+    for name in (_LINEAR + _PIECEWISE_LINEAR).split()
+    for variant in range(4)
+) | {"CopySlices"}
+"""Autograd nodes (by class name) that are linear or piecewise linear (zero second derivative
+almost everywhere) in all their inputs."""
+
+BILINEAR_OPERATIONS = {
+    "MulBackward0": (0, 1),
+    "DivBackward0": (1,),
+    "MmBackward0": (0, 1),
+    "BmmBackward0": (0, 1),
+    "AddmmBackward0": (1, 2),
+    "AddbmmBackward0": (1, 2),
+    "BaddbmmBackward0": (1, 2),
+    "MvBackward0": (0, 1),
+    "DotBackward0": (0, 1),
+    "ConvolutionBackward0": (0, 1),
+}
+"""Products, by the positions of their factors: linear where at most one factor depends on the
+parameters (for division: where the denominator does not)."""
+
+
+def batched_vjp(start: GradientEdge, stack: Tensor, targets: list[Call]) -> list[Tensor | None]:
+    """Push ``stack`` ``[V, N, *shape]`` from the graph edge ``start`` to each target call's
+    output: ``[V, N, *out]``, or ``None`` where the target does not reach ``start``."""
+    if not len(stack) or not targets:
+        return [None] * len(targets)
+    return list(
+        torch.autograd.grad(
+            start,
+            [call.output_edge for call in targets],
+            grad_outputs=stack,
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+    )
+
+
+def push_to_calls(start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]) -> None:
+    """Push a stack of ``kind`` from ``start`` to the targets' outputs and join it into their
+    stacks."""
+    per_part = [batched_vjp(start, part, targets) for part in kind.parts(stack)]
+    for call, pushed in zip(targets, zip(*per_part)):
+        if all(part is None for part in pushed):
+            continue
+        parts = tuple(
+            part if part is not None else original.new_zeros(0, *call.io.output_shape)
+            for part, original in zip(pushed, kind.parts(stack))
+        )
+        contribution = kind.from_parts(parts)
+        previous = call.stacks.get(kind.key)
+        call.stacks[kind.key] = (
+            contribution if previous is None else kind.join(previous, contribution)
+        )
+
+
+def check_hessian_glue(start: GradientEdge, calls: list[Call], needed_by: str) -> None:
+    """Raise ``UnsupportedError`` if a nonlinear operation other than a supported module lies
+    between the parameters and ``start`` (the model output).
+
+    The walk goes down the autograd graph from ``start``. A recorded call with derivatives is
+    passed over from its output edge to its input edge (its own curvature is known); a
+    product counts as linear where at most one factor depends on the parameters.
+    """
+    jumps = {
+        call.output_edge.node: call.input_edge
+        for call in calls
+        if call.derivatives is not None and call.output_edge is not None
+    }
+    seen, todo = set(), [start.node]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in jumps:
+            todo.append(None if jumps[node] is None else jumps[node].node)
+            continue
+        _check_operation(node, needed_by)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+
+
+def _check_operation(node: object, needed_by: str) -> None:
+    name = type(node).__name__
+    if name == "AccumulateGrad" or name in LINEAR_OPERATIONS:
+        return
+    factors = BILINEAR_OPERATIONS.get(name)
+    if factors is not None:
+        dependent = [i for i in factors if node.next_functions[i][0] is not None]
+        if name == "DivBackward0" and not dependent:
+            return
+        if name != "DivBackward0" and len(dependent) <= 1:
+            return
+        what = "a product of two tensors that both depend on the parameters"
+    else:
+        what = "a nonlinear operation"
+    raise UnsupportedError(
+        f"{needed_by} need the second derivative of every operation between the parameters "
+        f"and the loss, but the model applies {name} ({what}) outside the supported modules; "
+        "use a supported module for it (see curvhooks.derivatives.MODULE_DERIVATIVES), or use "
+        "the GGN extensions, which are exact there"
+    )
