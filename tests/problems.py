@@ -293,13 +293,17 @@ def by_name(name: str) -> Problem:
 CNN = by_name("cnn-sigmoid")
 CASES = [(problem, loss) for problem in PROBLEMS for loss in problem.losses]
 CASE_IDS = [f"{problem.name}-{loss}" for problem, loss in CASES]
+CHAIN_CASES = [(problem, loss) for problem, loss in CASES if problem.is_chain]
+CHAIN_CASE_IDS = [f"{problem.name}-{loss}" for problem, loss in CHAIN_CASES]
 
 
-def run_with(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, *extensions) -> dict:
+def run_with(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, *extensions, route: str = "auto"
+) -> dict:
     """One backward pass inside ``curvhooks.extend``; ``{param name: {attribute: result}}``."""
     import curvhooks
 
-    with curvhooks.extend(model, loss_fn, *extensions):
+    with curvhooks.extend(model, loss_fn, *extensions, route=route):
         loss_fn(model(X), y).backward()
     attributes = [ext.attribute for ext in extensions]
     return {

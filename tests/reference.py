@@ -57,6 +57,11 @@ def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
     return torch.cat([jac[name].flatten(2) for name in params], dim=2)
 
 
+def jacobians(model: nn.Module, X: Tensor) -> dict[str, Tensor]:
+    """``{name: [C, N, *p.shape]}``: per-sample Jacobians of the flattened output."""
+    return split(_flat_jacobian(model, X).transpose(0, 1), model)
+
+
 def _output_hessians(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
     """Hessian of the reduced loss in the output, one ``[C, C]`` block per sample: ``[N, C, C]``."""
     with torch.no_grad():

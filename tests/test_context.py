@@ -17,7 +17,16 @@ from curvhooks import (
     SqrtGGN,
     Variance,
 )
-from tests.problems import CASE_IDS, CASES, CNN, PROBLEMS, assert_close, needs_cuda, run_with
+from tests.problems import (
+    CASE_IDS,
+    CASES,
+    CNN,
+    PROBLEMS,
+    assert_close,
+    by_name,
+    needs_cuda,
+    run_with,
+)
 from tests.reference import ggn, per_sample_grads, split
 
 MLP = PROBLEMS[0]
@@ -250,3 +259,43 @@ def test_backward_through_a_stale_forward_pass_is_rejected():
         loss_fn(model(X), y)
         with pytest.raises(RuntimeError, match="latest"):
             stale.backward()
+
+
+def test_the_graph_route_pushes_once_per_stack_part(monkeypatch):
+    """The nested autograd call does not re-enter the hooks: one batched product per stack
+    part on a residual model (the GGN's one part; the Hessian's two, plus two per Sigmoid)."""
+    from curvhooks.hooks import graph
+
+    calls = []
+    original = graph.batched_vjp
+    monkeypatch.setattr(graph, "batched_vjp", lambda *args: calls.append(1) or original(*args))
+    model, loss_fn, X, y = by_name("residual-sigmoid-branch").make("ce-mean")
+    run_with(model, loss_fn, X, y, SqrtGGN(), DiagGGN())
+    assert len(calls) == 1
+    calls.clear()
+    run_with(model, loss_fn, X, y, DiagHessian())
+    assert len(calls) == 4
+
+
+def test_results_of_any_extension_class_are_cleared_on_entry():
+    from curvhooks.extensions import Extension
+
+    class ParameterNorm(Extension):
+        attribute = "test_parameter_norm"
+
+        def compute(self, target, mat, previous=None):
+            return (target.param.norm(), "any object")
+
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    run_with(model, loss_fn, X, y, ParameterNorm())
+    assert all(p.test_parameter_norm[1] == "any object" for p in model.parameters())
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        assert not any(hasattr(p, "test_parameter_norm") for p in model.parameters())
+
+
+def test_route_chain_refuses_a_graph():
+    model, loss_fn, X, y = by_name("two-heads").make("ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match="route='chain'.*route='auto'"):
+        run_with(model, loss_fn, X, y, DiagGGN(), route="chain")
+    with pytest.raises(ValueError, match="route must be one of"):
+        curvhooks.extend(model, loss_fn, DiagGGN(), route="fast")

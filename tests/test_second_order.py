@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvhooks import BatchDiagGGN, DiagGGN, SqrtGGN
-from tests.problems import CASE_IDS, CASES, PROBLEMS, assert_close, run_with
-from tests.reference import ggn_per_sample, split, trainable
+from curvhooks import BatchDiagGGN, DiagGGN, DiagHessian, HessianBlock, Jacobian, SqrtGGN
+from tests.problems import (
+    CASE_IDS,
+    CASES,
+    CHAIN_CASE_IDS,
+    CHAIN_CASES,
+    PROBLEMS,
+    assert_close,
+    run_with,
+)
+from tests.reference import ggn_per_sample, jacobians, split, trainable
 
 
 def _flat_factor(results: dict, names: list[str]) -> torch.Tensor:
@@ -71,3 +79,36 @@ def test_mc_is_unbiased(loss):
     for name, _ in model.named_parameters():
         expected, estimate = exact[name]["diag_ggn"], mc[name]["diag_ggn"]
         torch.testing.assert_close(estimate, expected, rtol=0.05, atol=0.02 * expected.abs().max())
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=[problem.name for problem in PROBLEMS])
+def test_jacobian(problem):
+    """``p.jacobian`` ``[C, N, *p.shape]``: the model output's per-sample Jacobian, whatever
+    the loss."""
+    model, loss_fn, X, y = problem.make(problem.losses[-1])
+    expected = jacobians(model, X)
+    results = run_with(model, loss_fn, X, y, Jacobian())
+    for name, jacobian in expected.items():
+        assert_close(results[name]["jacobian"], jacobian)
+
+
+@pytest.mark.parametrize("problem, loss", CHAIN_CASES, ids=CHAIN_CASE_IDS)
+def test_chain_and_graph_routes_agree(problem, loss):
+    """On a chain, the analytic pushes and autograd's batched products give the same stacks
+    (the Monte-Carlo ones from the same random draws)."""
+    model, loss_fn, X, y = problem.make(loss)
+    found = {}
+    for route in ("chain", "graph"):
+        torch.manual_seed(1)
+        extensions = (
+            SqrtGGN(mc_samples=2),
+            DiagGGN(),
+            BatchDiagGGN(),
+            DiagHessian(),
+            HessianBlock(),
+            Jacobian(),
+        )
+        found[route] = run_with(model, loss_fn, X, y, *extensions, route=route)
+    for name, results in found["chain"].items():
+        for attribute, value in results.items():
+            assert_close(found["graph"][name][attribute], value)
