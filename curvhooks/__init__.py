@@ -1,7 +1,6 @@
 """curvhooks: curvature of neural networks from module hooks, in one backward pass."""
 
-from curvhooks.data import layer_sizes
-from curvhooks.dataset import empirical_fisher, ggn
+from curvhooks.dataset import empirical_fisher, ggn, hessian, layer_sizes, matrices
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import (
     BatchDiagGGN,
@@ -15,9 +14,7 @@ from curvhooks.extensions import (
     SumGradSquared,
     Variance,
 )
-from curvhooks.hessian import hessian
 from curvhooks.hooks import extend
-from curvhooks.matrices import matrices
 
 __version__ = "0.1.0"
 

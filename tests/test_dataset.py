@@ -9,7 +9,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import curvhooks
 from tests import reference
-from tests.problems import CASE_IDS, CASES, CNN, PROBLEMS, assert_close, by_name, needs_cuda
+from tests.problems import (
+    CASE_IDS,
+    CASES,
+    CHAIN_CASE_IDS,
+    CHAIN_CASES,
+    CNN,
+    PROBLEMS,
+    assert_close,
+    by_name,
+    needs_cuda,
+)
 
 STRUCTURES = ("full", "layer", "param", "diag")
 FUNCTIONS = {
@@ -195,9 +205,9 @@ def test_hessian_route_choice():
 def test_gram_in_row_panels(monkeypatch, kind):
     """With panels smaller than the matrix, each panel is multiplied from its diagonal on,
     then mirrored."""
-    import curvhooks.dataset
+    import curvhooks.dataset.by_hooks
 
-    monkeypatch.setattr(curvhooks.dataset, "PANEL", 7)
+    monkeypatch.setattr(curvhooks.dataset.by_hooks, "PANEL", 7)
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
     function, reference_function = FUNCTIONS[kind]
     expected = reference_function(model, loss_fn, X, y)
@@ -254,3 +264,32 @@ def test_autograd_hessian_any_model_and_parameter_order(structure):
         model, loss_fn, loader, params=params, structure="full", route="autograd"
     )
     assert_close(found, expected[rows][:, rows])
+
+
+@pytest.mark.parametrize("problem, loss", CHAIN_CASES, ids=CHAIN_CASE_IDS)
+def test_chain_and_graph_routes_agree(problem, loss):
+    """The hooks' own backward pass along a chain and autograd's batched products on the
+    graph give the same matrices."""
+    model, loss_fn, X, y, loader = _data(problem, loss)
+    for structure in STRUCTURES:
+        kinds = ("ggn", "empirical_fisher") + (
+            ("hessian",) if structure in ("param", "diag") else ()
+        )
+        by_route = {
+            route: curvhooks.matrices(
+                model, loss_fn, loader, kinds, structure=structure, route=route
+            )
+            for route in ("chain", "graph")
+        }
+        for kind in kinds:
+            assert_close(by_route["graph"][kind], by_route["chain"][kind])
+
+
+def test_route_errors():
+    model, loss_fn, X, y, loader = _data(by_name("two-heads"), "ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match="route='chain'"):
+        curvhooks.ggn(model, loss_fn, loader, route="chain")
+    with pytest.raises(ValueError, match="route='autograd' gives the Hessian only"):
+        curvhooks.ggn(model, loss_fn, loader, route="autograd")
+    with pytest.raises(ValueError, match="route must be one of"):
+        curvhooks.empirical_fisher(model, loss_fn, loader, route="fast")

@@ -1,18 +1,15 @@
-"""The exact Hessian over a data set.
+"""The autograd route: the exact Hessian over a data set for any model, by plain autograd.
 
-Two routes. The hooks give the per-parameter blocks and the diagonal in one backward pass
-per batch (``DiagHessian``, ``HessianBlock``) for chains of supported modules. Plain
-autograd gives every structure for any model: Hessian-vector products ``H v`` are
-reverse-over-reverse derivatives (one ``vjp`` of ``grad``, linearised once per batch and
-task) of the loss as a function of flat parameters, vectorised over many directions at once
-with ``vmap`` in chunks of ``chunk_size`` directions, which bounds memory. For an
-``nn.Sequential`` it uses the chain: the columns of one stage's parameters need only the
-tail of the network from that stage on (its input computed once), and their rows of earlier
-stages follow by symmetry, so directions into later layers cost less. On a GPU, where each
-vectorised call has a fixed cost of many kernel launches, a full Hessian whose directions fit
-in one chunk is computed on the whole model in one call per batch instead.
-The autograd route is independent of the hook machinery: it works for any differentiable
-model and any scalar loss module, supported or not.
+Hessian-vector products ``H v`` are reverse-over-reverse derivatives (one ``vjp`` of ``grad``,
+linearised once per batch and task) of the loss as a function of flat parameters, vectorised
+over many directions at once with ``vmap`` in chunks of ``chunk_size`` directions, which
+bounds memory. For an ``nn.Sequential`` (that does not override ``forward``) it uses the
+chain: the columns of one stage's parameters need only the tail of the network from that
+stage on (its input computed once), and their rows of earlier stages follow by symmetry, so
+directions into later layers cost less. On a GPU, where each vectorised call has a fixed cost
+of many kernel launches, a full Hessian whose directions fit in one chunk is computed on the
+whole model in one call per batch instead. The route is independent of the hook machinery:
+it works for any differentiable model and any scalar loss module, supported or not.
 """
 
 from __future__ import annotations
@@ -24,83 +21,35 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from curvhooks.data import (
-    DEFAULT_MAX_MEMORY,
-    HESSIAN,
-    Layout,
-    batch_weight,
-    batches,
-    finish,
-    model_device,
-    prepare,
-    unwrap,
-)
-from curvhooks.dataset import hook_matrices
-from curvhooks.hooks import supports_chain
+from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
+from curvhooks.dataset.weighting import DatasetSum
 
-ROUTES = ("auto", "hooks", "autograd")
 CHUNK_SIZES = {"cpu": 256, "cuda": 1024}
 """Default directions per vectorised Hessian-vector product, by device type (others: CPU's)."""
 
 
 @torch.enable_grad()  # also inside a caller's torch.no_grad() block
-def hessian(
+def autograd_hessian(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Iterable | tuple[Tensor, Tensor],
-    params: list[nn.Parameter] | None = None,
-    structure: str = "full",
-    *,
-    chunk_size: int | None = None,
-    max_memory: int = DEFAULT_MAX_MEMORY,
-    progress: bool = False,
-    route: str = "auto",
-    process_group: object = None,
+    plan: Layout,
+    total: DatasetSum,
+    chunk_size: int | None,
+    progress: bool,
 ) -> Tensor:
-    """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
-
-    Arguments, structures and batch weighting as in ``curvhooks.ggn``; ``"layer"`` and
-    ``"param"`` compute only the diagonal blocks, ``"diag"`` the exact diagonal ``[D]``.
-    ``chunk_size`` directions share one vectorised Hessian-vector product (autograd route;
-    default ``CHUNK_SIZES`` of the model's device: 256 on CPU, 1024 on CUDA).
-    ``route``: ``"hooks"`` (structures ``"param"``, ``"diag"``; a chain of supported
-    modules), ``"autograd"`` (anything), or ``"auto"``: the hooks where they apply.
-    ``process_group`` combines processes as in ``curvhooks.ggn``.
-    """
-    model = unwrap(model)
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    if route == "hooks" or (
-        route == "auto" and structure in ("param", "diag") and supports_chain(model, loss_fn)
-    ):
-        return hook_matrices(
-            model,
-            loss_fn,
-            data,
-            (HESSIAN,),
-            params,
-            structure,
-            max_memory,
-            progress,
-            process_group,
-        )[HESSIAN]
-    plan, reduction, group = prepare(model, loss_fn, params, structure, max_memory, process_group)
+    """The Hessian of the whole-dataset loss in ``plan``'s structure."""
     result = plan.new_result()
-    total = 0
     device = model_device(model)
     chunk_size = chunk_size or CHUNK_SIZES.get(device.type, CHUNK_SIZES["cpu"])
     stages = _stages(model)
-    if device.type == "cuda" and structure == "full" and plan.dim <= chunk_size:
+    if device.type == "cuda" and plan.structure is Structure.FULL and plan.dim <= chunk_size:
         stages = [model]  # one call per batch costs less there than one per stage
-    for index, (X, y) in enumerate(batches(data, device, progress)):
-        weight = batch_weight(reduction, len(X), index)
-        total += len(X)
+    for X, y, weight in total.batches(data, device, progress):
         stage_inputs = _stage_inputs(stages, X)
         for task in _tasks(plan, stages):
             _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
-    finish({HESSIAN: result}, reduction, total, group)
+    total.finish({Kind.HESSIAN: result})
     return result
 
 
@@ -117,7 +66,7 @@ class _Task:
 def _stages(model: nn.Module) -> list[nn.Module]:
     """The model as a chain of stages: a (nested) ``nn.Sequential`` flattened; otherwise,
     or where stages share a parameter, the model itself."""
-    if not isinstance(model, nn.Sequential):
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
         return [model]
     stages = [stage for child in model for stage in _stages(child)]
     owners = [id(p) for stage in stages for p in stage.parameters()]
@@ -140,7 +89,7 @@ def _tasks(plan: Layout, stages: list[nn.Module]) -> list[_Task]:
     rows of earlier stages are those of the earlier stages' tasks, mirrored."""
     stage_of = {id(p): k for k, stage in enumerate(stages) for p in stage.parameters()}
     first = [stage_of[id(p)] for p in plan.params]
-    if plan.structure != "full":
+    if plan.structure is not Structure.FULL:
         return [_Task(block, block, min(first[i] for i in block)) for block in plan.blocks]
     return [
         _Task(
@@ -178,7 +127,7 @@ def _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chun
         directions[torch.arange(count), positions[chunk]] = 1
         (entries,) = vmap(hessian_vjp)(directions)  # [k, rows]: H[rows, column], per column
         entries.mul_(weight)
-        if plan.structure == "diag":
+        if plan.structure is Structure.DIAG:
             result[columns[chunk]] += entries[torch.arange(count), positions[chunk]]
             continue
         _add(result, rows, columns[chunk], entries.T)

@@ -1,0 +1,224 @@
+"""The dataset-level functions: arguments checked once, then handed to a route."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from curvhooks.dataset.by_autograd import autograd_hessian
+from curvhooks.dataset.by_hooks import HESSIAN_STRUCTURES, hook_matrices
+from curvhooks.dataset.plan import (
+    DEFAULT_MAX_MEMORY,
+    Kind,
+    Layout,
+    Route,
+    Structure,
+    check_model_mode,
+    check_same_layout,
+    layout,
+    parse,
+    unwrap,
+)
+from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.hooks import supports_chain
+
+Data = Iterable | tuple[Tensor, Tensor]
+HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
+
+
+def ggn(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    params: list[nn.Parameter] | None = None,
+    structure: str = "full",
+    *,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = False,
+    route: str = "auto",
+    process_group: object = None,
+) -> Tensor:
+    """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss.
+
+    Args:
+        model: Any model whose modules with trainable parameters are supported.
+        loss_fn: ``CrossEntropyLoss`` or ``MSELoss``, reduction ``"mean"`` or ``"sum"``.
+        data: An iterable of ``(X, y)`` batches (e.g. a ``DataLoader``) or one ``(X, y)`` pair.
+        params: Parameters to differentiate (default: all that require grad, in
+            ``model.parameters()`` order); D is their total size.
+        structure: ``"full"``, ``"layer"`` or ``"param"`` (``[D, D]``, zero off the diagonal
+            blocks), or ``"diag"`` (``[D]``).
+        max_memory: Largest dense result in bytes; a larger one raises ``ValueError``.
+        progress: Show a progress bar over the batches.
+        route: ``"chain"`` (the hooks run the backward pass themselves along a chain of
+            supported modules), ``"graph"`` (autograd's backward pass and batched
+            vector-Jacobian products, any graph), or ``"auto"``/``"hooks"``: the chain where
+            the model is one.
+        process_group: Under ``torch.distributed``, the processes whose data sets together
+            form the whole data set (default: all, when ``torch.distributed`` is
+            initialised); each passes its own ``data`` and receives the combined matrix.
+
+    Returns:
+        The GGN of ``L = s * sum_n l_n`` over all samples (``s`` = 1 for ``"sum"``, the
+        reduction's factor over the whole data set for ``"mean"``), in the parameters' dtype.
+    """
+    return matrices(
+        model,
+        loss_fn,
+        data,
+        (Kind.GGN,),
+        params,
+        structure,
+        max_memory=max_memory,
+        progress=progress,
+        route=route,
+        process_group=process_group,
+    )[Kind.GGN]
+
+
+def empirical_fisher(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    params: list[nn.Parameter] | None = None,
+    structure: str = "full",
+    *,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = False,
+    route: str = "auto",
+    process_group: object = None,
+) -> Tensor:
+    """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set.
+
+    ``l_n`` is sample n's loss under reduction ``"sum"`` and ``s`` the whole-dataset
+    reduction's factor (1 for ``"sum"``; 1/N for cross-entropy ``"mean"``; 1/(N C) for
+    ``MSELoss`` ``"mean"``). One gradient per sample, also for outputs with extra dimensions
+    (curvlinops' ``EFLinearOperator`` counts each position as a term instead: reshape the
+    positions into the batch for that one). Arguments and structures as in ``ggn``.
+    """
+    return matrices(
+        model,
+        loss_fn,
+        data,
+        (Kind.EMPIRICAL_FISHER,),
+        params,
+        structure,
+        max_memory=max_memory,
+        progress=progress,
+        route=route,
+        process_group=process_group,
+    )[Kind.EMPIRICAL_FISHER]
+
+
+def hessian(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    params: list[nn.Parameter] | None = None,
+    structure: str = "full",
+    *,
+    chunk_size: int | None = None,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = False,
+    route: str = "auto",
+    process_group: object = None,
+) -> Tensor:
+    """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
+
+    Arguments, structures and batch weighting as in ``curvhooks.ggn``; ``"layer"`` and
+    ``"param"`` compute only the diagonal blocks, ``"diag"`` the exact diagonal ``[D]``.
+    ``route``: ``"autograd"`` (vectorised Hessian-vector products; any model, any scalar
+    loss), ``"hooks"``/``"chain"``/``"graph"`` (``DiagHessian``/``HessianBlock``, structures
+    ``"param"`` and ``"diag"``; supported modules with linear or piecewise-linear operations
+    between them), or ``"auto"``: the hooks for those structures on a chain of supported
+    modules, autograd otherwise. ``chunk_size`` directions share one vectorised product
+    (autograd route; default 256 on CPU, 1024 on CUDA).
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return matrices(
+        model,
+        loss_fn,
+        data,
+        (Kind.HESSIAN,),
+        params,
+        structure,
+        max_memory=max_memory,
+        progress=progress,
+        route=route,
+        process_group=process_group,
+        chunk_size=chunk_size,
+    )[Kind.HESSIAN]
+
+
+def matrices(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    kinds: tuple[str, ...] = tuple(Kind),
+    params: list[nn.Parameter] | None = None,
+    structure: str = "full",
+    *,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    progress: bool = False,
+    route: str = "auto",
+    process_group: object = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """``{kind: matrix}`` for ``kinds`` among ``"hessian"``, ``"ggn"``, ``"empirical_fisher"``.
+
+    GGN and empirical Fisher (and the Hessian on the hooks route) share one backward pass per
+    batch; the autograd Hessian takes its own pass. Arguments as in ``curvhooks.ggn`` and
+    ``curvhooks.hessian``; the data is iterated once or twice, so a one-shot iterator is not
+    enough when the autograd Hessian and another kind are both asked for.
+    """
+    model = unwrap(model)
+    asked = _parse_kinds(kinds)
+    structure = parse(Structure, structure, "structure")
+    route = parse(Route, route, "route")
+    plan = layout(model, params, structure, max_memory)
+    check_model_mode(model)
+    by_autograd = Kind.HESSIAN in asked and _hessian_by_autograd(model, loss_fn, structure, route)
+    hooked = tuple(kind for kind in asked if not (kind is Kind.HESSIAN and by_autograd))
+    if hooked and route is Route.AUTOGRAD:
+        raise ValueError(
+            "route='autograd' gives the Hessian only; use route='auto' for the GGN and the "
+            "empirical Fisher"
+        )
+    results = {}
+    if by_autograd:
+        total = _dataset_sum(loss_fn, process_group, plan)
+        results[Kind.HESSIAN] = autograd_hessian(
+            model, loss_fn, data, plan, total, chunk_size, progress
+        )
+    if hooked:
+        total = _dataset_sum(loss_fn, process_group, plan)
+        hook_route = Route.HOOKS if route is Route.AUTO else route
+        results.update(
+            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
+        )
+    return {kind.value: results[kind] for kind in asked}
+
+
+def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
+    choices = tuple(kind.value for kind in Kind)
+    if not kinds or any(kind not in choices for kind in kinds):
+        raise ValueError(f"kinds must be a non-empty selection of {choices}, got {kinds!r}")
+    return [Kind(kind) for kind in kinds]
+
+
+def _hessian_by_autograd(
+    model: nn.Module, loss_fn: nn.Module, structure: Structure, route: Route
+) -> bool:
+    """Whether the Hessian takes the autograd route."""
+    if route is Route.AUTO:
+        return structure not in HESSIAN_STRUCTURES or not supports_chain(model, loss_fn)
+    return route is Route.AUTOGRAD
+
+
+def _dataset_sum(loss_fn: nn.Module, process_group: object, plan: Layout) -> DatasetSum:
+    """A fresh weighting over the data, with the processes checked to agree on ``plan``."""
+    total = DatasetSum(loss_fn, process_group)
+    check_same_layout(plan, total.group)
+    return total
