@@ -9,11 +9,13 @@ from torch.func import functional_call, grad, vmap
 
 import curvhooks
 from curvhooks import (
+    BatchDiagGGN,
     BatchGrad,
     BatchL2Grad,
     DiagGGN,
     DiagHessian,
     HessianBlock,
+    Jacobian,
     SqrtGGN,
     Variance,
 )
@@ -21,6 +23,7 @@ from tests.problems import (
     CASE_IDS,
     CASES,
     CNN,
+    GRAPH_PROBLEMS,
     PROBLEMS,
     assert_close,
     by_name,
@@ -262,8 +265,9 @@ def test_backward_through_a_stale_forward_pass_is_rejected():
 
 
 def test_the_graph_route_pushes_once_per_stack_part(monkeypatch):
-    """The nested autograd call does not re-enter the hooks: one batched product per stack
-    part on a residual model (the GGN's one part; the Hessian's two, plus two per Sigmoid)."""
+    """The nested autograd call does not re-enter the hooks: one batched product per
+    non-empty stack part on a residual model (the GGN's one; the Hessian's positive part from
+    the loss, and both parts from the Sigmoid)."""
     from curvhooks.hooks import graph
 
     calls = []
@@ -274,7 +278,7 @@ def test_the_graph_route_pushes_once_per_stack_part(monkeypatch):
     assert len(calls) == 1
     calls.clear()
     run_with(model, loss_fn, X, y, DiagHessian())
-    assert len(calls) == 4
+    assert len(calls) == 3
 
 
 def test_results_of_any_extension_class_are_cleared_on_entry():
@@ -299,3 +303,18 @@ def test_route_chain_refuses_a_graph():
         run_with(model, loss_fn, X, y, DiagGGN(), route="chain")
     with pytest.raises(ValueError, match="route must be one of"):
         curvhooks.extend(model, loss_fn, DiagGGN(), route="fast")
+
+
+@pytest.mark.parametrize("problem", GRAPH_PROBLEMS[:3], ids=lambda problem: problem.name)
+def test_graph_route_in_chunks_of_one_vector(problem, monkeypatch):
+    """Stacks pushed one vector at a time, each reduced on arrival, give the same results."""
+    from curvhooks.hooks import graph
+
+    model, loss_fn, X, y = problem.make("ce-sum")
+    extensions = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), DiagHessian(), HessianBlock(), Jacobian())
+    expected = run_with(model, loss_fn, X, y, *extensions)
+    monkeypatch.setattr(graph, "GRAPH_CHUNK_BYTES", 1)
+    found = run_with(model, loss_fn, X, y, *extensions)
+    for name, results in expected.items():
+        for attribute, value in results.items():
+            assert_close(found[name][attribute], value)

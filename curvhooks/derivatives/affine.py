@@ -122,12 +122,13 @@ class AffineDerivatives(ModuleDerivatives):
     def _squares_at_one_position(self, io: ModuleIO, mat: Tensor) -> tuple[Tensor, Tensor]:
         """``sum_v mat^2`` ``[N, G, O]`` and ``x^2`` ``[N, G, I]`` for one position; cached
         for the module call, since weight and bias share them."""
-        key = f"squares_at_one_position_{id(mat)}"
-        if key not in io.cache:
+        cached = io.cache.get("squares_at_one_position")
+        if cached is None or cached[0] is not mat:  # the stack itself, not a recycled id
             stack = self.to_positions(io, mat)[..., 0]
-            io.cache[key] = stack.square().sum(0)
+            io.cache["squares_at_one_position"] = (mat, stack.square().sum(0))
+        if "x_squared" not in io.cache:
             io.cache["x_squared"] = self._unfolded(io)[..., 0].square()
-        return io.cache[key], io.cache["x_squared"]
+        return io.cache["squares_at_one_position"][1], io.cache["x_squared"]
 
     def param_sq_norm(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         if name == "bias" or not self._gram_is_cheaper(io, mat):

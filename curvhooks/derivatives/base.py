@@ -30,7 +30,7 @@ class ModuleIO:
     output: Tensor | None
     input_shape: torch.Size
     output_shape: torch.Size
-    cache: dict[str, Tensor] = field(default_factory=dict)
+    cache: dict[str, object] = field(default_factory=dict)
 
     def release(self) -> None:
         """Drop every stored tensor."""

@@ -77,6 +77,11 @@ class Extension:
         """
         raise NotImplementedError
 
+    def combine(self, result: object, other: object) -> object:
+        """The result of a stack from the results of two parts of its vectors: their sum,
+        for every reduction that sums over the vectors."""
+        return result + other
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

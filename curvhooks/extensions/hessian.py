@@ -18,6 +18,8 @@ block is ``J_p^T (P P^T - Q Q^T) J_p`` with no further term of its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from curvhooks.extensions.base import Extension, Target
@@ -31,6 +33,16 @@ class HessianExtension(Extension):
         return HESSIAN
 
 
+def _signed_sum(reduce: Callable[[Tensor], Tensor], stack: tuple[Tensor, Tensor]) -> Tensor:
+    """``reduce(P) - reduce(Q)`` for a stack ``(P, Q)``, skipping an empty part (one of the
+    two may be empty, not both)."""
+    positive, negative = stack
+    if not len(positive):
+        return reduce(negative).neg_()
+    result = reduce(positive)
+    return result.sub_(reduce(negative)) if len(negative) else result
+
+
 class DiagHessian(HessianExtension):
     """``diag_hessian`` ``p.shape``: the exact diagonal of the Hessian block of ``p``."""
 
@@ -39,11 +51,7 @@ class DiagHessian(HessianExtension):
     def compute(
         self, target: Target, mat: tuple[Tensor, Tensor], previous: Tensor | None = None
     ) -> Tensor:
-        positive, negative = mat
-        result = target.sq_sum(positive, per_sample=False)
-        if len(negative):
-            result -= target.sq_sum(negative, per_sample=False)
-        return result
+        return _signed_sum(lambda part: target.sq_sum(part, per_sample=False), mat)
 
 
 class HessianBlock(HessianExtension):
@@ -54,10 +62,8 @@ class HessianBlock(HessianExtension):
     def compute(
         self, target: Target, mat: tuple[Tensor, Tensor], previous: Tensor | None = None
     ) -> Tensor:
-        positive, negative = mat
-        factor = target.products(positive).flatten(2).flatten(0, 1)
-        result = factor.T @ factor
-        if len(negative):
-            factor = target.products(negative).flatten(2).flatten(0, 1)
-            result.addmm_(factor.T, factor, alpha=-1)
-        return result
+        def gram(part: Tensor) -> Tensor:
+            factor = target.products(part).flatten(2).flatten(0, 1)
+            return factor.T @ factor
+
+        return _signed_sum(gram, mat)

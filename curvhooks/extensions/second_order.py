@@ -8,10 +8,16 @@ reduced loss that ``loss_fn`` returns.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from curvhooks.extensions.base import Extension, MonteCarloExtension, Target, result_buffer
 from curvhooks.extensions.stacks import IDENTITY, StackKind
+
+
+def _stacked(result: Tensor, other: Tensor) -> Tensor:
+    """Per-sample products of two parts of a stack's vectors, as those of the whole stack."""
+    return torch.cat([result, other])
 
 
 def _per_sample_products(target: Target, mat: Tensor, previous: Tensor | None) -> Tensor:
@@ -28,6 +34,7 @@ class SqrtGGN(MonteCarloExtension):
     """
 
     attribute = "sqrt_ggn"
+    combine = staticmethod(_stacked)
 
     def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
         return _per_sample_products(target, mat, previous)
@@ -41,6 +48,7 @@ class Jacobian(Extension):
     """
 
     attribute = "jacobian"
+    combine = staticmethod(_stacked)
 
     def stack_kind(self) -> StackKind:
         return IDENTITY

@@ -42,7 +42,9 @@ class Call:
         push_to_producer: Whether the chain route pushes the stacks on to the producer.
         output_edge: Where the output enters the autograd graph (graph route).
         input_edge: Where the input enters the autograd graph (graph route, Hessian).
-        stacks: The stacks at the output, by stack kind key.
+        stacks: The stacks at the output, by stack kind key (chain route).
+        results: Results of this pass not yet set on the parameters, by (parameter name,
+            attribute): the graph route reduces stacks as they arrive.
         handle: The output's tensor hook.
     """
 
@@ -57,6 +59,7 @@ class Call:
     output_edge: GradientEdge | None = None
     input_edge: GradientEdge | None = None
     stacks: dict[object, Stack] = field(default_factory=dict)
+    results: dict[tuple[str, str], object] = field(default_factory=dict)
     handle: RemovableHandle | None = None
 
     def describe(self) -> str:
@@ -72,6 +75,7 @@ class Call:
         """Drop every stored tensor."""
         self.io.release()
         self.stacks = {}
+        self.results = {}
         self.output_edge = self.input_edge = None
 
 

@@ -298,9 +298,18 @@ class extend:
         if self._nested or not self._active or pass_id != self._pass_id:
             return
         targets = [call for call in self._record.calls if call.params]
+        for kind in self._kinds:
+            self._reduce_on_arrival(start, kind, self._graph_stacks.pop(kind.key), targets)
+
+    def _reduce_on_arrival(
+        self, start: object, kind: StackKind, stack: Stack, targets: list[Call]
+    ) -> None:
+        """Push a stack from ``start`` to the targets and reduce what arrives at each into
+        the results of the extensions of its kind."""
+        extensions = [ext for ext in self._second_order if ext.stack_kind().key == kind.key]
         with self._nesting():
-            for kind in self._kinds:
-                push_to_calls(start, kind, self._graph_stacks.pop(kind.key), targets)
+            for call, contribution in push_to_calls(start, kind, stack, targets):
+                self._results.reduce(call, extensions, [contribution] * len(extensions))
 
     def _backward(self, call: Call, grad_output: Tensor) -> None:
         if self._nested or not self._active:
@@ -321,6 +330,10 @@ class extend:
             )
         if not self._second_order:
             return
+        if self._on_graph:
+            self._results.commit(call)
+            self._add_module_curvature(call, grad_output)
+            return
         if call.params and not all(kind.key in call.stacks for kind in self._kinds):
             raise RuntimeError(
                 f"no square-root stack reached module {call.describe()}: "
@@ -329,9 +342,7 @@ class extend:
             )
         stacks = [call.stacks.get(ext.stack_kind().key) for ext in self._second_order]
         self._results.write(call, self._second_order, stacks)
-        if self._on_graph:
-            self._add_module_curvature(call, grad_output)
-        elif call.push_to_producer:
+        if call.push_to_producer:
             call.producer.stacks = {
                 kind.key: self._push(kind, call, call.stacks[kind.key], grad_output)
                 for kind in self._kinds
@@ -352,8 +363,7 @@ class extend:
         for kind in self._kinds:
             curvature = kind.module_curvature(call.derivatives, call.io, grad_output)
             if curvature is not None and targets:
-                with self._nesting():
-                    push_to_calls(call.input_edge, kind, curvature, targets)
+                self._reduce_on_arrival(call.input_edge, kind, curvature, targets)
 
     def _nesting(self) -> _Nested:
         return _Nested(self)

@@ -13,6 +13,8 @@ calls and rejects any other operation that is not linear or piecewise linear in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -72,22 +74,39 @@ def batched_vjp(start: GradientEdge, stack: Tensor, targets: list[Call]) -> list
     )
 
 
-def push_to_calls(start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]) -> None:
-    """Push a stack of ``kind`` from ``start`` to the targets' outputs and join it into their
-    stacks."""
-    per_part = [batched_vjp(start, part, targets) for part in kind.parts(stack)]
-    for call, pushed in zip(targets, zip(*per_part)):
-        if all(part is None for part in pushed):
-            continue
-        parts = tuple(
-            part if part is not None else original.new_zeros(0, *call.io.output_shape)
-            for part, original in zip(pushed, kind.parts(stack))
-        )
-        contribution = kind.from_parts(parts)
-        previous = call.stacks.get(kind.key)
-        call.stacks[kind.key] = (
-            contribution if previous is None else kind.join(previous, contribution)
-        )
+GRAPH_CHUNK_BYTES = 2**28
+"""Most bytes of stacks one batched product returns (at all targets together); a larger
+stack is pushed in chunks of its vectors, each reduced into the results on arrival."""
+
+
+def push_to_calls(
+    start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]
+) -> Iterator[tuple[Call, Stack]]:
+    """Push a stack of ``kind`` from ``start`` to the targets' outputs, in chunks of vectors
+    of at most ``GRAPH_CHUNK_BYTES``; yield each ``(call, stack)`` contribution that arrives.
+
+    A call's contributions together form its stack (``kind.join``); every reduction of a
+    stack is a sum over its vectors, so each can be reduced on arrival and freed.
+    """
+    parts = kind.parts(stack)
+    for index, part in enumerate(parts):
+        for chunk in part.split(_chunk_size(part, targets)) if len(part) else ():
+            pushed = batched_vjp(start, chunk, targets)
+            for call, vectors in zip(targets, pushed):
+                if vectors is not None:
+                    yield call, _as_stack(kind, index, vectors, len(parts), call)
+
+
+def _chunk_size(part: Tensor, targets: list[Call]) -> int:
+    """Vectors per batched product, within ``GRAPH_CHUNK_BYTES``."""
+    per_vector = sum(call.io.output_shape.numel() for call in targets) * part.element_size()
+    return max(1, GRAPH_CHUNK_BYTES // max(1, per_vector))
+
+
+def _as_stack(kind: StackKind, index: int, vectors: Tensor, count: int, call: Call) -> Stack:
+    """``vectors`` as part ``index`` of a stack of ``kind``, its other parts empty."""
+    empty = vectors.new_zeros(0, *call.io.output_shape)
+    return kind.from_parts(tuple(vectors if i == index else empty for i in range(count)))
 
 
 def check_hessian_glue(start: GradientEdge, calls: list[Call], needed_by: str) -> None:

@@ -37,11 +37,28 @@ class Results:
     def write(self, call: Call, extensions: list[Extension], stacks: list[Stack]) -> None:
         """Set each extension's result, from its stack, on each trainable parameter of the
         call."""
+        self.reduce(call, extensions, stacks)
+        self.commit(call)
+
+    def reduce(self, call: Call, extensions: list[Extension], stacks: list[Stack]) -> None:
+        """Add each extension's result from one contribution to its stack (``stacks``) to
+        the call's results of this pass."""
         for name, param in call.params:
             target = Target(call.derivatives, call.io, name)
             for ext, stack in zip(extensions, stacks):
-                result = ext.compute(target, stack, self._previous(param, ext.attribute))
-                setattr(param, ext.attribute, result)
+                key = (name, ext.attribute)
+                if key in call.results:
+                    call.results[key] = ext.combine(call.results[key], ext.compute(target, stack))
+                else:
+                    previous = self._previous(param, ext.attribute)
+                    call.results[key] = ext.compute(target, stack, previous)
+
+    def commit(self, call: Call) -> None:
+        """Set the call's results of this pass on its parameters."""
+        params = dict(call.params)
+        for (name, attribute), result in call.results.items():
+            setattr(params[name], attribute, result)
+        call.results = {}
 
     def _previous(self, param: nn.Parameter, attribute: str) -> Tensor | None:
         """The previous result on ``param`` if nobody else references it: the live attribute
