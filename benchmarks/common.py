@@ -11,6 +11,8 @@ Tables measured on CUDA go to ``<name>-cuda.md`` beside the CPU ones.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import os
 import statistics
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -139,25 +142,73 @@ def run_benchmark(
     Each group (method-name prefixes; ``()`` takes all) is timed interleaved with the
     baseline, apart from the other groups, so that a method that allocates gigabytes does not
     slow its neighbours. ``peers_of(method)`` names the peer methods that ``method`` is
-    compared with (the fastest of those present). The script ``module`` handles
+    compared with (the fastest of those present). A method that raises on its first call is
+    listed as failed, with its error, and left out of the timing (a peer that fails is then
+    absent, as one that is not installed). The script ``module`` handles
     ``--memory-of METHOD --problem P`` by calling ``memory_main``. Returns markdown tables.
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sections = []
     for problem in problems:
         methods = build_methods(problem, device)
+        failed = failures(methods, baseline)
         rows = []
-        for prefixes in groups:
+        for index, prefixes in enumerate(groups):
             names = [n for n in methods if n != baseline and n.startswith(prefixes or ("",))]
-            names = names if rows else [baseline, *names]
-            times = time_interleaved({n: methods[n] for n in (baseline, *names)}, device, repeats)
+            names = [baseline, *names] if index == 0 else names
+            working = [n for n in names if n not in failed]
+            times = time_interleaved({n: methods[n] for n in (baseline, *working)}, device, repeats)
             for name in names:
+                if name in failed:
+                    rows.append(_failed_row(name, failed[name]))
+                    continue
                 peak = _peak_memory(module, problem, name, methods, baseline, device)
                 rows.append(_row(name, times, peak, peers_of, baseline))
         header = ["method", "median ms", f"x {baseline}", "peak MB over backward", "x fastest peer"]
         sections.append(f"### {problem}\n\n" + markdown_table(header, rows))
         print(sections[-1], "\n", flush=True)
     return f"{environment()}, {repeats} interleaved rounds.\n\n" + "\n\n".join(sections)
+
+
+def failures(methods: dict[str, Callable[[], object]], baseline: str) -> dict[str, Exception]:
+    """Call every method but the baseline once (a warm-up); the errors of those that raise,
+    each also printed to stderr."""
+    failed = {}
+    for name, method in methods.items():
+        if name == baseline:
+            continue
+        try:
+            method()
+        except Exception as error:  # any error of a method under test is a result to report
+            print(f"{name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            failed[name] = error
+    return failed
+
+
+def failing_build(
+    build: Callable[..., Callable[[], object]],
+) -> Callable[..., Callable[[], object]]:
+    """Wrap a method builder so that an error while building (say, an unsupported model
+    when a context is entered) is raised by the built method's calls instead, for
+    ``run_benchmark`` to report, rather than ending the script."""
+
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs) -> Callable[[], object]:
+        try:
+            return build(*args, **kwargs)
+        except Exception as error:  # reported when the method is called
+            return _raising(error)
+
+    return wrapped
+
+
+def _raising(error: Exception) -> Callable[[], object]:
+    """A method that raises ``error``."""
+
+    def fail() -> None:
+        raise error
+
+    return fail
 
 
 def _peak_memory(module, problem, name, methods, baseline, device) -> int | None:
@@ -180,6 +231,11 @@ def _row(name, times, peak, peers_of, baseline) -> list[str]:
     ]
 
 
+def _failed_row(name: str, error: Exception) -> list[str]:
+    """A table row for a method that raised ``error``."""
+    return [name, f"failed: {type(error).__name__}", "", "", ""]
+
+
 def memory_main(build_methods, problem: str, method: str) -> None:
     """Subprocess side of ``memory_in_subprocess``: the peak of ``method``'s first call after
     a plain backward pass, results included."""
@@ -188,6 +244,7 @@ def memory_main(build_methods, problem: str, method: str) -> None:
     report_memory(peak_memory_of(methods[method], methods["backward"], device))
 
 
+@failing_build
 def curvhooks_per_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
     """A context per step, on a model of its own (freeing results is part of the step)."""
     import copy
@@ -203,6 +260,7 @@ def curvhooks_per_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
     return run
 
 
+@failing_build
 def curvhooks_held_open(model, loss_fn, X, y, extension) -> Callable[[], object]:
     """One context entered once around all steps, as around a training loop: each step writes
     into the previous step's results (on copies of model and loss, whose hooks stay)."""
@@ -215,19 +273,66 @@ def curvhooks_held_open(model, loss_fn, X, y, extension) -> Callable[[], object]
     return lambda: loss_fn(model(X), y).backward()
 
 
-def backpack_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
-    """One BackPACK step with ``extension`` on extended copies of model and loss."""
+def backpack_extended(
+    model: nn.Module, loss_fn: nn.Module, use_converter: bool = False
+) -> tuple[nn.Module, nn.Module]:
+    """Copies of ``model`` and ``loss_fn`` extended for BackPACK, with the same weights.
+
+    With ``use_converter`` (needed for models that are not chains, such as residual ones),
+    BackPACK traces the model into a new module object, on which it must run.
+    """
     import copy
 
-    from backpack import backpack, extend
+    from backpack import extend
 
-    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+    model = extend(copy.deepcopy(model), use_converter=use_converter)
+    return model, extend(copy.deepcopy(loss_fn))
+
+
+@failing_build
+def backpack_step(
+    model, loss_fn, X, y, extension, use_converter: bool = False
+) -> Callable[[], object]:
+    """One BackPACK step with ``extension`` on extended copies of model and loss (see
+    ``backpack_extended`` for ``use_converter``)."""
+    from backpack import backpack
+
+    model, loss_fn = backpack_extended(model, loss_fn, use_converter)
 
     def run() -> None:
         with backpack(extension()):
             loss_fn(model(X), y).backward()
 
     return run
+
+
+def problems_parser(problems: list[str], repeats: int) -> argparse.ArgumentParser:
+    """The command line of a benchmark over ``problems``: ``--repeats``, ``--problem`` (one
+    problem only; no table is written) and ``--memory-of`` (for ``memory_in_subprocess``)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--problem", choices=problems, help="run this problem only, write nothing")
+    parser.add_argument("--memory-of", help="internal: one method's peak memory, printed as JSON")
+    return parser
+
+
+def run_problems(
+    args: argparse.Namespace,
+    module: str,
+    build_methods: Callable[[str, torch.device], dict[str, Callable[[], object]]],
+    peers_of: Callable[[str], tuple[str, ...]],
+    problems: list[str],
+    doc: tuple[str, str],
+    groups: tuple[tuple[str, ...], ...] = ((),),
+) -> None:
+    """Run what ``problems_parser``'s ``args`` ask for; writes ``docs/benchmarks/<name>.md``
+    (``doc`` is name and title) only when every problem ran."""
+    if args.memory_of:
+        return memory_main(build_methods, args.problem, args.memory_of)
+    chosen = [args.problem] if args.problem else problems
+    tables = run_benchmark(module, build_methods, chosen, args.repeats, peers_of, groups)
+    if not args.problem:
+        print("wrote", write_doc(*doc, tables))
 
 
 def problems_main(
@@ -238,20 +343,10 @@ def problems_main(
     title: str,
     groups: tuple[tuple[str, ...], ...] = ((),),
 ) -> None:
-    """The command line of a benchmark over the shared problems (``--repeats``, ``--problem``,
-    ``--memory-of``); writes ``docs/benchmarks/<doc_name>.md`` when every problem ran."""
-    import argparse
-
+    """The command line of a benchmark over the shared problems of ``benchmarks.problems``
+    (see ``problems_parser``); writes ``docs/benchmarks/<doc_name>.md`` when every problem
+    ran."""
     from benchmarks.problems import PROBLEMS
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--problem", choices=list(PROBLEMS))
-    parser.add_argument("--memory-of")
-    args = parser.parse_args()
-    if args.memory_of:
-        return memory_main(build_methods, args.problem, args.memory_of)
-    problems = [args.problem] if args.problem else list(PROBLEMS)
-    tables = run_benchmark(module, build_methods, problems, args.repeats, peers_of, groups)
-    if not args.problem:
-        print("wrote", write_doc(doc_name, title, tables))
+    args = problems_parser(list(PROBLEMS), repeats=10).parse_args()
+    run_problems(args, module, build_methods, peers_of, list(PROBLEMS), (doc_name, title), groups)

@@ -1,17 +1,18 @@
-"""Dense curvature matrices on the visual-tour setting, and how they scale with D.
+"""Dense curvature matrices on the visual-tour setting and a tiny residual CNN, and how
+they scale with D.
 
-Run: ``python -m benchmarks.dense [--repeats 5]``; writes docs/benchmarks/dense.md;
-``--scaling`` instead times the full GGN and Hessian for D from 1e3 to 2e4
-(docs/benchmarks/dense_scaling.md).
+Run: ``python -m benchmarks.dense [--repeats 5] [--problem visual-tour|residual]``; writes
+docs/benchmarks/dense.md when it ran both problems; ``--scaling`` instead times the full GGN
+and Hessian for D from 1e3 to 2e4 (docs/benchmarks/dense_scaling.md).
 Each matrix (Hessian, GGN, empirical Fisher over all three batches) against one plain
 backward pass over the loader and, where installed, curvlinops (linear operator @ identity),
-BackPACK (square-root factors and per-sample gradients assembled by hand) and ``torch.func``.
+BackPACK (square-root factors and per-sample gradients assembled by hand; on the residual CNN
+on the copy its converter traces) and ``torch.func``. A method that raises (an unsupported
+model) is listed as failed.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import sys
 import time
 from collections.abc import Callable
@@ -24,14 +25,16 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import curvhooks
 from benchmarks.common import (
+    backpack_extended,
     environment,
     markdown_table,
-    memory_main,
     optional,
     peak_memory_of,
-    run_benchmark,
+    problems_parser,
+    run_problems,
     write_doc,
 )
+from benchmarks.problems import RESIDUAL, DenseProblem, residual
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import visual_tour  # noqa: E402
@@ -39,9 +42,20 @@ import visual_tour  # noqa: E402
 KINDS = ("hessian", "ggn", "empirical_fisher")
 
 
-def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+def tour() -> DenseProblem:
+    """The visual tour's model, loss and its loader's three batches."""
     model, loss_fn, loader = visual_tour.setting()
-    data = [(X.to(device), y.to(device)) for X, y in loader]
+    return model, loss_fn, list(loader)
+
+
+SETTINGS: dict[str, Callable[[], DenseProblem]] = {"visual-tour": tour, "residual": residual}
+
+
+def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    """Plain backward over the batches, curvhooks' matrices and the peers' on ``problem``."""
+    model, loss_fn, batches = SETTINGS[problem]()
+    model = model.to(device)
+    data = [(X.to(device), y.to(device)) for X, y in batches]
 
     def backward():
         for X, y in data:
@@ -60,7 +74,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     if optional("curvlinops"):
         methods.update(_curvlinops(model, loss_fn, data, device))
     if optional("backpack"):
-        methods.update(_backpack(model, loss_fn, data))
+        methods.update(_backpack(model, loss_fn, data, use_converter=problem in RESIDUAL))
     return methods
 
 
@@ -133,11 +147,11 @@ def _curvlinops(model, loss_fn, data, device) -> dict[str, Callable[[], object]]
     return {f"curvlinops {kind}": method(operator) for kind, operator in operators.items()}
 
 
-def _backpack(model, loss_fn, data) -> dict[str, Callable[[], object]]:
-    from backpack import backpack, extend
+def _backpack(model, loss_fn, data, use_converter: bool) -> dict[str, Callable[[], object]]:
+    from backpack import backpack
     from backpack.extensions import BatchGrad, SqrtGGNExact
 
-    model, loss_fn = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
+    model, loss_fn = backpack_extended(model, loss_fn, use_converter)
     total = sum(len(X) for X, _ in data)
 
     def accumulate(extension, attribute, weight_of):
@@ -201,16 +215,11 @@ def scaling(repeats: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--problem", default="visual-tour")
-    parser.add_argument("--memory-of")
+    parser = problems_parser(list(SETTINGS), repeats=5)
     parser.add_argument(
         "--scaling", action="store_true", help="only time D from 1e3 to 2e4 (dense_scaling.md)"
     )
     args = parser.parse_args()
-    if args.memory_of:
-        return memory_main(build_methods, args.problem, args.memory_of)
     if args.scaling:
         title = "Dense matrices: scaling with D"
         body = f"{environment()}, MLP 64-w-w-10 with Sigmoid, 2 batches of 64, medians of 3.\n\n"
@@ -221,10 +230,8 @@ def main() -> None:
         for kind in KINDS
     )
     groups += (("hessian param",), ("hessian diag",))
-    body = run_benchmark(
-        __spec__.name, build_methods, ["visual-tour"], args.repeats, _peers_of, groups
-    )
-    print("wrote", write_doc("dense", "Dense matrices (visual tour)", body))
+    doc = ("dense", "Dense matrices (visual tour, residual CNN)")
+    run_problems(args, __spec__.name, build_methods, _peers_of, list(SETTINGS), doc, groups)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Per-sample gradients: curvhooks ``BatchGrad`` against plain backward and peers.
 
-Run: ``python -m benchmarks.per_sample [--repeats 10]``; writes docs/benchmarks/per_sample.md.
+Run: ``python -m benchmarks.per_sample [--repeats 10] [--problem mlp|cnn|resnet]``; writes
+docs/benchmarks/per_sample.md when it ran every problem. On the residual ``resnet`` BackPACK's
+``BatchGrad`` runs without its converter (first order needs none).
 Peers (optional): ``torch.func`` ``vmap(grad)``, BackPACK ``BatchGrad``, Opacus
 ``GradSampleModule``; see benchmarks/README.md to install them.
 """

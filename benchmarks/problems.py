@@ -1,12 +1,20 @@
-"""The two benchmark problems shared by every benchmark script."""
+"""Benchmark problems. ``PROBLEMS``, shared by the per-step scripts: chains (``mlp``,
+``cnn``) and a residual CNN (``resnet``), each a model, a loss and one batch. ``residual``:
+a tiny residual CNN with a few batches, for the dense matrices (beside the visual tour).
+``RESIDUAL`` names the problems whose model is not a chain (BackPACK needs its converter)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+Problem = tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]
+DenseProblem = tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
 
-def mlp() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+
+def mlp() -> Problem:
     """MLP 784-512-256-10, batch 128, cross-entropy."""
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -15,7 +23,7 @@ def mlp() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     return model, nn.CrossEntropyLoss(), torch.randn(128, 784), torch.randint(0, 10, (128,))
 
 
-def cnn() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+def cnn() -> Problem:
     """CIFAR-sized CNN: conv 3-32-32 with ReLU, stride-2 conv to 64 with Sigmoid, Linear to 10;
     batch 32, cross-entropy."""
     torch.manual_seed(0)
@@ -32,9 +40,71 @@ def cnn() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     return model, nn.CrossEntropyLoss(), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 
 
-PROBLEMS = {"mlp": mlp, "cnn": cnn}
+class ResidualBlock(nn.Module):
+    """``relu2(x + conv2(relu1(conv1(x))))`` with two 3x3 convolutions that keep the shape.
+
+    Modules only (no ``torch.relu`` calls), so that BackPACK's converter can trace it.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of shape ``[N, channels, H, W]`` to the same shape."""
+        return self.relu2(x + self.conv2(self.relu1(self.conv1(x))))
 
 
-def on_device(problem, device: torch.device):
+def residual_cnn(width: int, blocks: int, classes: int, side: int) -> nn.Sequential:
+    """Stem conv 3->width with ReLU, ``blocks`` residual blocks at ``width``, stride-2 conv to
+    ``2 * width`` with ReLU, ``blocks`` residual blocks at ``2 * width``, global average
+    pooling, Linear to ``classes``; maps ``[N, 3, side, side]`` (``side`` even) to
+    ``[N, classes]``.
+
+    The pooling is an ``AvgPool2d`` over the whole ``side / 2`` map rather than an
+    ``AdaptiveAvgPool2d``, which BackPACK's ``SqrtGGNExact`` does not support.
+    """
+    wide = 2 * width
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.ReLU(),
+        *(ResidualBlock(width) for _ in range(blocks)),
+        nn.Conv2d(width, wide, 3, stride=2, padding=1),
+        nn.ReLU(),
+        *(ResidualBlock(wide) for _ in range(blocks)),
+        nn.AvgPool2d(side // 2),
+        nn.Flatten(),
+        nn.Linear(wide, classes),
+    )
+
+
+def resnet() -> Problem:
+    """CIFAR-sized residual CNN: ``residual_cnn(16, 2, 10, 32)`` (stages at 16 and 32 channels,
+    two blocks each, 51,690 parameters) on ``[64, 3, 32, 32]``, cross-entropy."""
+    torch.manual_seed(0)
+    model = residual_cnn(16, 2, 10, 32)
+    return model, nn.CrossEntropyLoss(), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+def residual() -> DenseProblem:
+    """Tiny residual CNN for dense matrices, in the visual tour's spirit:
+    ``residual_cnn(3, 1, 5, 8)`` (stages at 3 and 6 channels, one block each, 1,115
+    parameters); 50 random images ``[3, 8, 8]`` with 5 classes in batches of 20, 20 and 10
+    (``[(X, y)]`` with ``X`` of shape ``[B, 3, 8, 8]``, ``y`` of shape ``[B]``); cross-entropy."""
+    torch.manual_seed(0)
+    X, y = torch.rand(50, 3, 8, 8), torch.randint(0, 5, (50,))
+    model = residual_cnn(3, 1, 5, 8)
+    return model, nn.CrossEntropyLoss(), list(zip(X.split(20), y.split(20), strict=True))
+
+
+PROBLEMS = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+RESIDUAL = ("resnet", "residual")
+
+
+def on_device(problem: Callable[[], Problem], device: torch.device) -> Problem:
+    """``problem()`` with model and batch on ``device``."""
     model, loss_fn, X, y = problem()
     return model.to(device), loss_fn, X.to(device), y.to(device)

@@ -3,9 +3,12 @@ against ``DiagGGNExact`` / ``SqrtGGNExact``, and ``DiagHessian`` against ``DiagH
 
 ``DiagHessian`` runs on the MLP only: on the CNN its Sigmoid over 64 x 16 x 16 units would
 need a residual stack of 16384 x 32 x 16384 entries (34 GB), in curvhooks as in BackPACK.
+On the residual CNN (``resnet``), BackPACK runs on the copy its converter traces
+(``extend(model, use_converter=True)``), curvhooks on the model itself; a method that raises
+(an unsupported model) is listed as failed.
 
-Run: ``python -m benchmarks.second_order [--repeats 10]``; writes
-docs/benchmarks/second_order.md.
+Run: ``python -m benchmarks.second_order [--repeats 10] [--problem mlp|cnn|resnet]``; writes
+docs/benchmarks/second_order.md when it ran every problem.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from benchmarks.common import (
     optional,
     problems_main,
 )
-from benchmarks.problems import PROBLEMS, on_device
+from benchmarks.problems import PROBLEMS, RESIDUAL, on_device
 
 
 def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    """Plain backward, curvhooks' and (where installed) BackPACK's steps on ``problem``."""
     model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
     methods = {"backward": lambda: loss_fn(model(X), y).backward()}
     extensions = (curvhooks.DiagGGN, curvhooks.SqrtGGN)
@@ -43,7 +47,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
         extensions = (DiagGGNExact, SqrtGGNExact) + ((DiagHessian,) if problem == "mlp" else ())
         for extension in extensions:
             methods[f"backpack {extension.__name__}"] = backpack_step(
-                model, loss_fn, X, y, extension
+                model, loss_fn, X, y, extension, use_converter=problem in RESIDUAL
             )
     return methods
 
