@@ -245,7 +245,7 @@ def memory_main(build_methods, problem: str, method: str) -> None:
 
 
 @failing_build
-def curvhooks_per_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
+def curvhooks_per_step(model, loss_fn, X, y, extension, route="auto") -> Callable[[], object]:
     """A context per step, on a model of its own (freeing results is part of the step)."""
     import copy
 
@@ -254,7 +254,7 @@ def curvhooks_per_step(model, loss_fn, X, y, extension) -> Callable[[], object]:
     model = copy.deepcopy(model)
 
     def run() -> None:
-        with curvhooks.extend(model, loss_fn, extension()):
+        with curvhooks.extend(model, loss_fn, extension(), route=route):
             loss_fn(model(X), y).backward()
 
     return run

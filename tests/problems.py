@@ -85,6 +85,17 @@ class Unsupported(nn.Module):
         return x**3
 
 
+class Scaled(nn.Module):
+    """A module with a parameter curvhooks has no derivatives for: ``x * weight``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
 class Residual(nn.Module):
     """``relu(x + inner(x))``: a skip connection around ``inner`` and a torch function."""
 
