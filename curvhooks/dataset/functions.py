@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -23,7 +24,7 @@ from curvhooks.dataset.plan import (
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.hooks import supports_chain
 
-Data = Iterable | tuple[Tensor, Tensor]
+Data = Iterable | tuple[Any, Tensor]
 HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
 
 
@@ -38,13 +39,16 @@ def ggn(
     progress: bool = False,
     route: str = "auto",
     process_group: object = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
     """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss.
 
     Args:
         model: Any model whose modules with trainable parameters are supported.
         loss_fn: ``CrossEntropyLoss`` or ``MSELoss``, reduction ``"mean"`` or ``"sum"``.
-        data: An iterable of ``(X, y)`` batches (e.g. a ``DataLoader``) or one ``(X, y)`` pair.
+        data: An iterable of ``(X, y)`` batches (e.g. a ``DataLoader``) or one ``(X, y)`` pair;
+            ``X`` a tensor or any nested dict, list, tuple or ``Mapping`` of tensors, moved
+            to the model's device.
         params: Parameters to differentiate (default: all that require grad, in
             ``model.parameters()`` order); D is their total size.
         structure: ``"full"``, ``"layer"`` or ``"param"`` (``[D, D]``, zero off the diagonal
@@ -58,6 +62,7 @@ def ggn(
         process_group: Under ``torch.distributed``, the processes whose data sets together
             form the whole data set (default: all, when ``torch.distributed`` is
             initialised); each passes its own ``data`` and receives the combined matrix.
+        batch_size_fn: The number of samples in a batch's ``X`` (default: ``y.shape[0]``).
 
     Returns:
         The GGN of ``L = s * sum_n l_n`` over all samples (``s`` = 1 for ``"sum"``, the
@@ -74,6 +79,7 @@ def ggn(
         progress=progress,
         route=route,
         process_group=process_group,
+        batch_size_fn=batch_size_fn,
     )[Kind.GGN]
 
 
@@ -88,6 +94,7 @@ def empirical_fisher(
     progress: bool = False,
     route: str = "auto",
     process_group: object = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
     """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set.
 
@@ -108,6 +115,7 @@ def empirical_fisher(
         progress=progress,
         route=route,
         process_group=process_group,
+        batch_size_fn=batch_size_fn,
     )[Kind.EMPIRICAL_FISHER]
 
 
@@ -123,6 +131,7 @@ def hessian(
     progress: bool = False,
     route: str = "auto",
     process_group: object = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
     """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
 
@@ -148,6 +157,7 @@ def hessian(
         progress=progress,
         route=route,
         process_group=process_group,
+        batch_size_fn=batch_size_fn,
         chunk_size=chunk_size,
     )[Kind.HESSIAN]
 
@@ -164,6 +174,7 @@ def matrices(
     progress: bool = False,
     route: str = "auto",
     process_group: object = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
     chunk_size: int | None = None,
 ) -> dict[str, Tensor]:
     """``{kind: matrix}`` for ``kinds`` among ``"hessian"``, ``"ggn"``, ``"empirical_fisher"``.
@@ -188,12 +199,12 @@ def matrices(
         )
     results = {}
     if by_autograd:
-        total = _dataset_sum(loss_fn, process_group, plan)
+        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         results[Kind.HESSIAN] = autograd_hessian(
             model, loss_fn, data, plan, total, chunk_size, progress
         )
     if hooked:
-        total = _dataset_sum(loss_fn, process_group, plan)
+        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         hook_route = Route.HOOKS if route is Route.AUTO else route
         results.update(
             hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
@@ -217,8 +228,13 @@ def _hessian_by_autograd(
     return route is Route.AUTOGRAD
 
 
-def _dataset_sum(loss_fn: nn.Module, process_group: object, plan: Layout) -> DatasetSum:
+def _dataset_sum(
+    loss_fn: nn.Module,
+    process_group: object,
+    batch_size_fn: Callable[[Any], int] | None,
+    plan: Layout,
+) -> DatasetSum:
     """A fresh weighting over the data, with the processes checked to agree on ``plan``."""
-    total = DatasetSum(loss_fn, process_group)
+    total = DatasetSum(loss_fn, process_group, batch_size_fn)
     check_same_layout(plan, total.group)
     return total

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -27,26 +27,34 @@ class DatasetSum:
             batch) decides the weights.
         process_group: Under ``torch.distributed``, the processes to combine (default: all,
             when initialised).
+        batch_size_fn: The sample count of a batch's input (default: ``y.shape[0]``).
     """
 
-    def __init__(self, loss_fn: nn.Module, process_group: object) -> None:
+    def __init__(
+        self,
+        loss_fn: nn.Module,
+        process_group: object,
+        batch_size_fn: Callable[[Inputs], int] | None = None,
+    ) -> None:
+        self.batch_size_fn = batch_size_fn
         self.reduction = _reduction_of(loss_fn)
         self.group = _process_group_of(process_group, self.reduction)
         self.samples = 0
 
     def batches(
-        self, data: Iterable | tuple[Tensor, Tensor], device: torch.device, progress: bool
-    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+        self, data: Iterable | tuple[Inputs, Tensor], device: torch.device, progress: bool
+    ) -> Iterator[tuple[Inputs, Tensor, float]]:
         """``(X, y, weight)`` for each batch of ``data``, on ``device``: add ``weight`` times
         the batch's reduced-loss quantity, then call ``finish``."""
-        for index, (X, y) in enumerate(batches(data, device, progress)):
+        sized = batches(data, device, progress, self.batch_size_fn)
+        for index, (X, y, size) in enumerate(sized):
             if self.reduction is None and index > 0:
                 raise ValueError(
                     "the loss has no `reduction` attribute, so batches cannot be weighted; pass "
                     "one (X, y) pair, or a loss module with reduction='mean' or 'sum'"
                 )
-            self.samples += len(y)
-            yield X, y, (len(y) if self.reduction == "mean" else 1)
+            self.samples += size
+            yield X, y, (size if self.reduction == "mean" else 1)
 
     def finish(self, results: dict[object, Tensor]) -> None:
         """Sum the results over the processes (if any) and divide the weighted sums by the
@@ -93,43 +101,84 @@ def _process_group_of(process_group: object, reduction: str | None) -> object:
     return process_group
 
 
+Inputs = object
+"""A batch's model input: a tensor, or a nested dict, list, tuple or ``Mapping`` of tensors."""
+
+
 def batches(
-    data: Iterable | tuple[Tensor, Tensor], device: torch.device, progress: bool = False
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """The ``(X, y)`` batches of ``data`` on ``device``; ``data`` may be one pair."""
-    single = (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(item, Tensor) for item in data)
-    )
+    data: Iterable | tuple[Inputs, Tensor],
+    device: torch.device,
+    progress: bool = False,
+    batch_size_fn: Callable[[Inputs], int] | None = None,
+) -> Iterator[tuple[Inputs, Tensor, int]]:
+    """``(X, y, N)`` for each batch of ``data`` on ``device``; ``data`` may be one pair. N is
+    ``batch_size_fn(X)`` if given, else ``y.shape[0]``."""
+    single = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
     source = [data] if single else data
     count, start = 0, time.perf_counter()
     total = _length(source)
     for batch in source:
         X, y = _unpack(batch)
+        size = _batch_size(X, y, batch_size_fn)
         count += 1
         if progress:
             _show_progress(count, total, time.perf_counter() - start)
-        yield X.to(device), y.to(device)
+        yield to_device(X, device), y.to(device), size
     if progress:
         print(file=sys.stderr)
 
 
-def _unpack(batch: object) -> tuple[Tensor, Tensor]:
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """``inputs`` with every tensor in it moved to ``device``, containers rebuilt alike."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        moved = {key: to_device(value, device) for key, value in inputs.items()}
+        return moved if type(inputs) is dict else _rebuilt(inputs, moved)
+    if isinstance(inputs, (list, tuple)):
+        moved = [to_device(value, device) for value in inputs]
+        if hasattr(inputs, "_fields"):  # a named tuple
+            return type(inputs)(*moved)
+        return type(inputs)(moved)
+    return inputs
+
+
+def _rebuilt(mapping: Mapping, items: dict) -> Mapping:
+    """A mapping of ``mapping``'s type holding ``items`` (a plain dict where the type cannot be
+    built from one)."""
+    try:
+        return type(mapping)(items)
+    except TypeError:
+        return items
+
+
+def _unpack(batch: object) -> tuple[Inputs, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise ValueError(
             f"each batch must be a pair (X, y), got {type(batch).__name__}; "
             "pass a DataLoader over a TensorDataset(X, y) or an iterable of (X, y) pairs"
         )
     X, y = batch
-    if len(X) != len(y):
-        raise ValueError(
-            f"X and y hold different numbers of samples ({len(X)} and {len(y)}); "
-            "pass inputs and targets of the same length"
-        )
-    if len(X) == 0:
-        raise ValueError("a batch is empty; drop empty batches from the data")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"the targets y of a batch must be a tensor, got {type(y).__name__}")
     return X, y
+
+
+def _batch_size(X: Inputs, y: Tensor, batch_size_fn: Callable[[Inputs], int] | None) -> int:
+    """The batch's sample count; checked against a tensor input's first dimension."""
+    if batch_size_fn is not None:
+        size = batch_size_fn(X)
+    else:
+        size = y.shape[0] if y.dim() else 0
+        if isinstance(X, Tensor) and (X.dim() == 0 or len(X) != size):
+            raise ValueError(
+                f"X and y hold different numbers of samples "
+                f"({len(X) if X.dim() else 0} and {size}); pass inputs and targets of the same "
+                "length (or batch_size_fn= for inputs whose first dimension is not the batch)"
+            )
+    if size == 0:
+        raise ValueError("a batch is empty; drop empty batches from the data")
+    return size
 
 
 def _length(source: object) -> int | None:

@@ -32,8 +32,12 @@ LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {
 
 def _lookup(table: dict, obj: object):
     """The entry of the most specific class of ``obj`` in ``table`` (a registered subclass
-    overrides its base), or ``None``."""
-    return next((table[cls] for cls in type(obj).__mro__ if cls in table), None)
+    overrides its base), or ``None``; also ``None`` where ``obj``'s class overrides that
+    class's ``forward`` (the derivatives are those of the registered ``forward``)."""
+    registered = next((cls for cls in type(obj).__mro__ if cls in table), None)
+    if registered is None or type(obj).forward is not registered.forward:
+        return None
+    return table[registered]
 
 
 def module_derivatives(module: nn.Module) -> ModuleDerivatives | None:
