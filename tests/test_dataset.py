@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import UserDict
+from collections.abc import Mapping
+
 import pytest
 import torch
 from torch import nn
@@ -293,3 +296,50 @@ def test_route_errors():
         curvhooks.ggn(model, loss_fn, loader, route="autograd")
     with pytest.raises(ValueError, match="route must be one of"):
         curvhooks.empirical_fisher(model, loss_fn, loader, route="fast")
+
+
+class _StructuredInput(nn.Module):
+    """A network whose input is a structure: the tensor under key ``"x"`` of a mapping, or
+    the first item of a tuple."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs) -> torch.Tensor:
+        x = inputs["x"] if isinstance(inputs, Mapping) else inputs[0]
+        return self.net(x)
+
+
+@pytest.mark.parametrize("form", ["dict", "UserDict", "tuple"])
+@pytest.mark.parametrize("kind", FUNCTIONS)
+def test_inputs_of_any_structure(form, kind):
+    """N is taken from y; the structure is moved to the model's device as it is."""
+    net, loss_fn, X, y, _ = _data(PROBLEMS[0], "ce-mean")
+    wrap = {
+        "dict": lambda x: {"x": x},
+        "UserDict": lambda x: UserDict(x=x),
+        "tuple": lambda x: (x, "tag"),
+    }
+    loader = [(wrap[form](X[:4]), y[:4]), (wrap[form](X[4:]), y[4:])]
+    function, reference_function = FUNCTIONS[kind]
+    expected = reference_function(net, loss_fn, X, y)
+    for structure in STRUCTURES:
+        found = function(_StructuredInput(net), loss_fn, loader, structure=structure)
+        assert_close(found, reference.restrict(expected, net, structure))
+    single = function(_StructuredInput(net), loss_fn, (wrap[form](X), y))
+    assert_close(single, expected)
+
+
+def test_batch_size_fn():
+    net, loss_fn, X, y, _ = _data(PROBLEMS[0], "ce-mean")
+    counted = []
+
+    def batch_size(inputs) -> int:
+        counted.append(len(inputs["x"]))
+        return len(inputs["x"])
+
+    loader = [({"x": X[:4]}, y[:4]), ({"x": X[4:]}, y[4:])]
+    found = curvhooks.ggn(_StructuredInput(net), loss_fn, loader, batch_size_fn=batch_size)
+    assert_close(found, reference.ggn(net, loss_fn, X, y))
+    assert counted == [4, 3]
