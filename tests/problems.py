@@ -161,6 +161,38 @@ class Attention(nn.Module):
         return self.head(mixed.flatten(1))
 
 
+class TiedWeights(nn.Module):
+    """Two Linear modules sharing one weight (as an embedding tied to an output layer), one
+    feeding the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.second.weight = self.first.weight
+        self.act, self.head = nn.Sigmoid(), nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.second(torch.relu(self.first(x)))))
+
+
+class Siamese(nn.Module):
+    """One encoder called twice, side by side, on two views of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(6, 4), nn.Sigmoid())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x) - self.encoder(2 * x + 1))
+
+
+def _unrolled_recurrence() -> nn.Sequential:
+    """One cell applied twice in a row: ``head(cell(relu(cell(x))))``."""
+    cell = nn.Linear(5, 5)
+    return nn.Sequential(nn.Linear(6, 5), cell, nn.ReLU(), cell, nn.Linear(5, 3))
+
+
 def _conv_residual() -> nn.Sequential:
     block = nn.Sequential(
         nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1)
@@ -285,6 +317,15 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
     Problem("attention", Attention, (3, 4), hessian_glue="BmmBackward0", is_chain=False),
+    Problem("tied-weights", TiedWeights, (5,), hessian_glue="cannot sum", is_chain=False),
+    Problem("siamese", Siamese, (6,), is_chain=False),
+    Problem(
+        "unrolled-recurrence",
+        _unrolled_recurrence,
+        (6,),
+        hessian_glue="cannot sum",
+        is_chain=False,
+    ),
     Problem(
         "unsupported-in-chain",
         _unsupported_in_chain,

@@ -1,10 +1,15 @@
 """Independent references with plain ``torch.func`` on a model that carries no hooks.
 
+``functional_call`` runs on a copy of the model: on a model holding one module twice (an
+unrolled recurrence) it leaves plain tensors in place of that module's parameters (torch 2.13).
+
 Scaling follows API.md: the reduced loss is ``L = s * sum_n l_n`` with ``l_n`` sample n's loss
 under reduction ``"sum"``; per-sample quantities are those of ``s * l_n``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -37,18 +42,19 @@ def per_sample_grads(
     """``{name: [N, *p.shape]}``: gradients of ``s * l_n``."""
     frozen, sum_loss = _frozen(model), _sum_loss(loss_fn)
     scale = reduction_scale(loss_fn, model(X))
+    params, model = trainable(model), copy.deepcopy(model)
 
     def sample_loss(params: dict, x: Tensor, target: Tensor) -> Tensor:
         output = functional_call(model, {**params, **frozen}, (x[None],))
         return scale * sum_loss(output, target[None])
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(trainable(model), X, y)
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, X, y)
 
 
 def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
     """Jacobian ``[N, C, D]`` of the batch output ``[N, C]`` (C = prod(out)) in the flat
     trainable parameters."""
-    params, frozen = trainable(model), _frozen(model)
+    params, frozen, model = trainable(model), _frozen(model), copy.deepcopy(model)
 
     def output(params: dict) -> Tensor:
         return functional_call(model, {**params, **frozen}, (X,)).flatten(1)
@@ -93,7 +99,7 @@ def split(flat: Tensor, model: nn.Module) -> dict[str, Tensor]:
 
 def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
     """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters."""
-    params, frozen = trainable(model), _frozen(model)
+    params, frozen, model = trainable(model), _frozen(model), copy.deepcopy(model)
     shapes = [p.shape for p in params.values()]
 
     def loss(flat: Tensor) -> Tensor:

@@ -240,14 +240,6 @@ def test_unsupported_module_with_parameters_is_named_by_second_order():
         curvhooks.extend(model, nn.MSELoss(), DiagGGN()).__enter__()
 
 
-def test_module_called_twice_is_rejected():
-    layer = nn.Linear(3, 3)
-    model = nn.Sequential(layer, nn.ReLU(), layer)
-    with pytest.raises(curvhooks.UnsupportedError, match="called twice"):
-        with curvhooks.extend(model, nn.MSELoss(), BatchGrad()):
-            model(torch.randn(2, 3))
-
-
 def test_backward_through_a_stale_forward_pass_is_rejected():
     model, loss_fn, X, y = MLP.make("ce-mean")
     with curvhooks.extend(model, loss_fn, BatchGrad()):

@@ -343,3 +343,13 @@ def test_batch_size_fn():
     found = curvhooks.ggn(_StructuredInput(net), loss_fn, loader, batch_size_fn=batch_size)
     assert_close(found, reference.ggn(net, loss_fn, X, y))
     assert counted == [4, 3]
+
+
+def test_autograd_hessian_leaves_a_model_holding_a_module_twice_intact():
+    """``torch.func.functional_call`` would leave plain tensors in the repeated module."""
+    model, loss_fn, X, y = by_name("unrolled-recurrence").make("mse-sum")
+    params = [p for m in model.modules() for p in m._parameters.values()]
+    found = curvhooks.hessian(model, loss_fn, [(X[:2], y[:2]), (X[2:], y[2:])], route="autograd")
+    assert_close(found, reference.hessian_matrix(model, loss_fn, X, y))
+    assert [p for m in model.modules() for p in m._parameters.values()] == params
+    assert all(isinstance(p, nn.Parameter) for p in params)

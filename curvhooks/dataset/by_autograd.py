@@ -14,12 +14,13 @@ it works for any differentiable model and any scalar loss module, supported or n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import grad, vjp, vmap
 
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
 from curvhooks.dataset.weighting import DatasetSum
@@ -63,6 +64,30 @@ class _Task:
     start: int
 
 
+@contextmanager
+def parameters_replaced(model: nn.Module, values: dict[int, Tensor]) -> Iterator[None]:
+    """Run the block with each parameter of ``model`` whose id is in ``values`` replaced by
+    that tensor, in every module holding it, then put the parameters back.
+
+    ``torch.func.functional_call`` restores a module that appears twice in a model (an
+    unrolled recurrence) wrongly, leaving plain tensors in place of its parameters (torch
+    2.13); this records every holder before replacing anything.
+    """
+    holders = [
+        (module, name, param)
+        for module in model.modules()
+        for name, param in module._parameters.items()
+        if param is not None and id(param) in values
+    ]
+    try:
+        for module, name, param in holders:
+            module._parameters[name] = values[id(param)]
+        yield
+    finally:
+        for module, name, param in holders:
+            module._parameters[name] = param
+
+
 def _stages(model: nn.Module) -> list[nn.Module]:
     """The model as a chain of stages: a (nested) ``nn.Sequential`` flattened; otherwise,
     or where stages share a parameter, the model itself."""
@@ -104,15 +129,15 @@ def _tasks(plan: Layout, stages: list[nn.Module]) -> list[_Task]:
 def _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size) -> None:
     """Add ``weight`` times the task's Hessian entries, and their mirror images, to ``result``."""
     tail = nn.Sequential(*stages[task.start :])
-    names = {id(p): name for name, p in tail.named_parameters()}
-    fixed = {name: p.detach() for name, p in tail.named_parameters()}
+    fixed = {id(p): p.detach() for p in tail.parameters()}
     row_params = [plan.params[i] for i in task.rows]
     tail_input = stage_inputs[task.start]
 
     def loss(flat: Tensor) -> Tensor:
         pieces = flat.split([p.numel() for p in row_params])
-        values = {names[id(p)]: piece.view_as(p) for p, piece in zip(row_params, pieces)}
-        return loss_fn(functional_call(tail, {**fixed, **values}, (tail_input,)), y)
+        values = {id(p): piece.view_as(p) for p, piece in zip(row_params, pieces)}
+        with parameters_replaced(tail, {**fixed, **values}):
+            return loss_fn(tail(tail_input), y)
 
     point = torch.cat([p.detach().flatten() for p in row_params])
     _, hessian_vjp = vjp(grad(loss), point)

@@ -121,11 +121,10 @@ def _blocks(model: nn.Module, params: list[nn.Parameter], structure: Structure) 
         return [indices]
     if structure in (Structure.PARAM, Structure.DIAG):
         return [[index] for index in indices]
-    owner = {
-        id(p): module_id
-        for module_id, module in enumerate(model.modules())
-        for p in module.parameters(recurse=False)
-    }
+    owner: dict[int, int] = {}  # a tied parameter belongs to the first module holding it
+    for module_id, module in enumerate(model.modules()):
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), module_id)
     blocks: list[list[int]] = []
     for index, param in enumerate(params):
         if blocks and owner[id(params[blocks[-1][-1]])] == owner[id(param)]:

@@ -53,6 +53,48 @@ class Target:
         return self.derivatives.param_sq_norm(self.io, self.name, mat)
 
 
+class SummedTarget:
+    """A parameter used by several calls (a module called twice, weights tied between
+    modules): each stack's per-sample products, summed over the calls per sample and per
+    vector before anything is squared, stand in for one call's products.
+
+    The stacks it is asked about are tokens ``[V, N]`` (``tokens``), one per summed part.
+    """
+
+    def __init__(self, param: Tensor, summed: list[Tensor]) -> None:
+        self.param = param
+        self.tokens = tuple(p.new_empty(()).expand(*p.shape[:2]) for p in summed)
+        self._products = {id(token): p for token, p in zip(self.tokens, summed)}
+
+    @classmethod
+    def of(cls, param: Tensor, targets: list[Target], stacks: list[tuple[Tensor, ...]]):
+        """The summed target of ``targets`` (one per call) and their stacks, each a tuple of
+        parts with the same vectors in every call (an empty part in any call counts as
+        zeros)."""
+        summed = []
+        for index, part in enumerate(stacks[0]):
+            pieces = [
+                t.products(parts[index]) for t, parts in zip(targets, stacks) if len(parts[index])
+            ]
+            empty = param.new_zeros(0, part.shape[1], *param.shape)
+            summed.append(sum(pieces[1:], pieces[0]) if pieces else empty)
+        return cls(param, summed)
+
+    def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
+        products = self._products[id(mat)]
+        return products if out is None else out.copy_(products)
+
+    def summed(self, mat: Tensor) -> Tensor:
+        return self._products[id(mat)].sum((0, 1))
+
+    def sq_sum(self, mat: Tensor, per_sample: bool) -> Tensor:
+        squares = self._products[id(mat)].square().sum(0)
+        return squares if per_sample else squares.sum(0)
+
+    def sq_norm(self, mat: Tensor) -> Tensor:
+        return self._products[id(mat)].square().flatten(2).sum((0, 2))
+
+
 class Extension:
     """Base class: subclasses set ``attribute`` and implement ``compute``."""
 

@@ -84,11 +84,16 @@ class CallRecord:
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
+        self.shared: set[int] = set()
+        """Ids of the parameters used by several calls."""
         self._outputs: dict[int, tuple[weakref.ref, int, Call]] = {}
+        self._used: set[int] = set()
 
     def add(self, call: Call, output: Tensor) -> None:
         self.calls.append(call)
         self._outputs[id(output)] = (weakref.ref(output), output._version, call)
+        for _, param in call.params:
+            (self.shared if id(param) in self._used else self._used).add(id(param))
 
     def producer_of(self, tensor: object) -> Call | None:
         """The recorded call whose output is ``tensor``, unchanged since (the latest, for
@@ -101,7 +106,7 @@ class CallRecord:
     def chain(self, last: Call | None) -> list[Call] | None:
         """The calls from ``last`` back to the first, if they form a chain the analytic route
         can push through: every call on it supported, every call with trainable parameters on
-        it. ``None`` otherwise."""
+        it, no parameter used twice. ``None`` otherwise."""
         path = []
         call = last
         while call is not None:
@@ -110,7 +115,7 @@ class CallRecord:
             path.append(call)
             call = call.producer
         on_path = set(map(id, path))
-        if not path or any(c.params and id(c) not in on_path for c in self.calls):
+        if not path or self.shared or any(c.params and id(c) not in on_path for c in self.calls):
             return None
         return path
 
@@ -119,6 +124,8 @@ class CallRecord:
             call.release()
         self.calls.clear()
         self._outputs.clear()
+        self.shared = set()
+        self._used = set()
 
 
 def gradient_edge(tensor: Tensor) -> GradientEdge | None:

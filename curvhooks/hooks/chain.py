@@ -16,16 +16,27 @@ from curvhooks.hooks.context import extend, link_chain
 
 def supports_chain(model: nn.Module, loss_fn: nn.Module) -> bool:
     """Whether the chain route certainly applies: a supported loss, and a model that is a
-    supported module or an ``nn.Sequential`` (nested) of supported modules. A subclass of
-    ``nn.Sequential`` that overrides ``forward`` is not a chain of its children."""
-    if loss_derivatives(loss_fn) is None:
+    supported module or an ``nn.Sequential`` (nested) of supported modules, no parameter
+    used twice. A subclass of ``nn.Sequential`` that overrides ``forward`` is not a chain of
+    its children."""
+    modules = _chain_modules(model)
+    if loss_derivatives(loss_fn) is None or modules is None:
         return False
+    params = [id(p) for module in modules for p in module.parameters()]
+    return len(params) == len(set(params))
+
+
+def _chain_modules(model: nn.Module) -> list[nn.Module] | None:
+    """The supported modules ``model`` applies one after the other, or ``None``."""
     if isinstance(model, nn.Sequential):
-        return type(model).forward is nn.Sequential.forward and all(
-            supports_chain(child, loss_fn) for child in model
-        )
+        if type(model).forward is not nn.Sequential.forward:
+            return None
+        parts = [_chain_modules(child) for child in model]
+        return None if None in parts else [m for part in parts for m in part]
     derivatives = module_derivatives(model)
-    return derivatives is not None and derivatives.unsupported_reason(model) is None
+    if derivatives is None or derivatives.unsupported_reason(model) is not None:
+        return None
+    return [model]
 
 
 class ChainBackward(extend):

@@ -38,7 +38,11 @@ from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import Stack, StackKind
 from curvhooks.hooks.calls import Call, CallRecord, describe, get_gradient_edge, gradient_edge
-from curvhooks.hooks.graph import check_hessian_glue, push_to_calls
+from curvhooks.hooks.graph import (
+    check_hessian_glue,
+    check_shared_uses_independent,
+    push_to_calls,
+)
 from curvhooks.hooks.results import Results
 
 ROUTES = ("auto", "chain", "graph")
@@ -89,6 +93,7 @@ class extend:
         self._pending_inputs: dict[int, tuple] = {}
         self._graph_stacks: dict[object, Stack] = {}
         self._on_graph = False
+        self._finish_queued = False
         self._pass_id = 0
         self._active = False
         self._nested = False
@@ -184,11 +189,6 @@ class extend:
             return
         if not (self._pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
-        if params and any(call.io.module is module for call in self._record.calls):
-            raise UnsupportedError(
-                f"module {describe(path, module)} was called twice in one forward pass; "
-                "curvhooks supports each module with trainable parameters once per pass"
-            )
         call = Call(
             path,
             self._module_io(module, derivatives, params, args[0], output),
@@ -288,6 +288,7 @@ class extend:
         if any(kind.has_module_curvature for kind in self._kinds):
             needed_by = _names(e for e in self._second_order if e.stack_kind().has_module_curvature)
             check_hessian_glue(start, self._record.calls, needed_by)
+            check_shared_uses_independent(self._record.calls, self._record.shared, needed_by)
         self._on_graph = True
         self._graph_stacks = stacks
         loss.register_hook(partial(self._push_on_graph, start, self._pass_id))
@@ -297,6 +298,7 @@ class extend:
         """Push every stack from the model output to every call with parameters."""
         if self._nested or not self._active or pass_id != self._pass_id:
             return
+        self._finish_with_backward()
         targets = [call for call in self._record.calls if call.params]
         for kind in self._kinds:
             self._reduce_on_arrival(start, kind, self._graph_stacks.pop(kind.key), targets)
@@ -307,9 +309,14 @@ class extend:
         """Push a stack from ``start`` to the targets and reduce what arrives at each into
         the results of the extensions of its kind."""
         extensions = [ext for ext in self._second_order if ext.stack_kind().key == kind.key]
+        shared = self._record.shared
         with self._nesting():
-            for call, contribution in push_to_calls(start, kind, stack, targets):
-                self._results.reduce(call, extensions, [contribution] * len(extensions))
+            for arrivals in push_to_calls(start, kind, stack, targets):
+                for call, contribution in arrivals:
+                    stacks = [contribution] * len(extensions)
+                    self._results.reduce(call, extensions, stacks, shared)
+                if shared:
+                    self._results.reduce_shared(kind, arrivals, extensions, shared)
 
     def _backward(self, call: Call, grad_output: Tensor) -> None:
         if self._nested or not self._active:
@@ -319,15 +326,26 @@ class extend:
                 "backward() reached a forward pass that is not the latest one inside the "
                 "curvhooks.extend context; call backward() before the next forward pass"
             )
+        self._finish_with_backward()
         self._backward_extensions(call, grad_output.detach())
         call.release()
+
+    def _finish_with_backward(self) -> None:
+        """Once per pass, have the backward pass end by writing the results of parameters
+        used by several calls (every use has contributed by then)."""
+        if self._record.shared and not self._finish_queued:
+            self._finish_queued = True
+            finish = partial(self._results.finish_shared, self._first_order)
+            torch.autograd.Variable._execution_engine.queue_callback(finish)
 
     def _backward_extensions(self, call: Call, grad_output: Tensor | None) -> None:
         """Every extension's results at ``call``; the stacks it passes on."""
         if self._first_order:
-            self._results.write(
-                call, self._first_order, [grad_output[None]] * len(self._first_order)
-            )
+            shared = self._record.shared
+            stacks = [grad_output[None]] * len(self._first_order)
+            self._results.write(call, self._first_order, stacks, shared)
+            if shared:
+                self._results.add_gradient(call, grad_output, shared)
         if not self._second_order:
             return
         if self._on_graph:
@@ -341,7 +359,7 @@ class extend:
                 "to curvhooks.extend, called on the model's output"
             )
         stacks = [call.stacks.get(ext.stack_kind().key) for ext in self._second_order]
-        self._results.write(call, self._second_order, stacks)
+        self._results.write(call, self._second_order, stacks, self._record.shared)
         if call.push_to_producer:
             call.producer.stacks = {
                 kind.key: self._push(kind, call, call.stacks[kind.key], grad_output)
@@ -374,6 +392,7 @@ class extend:
         self._pending_inputs.clear()
         self._graph_stacks = {}
         self._on_graph = False
+        self._finish_queued = False
 
 
 class _Nested:

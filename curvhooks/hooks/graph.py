@@ -83,9 +83,10 @@ resnet benchmark (DiagGGN, 30 MB per vector) 32 MiB chunks of one vector take th
 
 def push_to_calls(
     start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]
-) -> Iterator[tuple[Call, Stack]]:
+) -> Iterator[list[tuple[Call, Stack]]]:
     """Push a stack of ``kind`` from ``start`` to the targets' outputs, in chunks of vectors
-    of at most ``GRAPH_CHUNK_BYTES``; yield each ``(call, stack)`` contribution that arrives.
+    of at most ``GRAPH_CHUNK_BYTES``; yield, per chunk, the ``(call, stack)`` contributions
+    that arrive (the same vectors at every call).
 
     A call's contributions together form its stack (``kind.join``); every reduction of a
     stack is a sum over its vectors, so each can be reduced on arrival and freed.
@@ -94,9 +95,11 @@ def push_to_calls(
     for index, part in enumerate(parts):
         for chunk in part.split(_chunk_size(part, targets)) if len(part) else ():
             pushed = batched_vjp(start, chunk, targets)
-            for call, vectors in zip(targets, pushed):
-                if vectors is not None:
-                    yield call, _as_stack(kind, index, vectors, len(parts), call)
+            yield [
+                (call, _as_stack(kind, index, vectors, len(parts), call))
+                for call, vectors in zip(targets, pushed)
+                if vectors is not None
+            ]
 
 
 def _chunk_size(part: Tensor, targets: list[Call]) -> int:
@@ -157,3 +160,41 @@ def _check_operation(node: object, needed_by: str) -> None:
         "use a supported module for it (see curvhooks.derivatives.MODULE_DERIVATIVES), or use "
         "the GGN extensions, which are exact there"
     )
+
+
+def check_shared_uses_independent(calls: list[Call], shared: set[int], needed_by: str) -> None:
+    """Raise ``UnsupportedError`` where a parameter used by several calls has one use feeding
+    another (a recurrence ``W (W x)``): the Hessian then has a term of the two uses together
+    that the summed stacks do not hold. Uses side by side (a siamese net) are exact."""
+    for param_id in shared:
+        uses = [c for c in calls if any(id(p) == param_id for _, p in c.params)]
+        outputs = {c.output_edge.node for c in uses if c.output_edge is not None}
+        for call in uses:
+            others = outputs - {None if call.output_edge is None else call.output_edge.node}
+            if call.input_edge is not None and _reaches(call.input_edge.node, others):
+                names = ", ".join(
+                    f"{c.path or '(the model)'}.{n}"
+                    for c in uses
+                    for n, p in c.params
+                    if id(p) == param_id
+                )
+                raise UnsupportedError(
+                    f"{needed_by} cannot sum the uses of a parameter where one feeds another: "
+                    f"{names} are one parameter, and one use's output reaches another's input; "
+                    "the GGN and first-order extensions are exact there, and "
+                    "curvhooks.hessian(route='autograd') gives the Hessian"
+                )
+
+
+def _reaches(node: object, goals: set) -> bool:
+    """Whether the autograd graph below ``node`` (``node`` included) holds one of ``goals``."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current is None or current in seen:
+            continue
+        if current in goals:
+            return True
+        seen.add(current)
+        todo.extend(next_node for next_node, _ in current.next_functions)
+    return False

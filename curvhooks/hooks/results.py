@@ -13,16 +13,25 @@ from contextlib import contextmanager
 from torch import Tensor, nn
 
 from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
-from curvhooks.extensions.base import Target, is_unreferenced
-from curvhooks.extensions.stacks import Stack
+from curvhooks.extensions.base import SummedTarget, Target, is_unreferenced
+from curvhooks.extensions.stacks import Stack, StackKind
 from curvhooks.hooks.calls import Call
 
 
 class Results:
-    """Writes the extensions' results, reusing the memory of earlier results nobody holds."""
+    """Writes the extensions' results, reusing the memory of earlier results nobody holds.
+
+    A parameter used by one call of the pass gets its results from that call's stacks. A
+    parameter used by several calls (``shared``) gets them from the calls' per-sample
+    products summed per sample and per vector (``SummedTarget``); its output gradients arrive
+    at different times and are summed as they come, and ``finish_shared`` writes its results
+    once the backward pass is over.
+    """
 
     def __init__(self) -> None:
         self._spare: dict[tuple[int, str], Tensor] = {}
+        self._gradients: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        self._shared: dict[tuple[int, str], tuple[nn.Parameter, object]] = {}
 
     def take(self, model: nn.Module) -> None:
         """Remove every result attribute from the model's parameters; keep those nobody else
@@ -34,24 +43,86 @@ class Results:
                 if isinstance(result, Tensor) and is_unreferenced(result, references=1):
                     self._spare[(id(param), attribute)] = result
 
-    def write(self, call: Call, extensions: list[Extension], stacks: list[Stack]) -> None:
+    def write(
+        self, call: Call, extensions: list[Extension], stacks: list[Stack], shared: set[int]
+    ) -> None:
         """Set each extension's result, from its stack, on each trainable parameter of the
-        call."""
-        self.reduce(call, extensions, stacks)
+        call that is not ``shared`` (ids)."""
+        self.reduce(call, extensions, stacks, shared)
         self.commit(call)
 
-    def reduce(self, call: Call, extensions: list[Extension], stacks: list[Stack]) -> None:
+    def reduce(
+        self, call: Call, extensions: list[Extension], stacks: list[Stack], shared: set[int]
+    ) -> None:
         """Add each extension's result from one contribution to its stack (``stacks``) to
-        the call's results of this pass."""
+        the call's results of this pass, for its parameters that are not ``shared``."""
         for name, param in call.params:
+            if id(param) in shared:
+                continue
             target = Target(call.derivatives, call.io, name)
             for ext, stack in zip(extensions, stacks):
-                key = (name, ext.attribute)
-                if key in call.results:
-                    call.results[key] = ext.combine(call.results[key], ext.compute(target, stack))
-                else:
-                    previous = self._previous(param, ext.attribute)
-                    call.results[key] = ext.compute(target, stack, previous)
+                self._add(call.results, (name, ext.attribute), param, ext, target, stack)
+
+    def reduce_shared(
+        self,
+        kind: StackKind,
+        arrivals: list[tuple[Call, Stack]],
+        extensions: list[Extension],
+        shared: set[int],
+    ) -> None:
+        """Add the results of the ``shared`` parameters from one chunk of a stack of
+        ``kind`` that arrived at several calls (the same vectors at each)."""
+        uses: dict[int, list[tuple[nn.Parameter, Target, tuple[Tensor, ...]]]] = {}
+        for call, stack in arrivals:
+            for name, param in call.params:
+                if id(param) in shared:
+                    target = Target(call.derivatives, call.io, name)
+                    uses.setdefault(id(param), []).append((param, target, kind.parts(stack)))
+        for entries in uses.values():
+            param = entries[0][0]
+            target = SummedTarget.of(param, [e[1] for e in entries], [e[2] for e in entries])
+            token = kind.from_parts(target.tokens)
+            for ext in extensions:
+                self._add_shared(param, ext, target, token)
+
+    def add_gradient(self, call: Call, grad_output: Tensor, shared: set[int]) -> None:
+        """Sum the per-sample gradient products of the call's ``shared`` parameters."""
+        for name, param in call.params:
+            if id(param) in shared:
+                products = Target(call.derivatives, call.io, name).products(grad_output[None])
+                previous = self._gradients.get(id(param))
+                self._gradients[id(param)] = (
+                    param,
+                    products if previous is None else previous[1].add_(products),
+                )
+
+    def finish_shared(self, first_order: list[Extension]) -> None:
+        """Compute the shared parameters' first-order results from their summed gradients,
+        then set every shared result on its parameter."""
+        for param, products in self._gradients.values():
+            target = SummedTarget(param, [products])
+            for ext in first_order:
+                self._add_shared(param, ext, target, target.tokens[0])
+        for (_, attribute), (param, result) in self._shared.items():
+            setattr(param, attribute, result)
+        self._gradients.clear()
+        self._shared.clear()
+
+    def _add_shared(self, param: nn.Parameter, ext: Extension, target, stack) -> None:
+        key = (id(param), ext.attribute)
+        entry = self._shared.get(key)
+        if entry is None:
+            result = ext.compute(target, stack, self._previous(param, ext.attribute))
+        else:
+            result = ext.combine(entry[1], ext.compute(target, stack))
+        self._shared[key] = (param, result)
+
+    def _add(self, store: dict, key: object, param: nn.Parameter, ext, target, stack) -> None:
+        """``store[key]``: ``ext``'s result from ``stack``, combined with what it holds."""
+        if key in store:
+            store[key] = ext.combine(store[key], ext.compute(target, stack))
+        else:
+            store[key] = ext.compute(target, stack, self._previous(param, ext.attribute))
 
     def commit(self, call: Call) -> None:
         """Set the call's results of this pass on its parameters."""
@@ -70,6 +141,8 @@ class Results:
 
     def clear(self) -> None:
         self._spare.clear()
+        self._gradients.clear()
+        self._shared.clear()
 
 
 def clear_results(model: nn.Module) -> None:
