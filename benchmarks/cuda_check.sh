@@ -9,7 +9,7 @@ mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" \
     | tee "$LOGS/tests.log"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tail -40 | tee -a "$LOGS/tests.log"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rfs 2>&1 | tail -60 | tee -a "$LOGS/tests.log"
 # seconds per benchmark: together with the tests within one 10-minute device call
 for benchmark in dense:150 per_sample:100 second_order:130; do
     timeout "${benchmark#*:}" python3 -m "benchmarks.${benchmark%:*}" --repeats 3 2>&1 \

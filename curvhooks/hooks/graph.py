@@ -74,11 +74,13 @@ def batched_vjp(start: GradientEdge, stack: Tensor, targets: list[Call]) -> list
     )
 
 
-GRAPH_CHUNK_BYTES = 2**25
-"""Most bytes of stacks one batched product returns (at all targets together); a larger
-stack is pushed in chunks of its vectors, each reduced into the results on arrival. On the
-resnet benchmark (DiagGGN, 30 MB per vector) 32 MiB chunks of one vector take the time of
-256 MiB chunks of eight, with a peak of 130 MB instead of 620 MB."""
+GRAPH_CHUNK_BYTES = {"cpu": 2**25, "cuda": 2**30}
+"""Most bytes of stacks one batched product returns (at all targets together), by device
+type (others: the CPU's); a larger stack is pushed in chunks of its vectors, each reduced
+into the results on arrival. On the resnet benchmark's CPU run (DiagGGN, 30 MB per vector),
+32 MiB chunks of one vector take the time of 256 MiB chunks of eight, with a peak of 130 MB
+instead of 620 MB; on a GPU each product's fixed cost of kernel launches favours large
+chunks."""
 
 
 def push_to_calls(
@@ -105,7 +107,8 @@ def push_to_calls(
 def _chunk_size(part: Tensor, targets: list[Call]) -> int:
     """Vectors per batched product, within ``GRAPH_CHUNK_BYTES``."""
     per_vector = sum(call.io.output_shape.numel() for call in targets) * part.element_size()
-    return max(1, GRAPH_CHUNK_BYTES // max(1, per_vector))
+    budget = GRAPH_CHUNK_BYTES.get(part.device.type, GRAPH_CHUNK_BYTES["cpu"])
+    return max(1, budget // max(1, per_vector))
 
 
 def _as_stack(kind: StackKind, index: int, vectors: Tensor, count: int, call: Call) -> Stack:
