@@ -193,6 +193,14 @@ def _unrolled_recurrence() -> nn.Sequential:
     return nn.Sequential(nn.Linear(6, 5), cell, nn.ReLU(), cell, nn.Linear(5, 3))
 
 
+class PostProcessed(nn.Sequential):
+    """An ``nn.Sequential`` whose own ``forward`` adds a skip around its children:
+    ``x + 0.1 * children(x)``, so it is no chain of its children."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.1 * super().forward(x)
+
+
 def _conv_residual() -> nn.Sequential:
     block = nn.Sequential(
         nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1)
@@ -317,6 +325,12 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
     Problem("attention", Attention, (3, 4), hessian_glue="BmmBackward0", is_chain=False),
+    Problem(
+        "sequential-own-forward",
+        lambda: PostProcessed(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 3)),
+        (3,),
+        is_chain=False,
+    ),
     Problem("tied-weights", TiedWeights, (5,), hessian_glue="cannot sum", is_chain=False),
     Problem("siamese", Siamese, (6,), is_chain=False),
     Problem(

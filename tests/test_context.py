@@ -19,6 +19,7 @@ from curvhooks import (
     SqrtGGN,
     Variance,
 )
+from tests import reference
 from tests.problems import (
     CASE_IDS,
     CASES,
@@ -303,3 +304,34 @@ def test_graph_route_in_chunks_of_one_vector(problem, monkeypatch):
     for name, results in expected.items():
         for attribute, value in results.items():
             assert_close(found[name][attribute], value)
+
+
+def test_modules_run_inside_a_torch_func_transform_are_refused():
+    class VmapInside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.func.vmap(self.linear)(x)
+
+    model, loss_fn = VmapInside().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    refused = r"'linear' \(Linear\) ran inside a torch.func transform"
+    for extension in (BatchGrad(), DiagGGN()):
+        with pytest.raises(curvhooks.UnsupportedError, match=refused):
+            run_with(model, loss_fn, X, y, extension)
+    with pytest.raises(curvhooks.UnsupportedError, match=refused):
+        curvhooks.ggn(model, loss_fn, (X, y))
+    expected = reference.hessian_matrix(model, loss_fn, X, y)
+    assert_close(curvhooks.hessian(model, loss_fn, (X, y)), expected)  # autograd route
+
+
+def test_a_subclass_that_overrides_forward_gets_no_derivatives():
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Doubled(4, 2))
+    with pytest.raises(curvhooks.UnsupportedError, match=r"'2' \(Doubled\)"):
+        curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()

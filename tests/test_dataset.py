@@ -353,3 +353,24 @@ def test_autograd_hessian_leaves_a_model_holding_a_module_twice_intact():
     assert_close(found, reference.hessian_matrix(model, loss_fn, X, y))
     assert [p for m in model.modules() for p in m._parameters.values()] == params
     assert all(isinstance(p, nn.Parameter) for p in params)
+
+
+def test_a_parameter_that_does_not_reach_the_loss_has_zero_curvature():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+            self.spare = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model, loss_fn = Unused().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    for function, reference_function in FUNCTIONS.values():
+        expected = reference_function(model, loss_fn, X, y)
+        assert expected[-14:].abs().sum() == 0  # spare's rows
+        for structure in STRUCTURES:
+            found = function(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])], structure=structure)
+            assert_close(found, reference.restrict(expected, model, structure))

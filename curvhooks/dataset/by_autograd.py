@@ -151,7 +151,7 @@ def _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chun
         directions = torch.zeros(count, len(point), dtype=point.dtype, device=point.device)
         directions[torch.arange(count), positions[chunk]] = 1
         (entries,) = vmap(hessian_vjp)(directions)  # [k, rows]: H[rows, column], per column
-        entries.mul_(weight)
+        entries = entries * weight  # not in place: zeros of an unused parameter are expanded
         if plan.structure is Structure.DIAG:
             result[columns[chunk]] += entries[torch.arange(count), positions[chunk]]
             continue

@@ -111,24 +111,38 @@ def _accumulate(
     result: Tensor, plan: Layout, attribute: str, weight: float, from_factors: bool
 ) -> None:
     """Add ``weight`` times the batch's diagonal, or its blocks: ``F^T F`` from factors F,
-    or the per-parameter blocks themselves."""
+    or the per-parameter blocks themselves. A parameter without a result did not reach this
+    batch's loss (its module was not called, or its output was not used): it adds zeros."""
     if plan.structure is Structure.DIAG:
-        diagonal = torch.cat([getattr(p, attribute).flatten() for p in plan.params])
-        result.add_(diagonal, alpha=weight)
+        for index, param in enumerate(plan.params):
+            if hasattr(param, attribute):
+                rows = slice(plan.offsets[index], plan.offsets[index + 1])
+                result[rows].add_(getattr(param, attribute).flatten(), alpha=weight)
         return
     for block in plan.blocks:
         rows = plan.span(block)
+        reached = [i for i in block if hasattr(plan.params[i], attribute)]
         if not from_factors:
-            result[rows, rows].add_(getattr(plan.params[block[0]], attribute), alpha=weight)
+            for i in reached:
+                own = slice(plan.offsets[i], plan.offsets[i + 1])
+                result[own, own].add_(getattr(plan.params[i], attribute), alpha=weight)
             continue
-        factor = torch.cat(
-            [_rows(getattr(plan.params[i], attribute), plan.params[i]) for i in block], 1
-        )
+        if not reached:
+            continue
+        count = _rows(getattr(plan.params[reached[0]], attribute), plan.params[reached[0]]).shape[0]
+        factor = torch.cat([_rows_or_zeros(plan.params[i], attribute, count) for i in block], 1)
         square = result[rows, rows]
         for panel in _row_panels(factor.shape[1]):
             square[panel, panel.start :].addmm_(
                 factor[:, panel].T, factor[:, panel.start :], alpha=weight
             )
+
+
+def _rows_or_zeros(param: nn.Parameter, attribute: str, count: int) -> Tensor:
+    """The parameter's factor as rows ``[count, p.numel()]``; zeros where it has none."""
+    if hasattr(param, attribute):
+        return _rows(getattr(param, attribute), param)
+    return param.new_zeros(count, param.numel())
 
 
 PANEL = 512

@@ -187,6 +187,13 @@ class extend:
         producer, input_edge = self._pending_inputs.pop(id(module), (None, None))
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return
+        if _is_transformed(output):
+            raise UnsupportedError(
+                f"module {describe(path, module)} ran inside a torch.func transform (vmap, grad, "
+                "...) in the model's forward; curvhooks cannot follow its calls there. Call the "
+                "module outside the transform (modules take batches), or, for the dataset "
+                "matrices, use curvhooks.hessian(route='autograd')"
+            )
         if not (self._pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
         call = Call(
@@ -461,6 +468,12 @@ def _check_supported(
         raise UnsupportedError(
             f"module {describe(path, module)} is not supported by {_names(needed_by)}: {reason}"
         )
+
+
+def _is_transformed(tensor: Tensor) -> bool:
+    """Whether ``tensor`` lives inside a ``torch.func`` transform (a wrapped tensor)."""
+    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(is_wrapped is not None and is_wrapped(tensor))
 
 
 def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
