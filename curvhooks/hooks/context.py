@@ -117,6 +117,9 @@ class extend:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for call in self._record.calls:
+            if call.handle is not None:
+                call.handle.remove()
         self._release_pass()
         self._results.clear()
         self._active = False
