@@ -284,6 +284,38 @@ PROBLEMS: list[Problem] = [
         "conv-valid", lambda: _conv_net(kernel_size=3, padding="valid", stride=(1, 2)), (2, 7, 6)
     ),
     Problem(
+        "activations-from-output",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Linear(5, 5),
+            nn.ELU(alpha=0.7, inplace=True),
+            nn.Linear(5, 5),
+            nn.SELU(),
+            nn.Linear(5, 4),
+            nn.Tanh(),
+            nn.Linear(4, 3),
+        ),
+        (6,),
+    ),
+    Problem(
+        "activations-from-input",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5),
+            nn.GELU(),
+            nn.Linear(5, 5),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(5, 5),
+            nn.SiLU(inplace=True),
+            nn.Linear(5, 5),
+            nn.Softplus(beta=2.0, threshold=1.0),
+            nn.Linear(5, 4),
+            nn.LogSigmoid(),
+            nn.Linear(4, 3),
+        ),
+        (6,),
+    ),
+    Problem(
         "cnn-sigmoid",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),

@@ -11,6 +11,21 @@ import curvhooks.derivatives.conv2d
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
 from tests.problems import assert_close
 
+ACTIVATIONS = {
+    "leaky-relu": (lambda: nn.LeakyReLU(0.2), (3, 4)),
+    "leaky-relu-negative-slope": (lambda: nn.LeakyReLU(-0.3), (3, 4)),
+    "elu": (lambda: nn.ELU(alpha=0.7), (3, 4)),
+    "selu": (nn.SELU, (3, 4)),
+    "gelu": (nn.GELU, (3, 4)),
+    "gelu-tanh": (lambda: nn.GELU(approximate="tanh"), (3, 4)),
+    "silu": (nn.SiLU, (3, 4)),
+    "tanh": (nn.Tanh, (3, 4)),
+    "softplus-threshold": (lambda: nn.Softplus(beta=2.0, threshold=1.0), (3, 4)),
+    "logsigmoid": (nn.LogSigmoid, (3, 4)),
+    "sigmoid": (nn.Sigmoid, (3, 4)),
+}
+"""Element-wise activations, for their second derivatives as well."""
+
 MODULES = {
     "linear": (lambda: nn.Linear(4, 3), (4,)),
     "linear-extra-dims": (lambda: nn.Linear(4, 3), (2, 5, 4)),
@@ -26,6 +41,7 @@ MODULES = {
     "conv-padding-beyond-kernel": (lambda: nn.Conv2d(2, 3, 2, stride=3, padding=3), (2, 5, 4)),
     "relu": (nn.ReLU, (3, 4)),
     "sigmoid": (nn.Sigmoid, (3, 4)),
+    **ACTIVATIONS,
     "flatten": (nn.Flatten, (2, 3, 4)),
     "flatten-partial": (lambda: nn.Flatten(2, 3), (2, 3, 4, 5)),
 }
@@ -116,3 +132,27 @@ def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor
             )
         )
     return torch.stack(rows)
+
+
+@pytest.mark.parametrize("key", ACTIVATIONS)
+def test_second_derivatives_against_autograd_and_finite_differences(key):
+    """``hessian_residual`` is ``f''(x) * g``: against the diagonal of ``torch.func.hessian``
+    of ``sum(f(x) g)``, and against central differences of autograd's first derivative."""
+    derivatives, io, _, _ = _setting(key)
+    module, x = io.module, io.input
+    g = torch.randn_like(io.output)
+    residual = derivatives.hessian_residual(io, g)
+    if residual is None:  # piecewise linear: zero almost everywhere
+        residual = torch.zeros_like(x)
+
+    def weighted_sum(inputs: torch.Tensor) -> torch.Tensor:
+        return (module(inputs) * g).sum()
+
+    exact = torch.func.hessian(weighted_sum)(x).reshape(x.numel(), x.numel()).diagonal()
+    assert_close(residual.flatten(), exact)
+    step = 1e-5
+    first = [torch.func.grad(weighted_sum)(x + sign * step) for sign in (1, -1)]
+    torch.testing.assert_close(residual, (first[0] - first[1]) / (2 * step), rtol=1e-6, atol=1e-8)
+    assert_close(
+        derivatives.jac_t_mat_prod(io, g[None].clone())[0], torch.func.grad(weighted_sum)(x)
+    )

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from curvhooks.derivatives.activations import ReLUDerivatives, SigmoidDerivatives
+from curvhooks.derivatives.activations import (
+    ELUDerivatives,
+    GELUDerivatives,
+    LeakyReLUDerivatives,
+    LogSigmoidDerivatives,
+    ReLUDerivatives,
+    SELUDerivatives,
+    SigmoidDerivatives,
+    SiLUDerivatives,
+    SoftplusDerivatives,
+    TanhDerivatives,
+)
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.conv2d import Conv2dDerivatives
 from curvhooks.derivatives.flatten import FlattenDerivatives
@@ -20,7 +31,15 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
     nn.Conv2d: Conv2dDerivatives(),
     nn.ReLU: ReLUDerivatives(),
+    nn.LeakyReLU: LeakyReLUDerivatives(),
+    nn.ELU: ELUDerivatives(),
+    nn.SELU: SELUDerivatives(),
+    nn.GELU: GELUDerivatives(),
+    nn.SiLU: SiLUDerivatives(),
+    nn.Tanh: TanhDerivatives(),
     nn.Sigmoid: SigmoidDerivatives(),
+    nn.Softplus: SoftplusDerivatives(),
+    nn.LogSigmoid: LogSigmoidDerivatives(),
     nn.Flatten: FlattenDerivatives(),
 }
 

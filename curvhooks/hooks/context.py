@@ -106,7 +106,8 @@ class extend:
         self._handles.append(self.model.register_forward_pre_hook(self._start_pass))
         self._handles.append(self.model.register_forward_hook(self._record_model_output))
         for path, module, derivatives, params in hooked:
-            self._handles.append(module.register_forward_pre_hook(self._record_input))
+            pre_hook = partial(self._record_input, _overwrites_needed_input(module, derivatives))
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
             hook = partial(self._record_call, path, derivatives, params)
             self._handles.append(module.register_forward_hook(hook))
         if self._second_order:
@@ -171,12 +172,15 @@ class extend:
     def _record_model_output(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._model_output = weakref.ref(output) if isinstance(output, Tensor) else None
 
-    def _record_input(self, module: nn.Module, args: tuple) -> None:
+    def _record_input(self, keep_copy: bool, module: nn.Module, args: tuple) -> None:
         """Before the module runs (and maybe modifies its input in place): the input's
-        producer and, where needed, its autograd edge."""
+        producer, where needed its autograd edge, and for an in-place module whose
+        derivatives need the input (``keep_copy``) a copy of it."""
         if args and isinstance(args[0], Tensor):
-            edge = gradient_edge(args[0]) if self._needs_input_edges else None
-            self._pending_inputs[id(module)] = (self._record.producer_of(args[0]), edge)
+            inp = args[0]
+            edge = gradient_edge(inp) if self._needs_input_edges else None
+            copy = inp.detach().clone() if keep_copy else None
+            self._pending_inputs[id(module)] = (self._record.producer_of(inp), edge, copy)
 
     def _record_call(
         self,
@@ -187,7 +191,7 @@ class extend:
         args: tuple,
         output: Any,
     ) -> None:
-        producer, input_edge = self._pending_inputs.pop(id(module), (None, None))
+        producer, input_edge, input_copy = self._pending_inputs.pop(id(module), (None,) * 3)
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return
         if _is_transformed(output):
@@ -201,7 +205,9 @@ class extend:
             return
         call = Call(
             path,
-            self._module_io(module, derivatives, params, args[0], output),
+            self._module_io(
+                module, derivatives, params, args[0] if input_copy is None else input_copy, output
+            ),
             derivatives,
             params,
             self._pass_id,
@@ -471,6 +477,13 @@ def _check_supported(
         raise UnsupportedError(
             f"module {describe(path, module)} is not supported by {_names(needed_by)}: {reason}"
         )
+
+
+def _overwrites_needed_input(module: nn.Module, derivatives: ModuleDerivatives | None) -> bool:
+    """Whether ``module`` runs in place while its derivatives need its input."""
+    return bool(getattr(module, "inplace", False)) and bool(
+        derivatives is not None and derivatives.needs_input
+    )
 
 
 def _is_transformed(tensor: Tensor) -> bool:
