@@ -316,6 +316,21 @@ PROBLEMS: list[Problem] = [
         (6,),
     ),
     Problem(
+        "reshape-pad-dropout",
+        lambda: nn.Sequential(
+            nn.Linear(6, 8),
+            nn.Unflatten(1, (2, 4)),
+            nn.ZeroPad1d((1, -1)),
+            nn.Sigmoid(),
+            nn.ZeroPad1d((0, 2)),
+            nn.Flatten(),
+            nn.Dropout(0.3).eval(),
+            nn.Identity(),
+            nn.Linear(12, 3),
+        ),
+        (6,),
+    ),
+    Problem(
         "cnn-sigmoid",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),

@@ -168,6 +168,8 @@ def test_training_mode_batch_dependent_modules_are_rejected(layer):
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
     with pytest.raises(ValueError, match=r"model.eval\(\)"):
         curvhooks.hessian(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(ValueError, match=r"'1' \(.*\) is in training mode.*model.eval\(\)"):
+        curvhooks.extend(model, nn.CrossEntropyLoss(), curvhooks.BatchGrad()).__enter__()
     model.eval()
     H = curvhooks.hessian(model, nn.CrossEntropyLoss(), (X, y))  # any model works in eval mode
     assert_close(H, reference.hessian_matrix(model, nn.CrossEntropyLoss(), X, y))

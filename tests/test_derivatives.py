@@ -44,6 +44,12 @@ MODULES = {
     **ACTIVATIONS,
     "flatten": (nn.Flatten, (2, 3, 4)),
     "flatten-partial": (lambda: nn.Flatten(2, 3), (2, 3, 4, 5)),
+    "unflatten": (lambda: nn.Unflatten(2, (2, 3)), (4, 6)),
+    "identity": (nn.Identity, (3, 4)),
+    "dropout-eval": (lambda: nn.Dropout(0.5).eval(), (3, 4)),
+    "zeropad1d": (lambda: nn.ZeroPad1d((1, 2)), (3, 4)),
+    "zeropad2d-crop": (lambda: nn.ZeroPad2d((2, -1, 0, 1)), (2, 3, 4)),
+    "zeropad3d": (lambda: nn.ZeroPad3d((1, 0, 0, 2, 1, 1)), (2, 2, 3, 4)),
 }
 NUM_VECTORS, BATCH = 3, 2
 

@@ -15,14 +15,13 @@ from curvhooks.dataset.plan import (
     Layout,
     Route,
     Structure,
-    check_model_mode,
     check_same_layout,
     layout,
     parse,
     unwrap,
 )
 from curvhooks.dataset.weighting import DatasetSum
-from curvhooks.hooks import supports_chain
+from curvhooks.hooks import check_eval_mode, supports_chain
 
 Data = Iterable | tuple[Any, Tensor]
 HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
@@ -189,7 +188,7 @@ def matrices(
     structure = parse(Structure, structure, "structure")
     route = parse(Route, route, "route")
     plan = layout(model, params, structure, max_memory)
-    check_model_mode(model)
+    check_eval_mode(model)
     by_autograd = Kind.HESSIAN in asked and _hessian_by_autograd(model, loss_fn, structure, route)
     hooked = tuple(kind for kind in asked if not (kind is Kind.HESSIAN and by_autograd))
     if hooked and route is Route.AUTOGRAD:

@@ -162,18 +162,6 @@ def layer_sizes(model: nn.Module, params: list[nn.Parameter] | None = None) -> l
     ]
 
 
-def check_model_mode(model: nn.Module) -> None:
-    """Reject modules whose output depends on the batch or on randomness in training mode."""
-    batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
-    for path, module in model.named_modules():
-        if module.training and isinstance(module, batch_dependent):
-            raise ValueError(
-                f"module {path!r} ({type(module).__name__}) is in training mode, where its "
-                "output depends on the batch or on randomness, so the curvature is not that of "
-                "a fixed function; call model.eval() first"
-            )
-
-
 def check_same_layout(plan: Layout, group: object) -> None:
     """Raise on every process alike if the processes' parameter counts differ (instead of
     hanging in a collective of mismatched sizes)."""

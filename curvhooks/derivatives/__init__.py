@@ -18,13 +18,17 @@ from curvhooks.derivatives.activations import (
 )
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.conv2d import Conv2dDerivatives
-from curvhooks.derivatives.flatten import FlattenDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
     SUPPORTED_REDUCTIONS,
     CrossEntropyDerivatives,
     LossDerivatives,
     MSEDerivatives,
+)
+from curvhooks.derivatives.shape import (
+    IdentityDerivatives,
+    ReshapeDerivatives,
+    ZeroPadDerivatives,
 )
 
 MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
@@ -40,7 +44,13 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Sigmoid: SigmoidDerivatives(),
     nn.Softplus: SoftplusDerivatives(),
     nn.LogSigmoid: LogSigmoidDerivatives(),
-    nn.Flatten: FlattenDerivatives(),
+    nn.Flatten: ReshapeDerivatives(),
+    nn.Unflatten: ReshapeDerivatives(),
+    nn.Identity: IdentityDerivatives(),
+    nn.Dropout: IdentityDerivatives(),
+    nn.ZeroPad1d: ZeroPadDerivatives(),
+    nn.ZeroPad2d: ZeroPadDerivatives(),
+    nn.ZeroPad3d: ZeroPadDerivatives(),
 }
 
 LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {

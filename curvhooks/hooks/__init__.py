@@ -3,12 +3,13 @@ results on the parameters (``results``), the context that wires them (``context`
 dataset functions' own backward pass along a chain (``chain``)."""
 
 from curvhooks.hooks.chain import ChainBackward, supports_chain
-from curvhooks.hooks.context import ROUTES, extend
+from curvhooks.hooks.context import ROUTES, check_eval_mode, extend
 from curvhooks.hooks.results import clear_results, results_preserved
 
 __all__ = [
     "ROUTES",
     "ChainBackward",
+    "check_eval_mode",
     "clear_results",
     "extend",
     "results_preserved",

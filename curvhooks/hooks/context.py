@@ -100,6 +100,7 @@ class extend:
 
     # ----------------------------------------------------------------- entering and leaving
     def __enter__(self) -> extend:
+        check_eval_mode(self.model)
         hooked = self._modules_to_hook()
         self._results.take(self.model)
         self._active = True
@@ -174,13 +175,14 @@ class extend:
 
     def _record_input(self, keep_copy: bool, module: nn.Module, args: tuple) -> None:
         """Before the module runs (and maybe modifies its input in place): the input's
-        producer, where needed its autograd edge, and for an in-place module whose
+        producer and version, where needed its autograd edge, and for an in-place module whose
         derivatives need the input (``keep_copy``) a copy of it."""
         if args and isinstance(args[0], Tensor):
             inp = args[0]
             edge = gradient_edge(inp) if self._needs_input_edges else None
             copy = inp.detach().clone() if keep_copy else None
-            self._pending_inputs[id(module)] = (self._record.producer_of(inp), edge, copy)
+            producer = self._record.producer_of(inp)
+            self._pending_inputs[id(module)] = (producer, edge, copy, inp._version)
 
     def _record_call(
         self,
@@ -191,9 +193,12 @@ class extend:
         args: tuple,
         output: Any,
     ) -> None:
-        producer, input_edge, input_copy = self._pending_inputs.pop(id(module), (None,) * 3)
+        pending = self._pending_inputs.pop(id(module), (None,) * 4)
+        producer, input_edge, input_copy, input_version = pending
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return
+        if output is args[0] and output._version == input_version:
+            return  # handed its input on untouched (Identity, Dropout in eval): nothing to do
         if _is_transformed(output):
             raise UnsupportedError(
                 f"module {describe(path, module)} ran inside a torch.func transform (vmap, grad, "
@@ -477,6 +482,18 @@ def _check_supported(
         raise UnsupportedError(
             f"module {describe(path, module)} is not supported by {_names(needed_by)}: {reason}"
         )
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Reject modules whose output depends on the batch or on randomness in training mode."""
+    batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    for path, module in model.named_modules():
+        if module.training and isinstance(module, batch_dependent):
+            raise ValueError(
+                f"module {path!r} ({type(module).__name__}) is in training mode, where its "
+                "output depends on the batch or on randomness, so the curvature is not that of "
+                "a fixed function; call model.eval() first"
+            )
 
 
 def _overwrites_needed_input(module: nn.Module, derivatives: ModuleDerivatives | None) -> bool:
