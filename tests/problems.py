@@ -331,6 +331,48 @@ PROBLEMS: list[Problem] = [
         (6,),
     ),
     Problem(
+        "cnn-pooling",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Tanh(),
+            nn.Conv2d(3, 4, 2),
+            nn.AvgPool2d(2, padding=1, count_include_pad=False),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d((2, 2)),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        ),
+        (2, 7, 6),
+    ),
+    Problem(
+        "pooling-1d",
+        lambda: nn.Sequential(
+            nn.Linear(7, 8),
+            nn.MaxPool1d(3, stride=2, padding=1),
+            nn.Sigmoid(),
+            nn.AvgPool1d(2),
+            nn.AdaptiveAvgPool1d(3),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        ),
+        (2, 7),
+    ),
+    Problem(
+        "pooling-3d",
+        lambda: nn.Sequential(
+            nn.Linear(6, 24),
+            nn.Unflatten(1, (1, 2, 3, 4)),
+            nn.MaxPool3d((1, 2, 2), stride=1),
+            nn.Sigmoid(),
+            nn.AvgPool3d((2, 1, 1)),
+            nn.AdaptiveAvgPool3d((1, 2, 2)),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ),
+        (6,),
+    ),
+    Problem(
         "cnn-sigmoid",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),

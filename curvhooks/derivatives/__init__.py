@@ -25,6 +25,7 @@ from curvhooks.derivatives.losses import (
     LossDerivatives,
     MSEDerivatives,
 )
+from curvhooks.derivatives.pooling import AvgPoolDerivatives, MaxPoolDerivatives
 from curvhooks.derivatives.shape import (
     IdentityDerivatives,
     ReshapeDerivatives,
@@ -51,6 +52,12 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.ZeroPad1d: ZeroPadDerivatives(),
     nn.ZeroPad2d: ZeroPadDerivatives(),
     nn.ZeroPad3d: ZeroPadDerivatives(),
+    **{
+        pool: AvgPoolDerivatives()
+        for pool in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+        + (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+    },
+    **{pool: MaxPoolDerivatives() for pool in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)},
 }
 
 LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {
