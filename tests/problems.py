@@ -201,6 +201,17 @@ class PostProcessed(nn.Sequential):
         return x + 0.1 * super().forward(x)
 
 
+def eval_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """``module`` in eval mode with random running statistics and affine parameters."""
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+        if module.affine:
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-1, 1)
+    return module.eval()
+
+
 def _conv_residual() -> nn.Sequential:
     block = nn.Sequential(
         nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(3, 3, 3, padding=1)
@@ -371,6 +382,20 @@ PROBLEMS: list[Problem] = [
             nn.Linear(4, 3),
         ),
         (6,),
+    ),
+    Problem(
+        "cnn-batchnorm",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, stride=2),
+            eval_batchnorm(nn.BatchNorm2d(3)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(18, 5),
+            eval_batchnorm(nn.BatchNorm1d(5, eps=0.1)),
+            nn.Sigmoid(),
+            nn.Linear(5, 3),
+        ),
+        (2, 7, 6),
     ),
     Problem(
         "cnn-sigmoid",

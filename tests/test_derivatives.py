@@ -9,7 +9,7 @@ from torch.func import functional_call, vjp
 
 import curvhooks.derivatives.conv2d
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
-from tests.problems import assert_close
+from tests.problems import assert_close, eval_batchnorm
 
 ACTIVATIONS = {
     "leaky-relu": (lambda: nn.LeakyReLU(0.2), (3, 4)),
@@ -39,6 +39,13 @@ MODULES = {
         (2, 7, 6),
     ),
     "conv-padding-beyond-kernel": (lambda: nn.Conv2d(2, 3, 2, stride=3, padding=3), (2, 5, 4)),
+    "batchnorm1d": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3,)),
+    "batchnorm1d-sequence": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3, 5)),
+    "batchnorm2d": (lambda: eval_batchnorm(nn.BatchNorm2d(3, eps=0.1)), (3, 4, 2)),
+    "batchnorm3d-no-affine": (
+        lambda: eval_batchnorm(nn.BatchNorm3d(2, affine=False)),
+        (2, 3, 2, 2),
+    ),
     "relu": (nn.ReLU, (3, 4)),
     "sigmoid": (nn.Sigmoid, (3, 4)),
     **ACTIVATIONS,

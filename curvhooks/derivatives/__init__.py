@@ -17,6 +17,7 @@ from curvhooks.derivatives.activations import (
     TanhDerivatives,
 )
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
+from curvhooks.derivatives.batchnorm import BatchNormDerivatives
 from curvhooks.derivatives.conv2d import Conv2dDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
@@ -35,6 +36,7 @@ from curvhooks.derivatives.shape import (
 MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
     nn.Conv2d: Conv2dDerivatives(),
+    **{norm: BatchNormDerivatives() for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.ReLU: ReLUDerivatives(),
     nn.LeakyReLU: LeakyReLUDerivatives(),
     nn.ELU: ELUDerivatives(),
