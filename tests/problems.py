@@ -18,7 +18,11 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
     "ce-sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
     "mse-mean": lambda: nn.MSELoss(reduction="mean"),
     "mse-sum": lambda: nn.MSELoss(reduction="sum"),
+    "bce-mean": lambda: nn.BCEWithLogitsLoss(reduction="mean"),
+    "bce-sum": lambda: nn.BCEWithLogitsLoss(reduction="sum"),
 }
+CE_MSE = ("ce-mean", "ce-sum", "mse-mean", "mse-sum")
+"""The losses every problem runs with; BCE runs where a problem names it."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class Problem:
     build_model: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
     batch_size: int = 3
-    losses: tuple[str, ...] = tuple(LOSSES)
+    losses: tuple[str, ...] = CE_MSE
     hessian_glue: str | None = None
     """The nonlinear operation outside the supported modules that the Hessian extensions
     reject (they are exact where this is ``None``)."""
@@ -52,7 +56,9 @@ class Problem:
         with torch.no_grad():
             output = model(X)
         if loss.startswith("ce"):
-            y = torch.randint(0, output.shape[1], (num_samples,))
+            y = torch.randint(0, output.shape[1], (num_samples, *output.shape[2:]))
+        elif loss.startswith("bce"):
+            y = torch.rand_like(output)
         else:
             y = torch.randn_like(output)
         model, X, y = model.to(device), X.to(device), y.to(device)
@@ -94,6 +100,17 @@ class Scaled(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.weight
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)``: classes to dimension 1 for a sequence loss."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
 
 
 class Residual(nn.Module):
@@ -232,6 +249,7 @@ PROBLEMS: list[Problem] = [
             nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3)
         ),
         (6,),
+        losses=tuple(LOSSES),
     ),
     Problem(
         "mlp-inplace-relu",
@@ -273,7 +291,7 @@ PROBLEMS: list[Problem] = [
         "linear-extra-dims-output",
         lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)),
         (2, 4),
-        losses=("mse-mean", "mse-sum"),
+        losses=("mse-mean", "mse-sum", "bce-mean", "bce-sum"),
     ),
     Problem(
         "conv-stride-padding", lambda: _conv_net(kernel_size=3, stride=2, padding=1), (2, 7, 6)
@@ -443,6 +461,13 @@ GRAPH_PROBLEMS: list[Problem] = [
         "sequential-own-forward",
         lambda: PostProcessed(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 3)),
         (3,),
+        is_chain=False,
+    ),
+    Problem(
+        "sequence-classes-last-dims",
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), Permute(0, 3, 1, 2)),
+        (2, 3, 4),
+        losses=("ce-mean", "ce-sum"),
         is_chain=False,
     ),
     Problem("tied-weights", TiedWeights, (5,), hessian_glue="cannot sum", is_chain=False),

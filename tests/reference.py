@@ -26,10 +26,13 @@ def _frozen(model: nn.Module) -> dict[str, Tensor]:
 
 
 def reduction_scale(loss_fn: nn.Module, output: Tensor) -> float:
-    """``s``: 1 for ``"sum"``; 1/N (cross-entropy) or 1/numel (MSE) for ``"mean"``."""
+    """``s``: 1 for ``"sum"``; for ``"mean"`` 1 over the number of positions (cross-entropy on
+    ``[N, C, *d]``) or of entries (MSE, BCE)."""
     if loss_fn.reduction == "sum":
         return 1.0
-    return 1.0 / (output.shape[0] if isinstance(loss_fn, nn.CrossEntropyLoss) else output.numel())
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return output.shape[1] / output.numel()
+    return 1.0 / output.numel()
 
 
 def _sum_loss(loss_fn: nn.Module) -> nn.Module:

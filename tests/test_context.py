@@ -227,6 +227,11 @@ def test_loss_input_must_be_the_model_output():
         (nn.CrossEntropyLoss(ignore_index=1), torch.tensor([0, 1, 2]), "ignore_index=1"),
         (nn.CrossEntropyLoss(), torch.full((3, 3), 1 / 3, dtype=torch.float64), "probabilities"),
         (nn.MSELoss(), torch.zeros(3, 1, dtype=torch.float64), r"do not match"),
+        (
+            nn.BCEWithLogitsLoss(pos_weight=torch.ones(3, dtype=torch.float64)),
+            torch.zeros(3, 3, dtype=torch.float64),
+            "pos_weight",
+        ),
     ],
 )
 def test_unsupported_loss_arguments(loss_fn, target, pattern):

@@ -13,6 +13,7 @@ from tests.problems import (
     CHAIN_CASES,
     PROBLEMS,
     assert_close,
+    by_name,
     run_with,
 )
 from tests.reference import ggn_per_sample, jacobians, split, trainable
@@ -69,10 +70,18 @@ def test_mc_is_reproducible_and_shaped(loss):
         assert_close(first[name]["diag_ggn"].flatten(), factor.square().sum(0))
 
 
-@pytest.mark.parametrize("loss", ["ce-sum", "mse-mean"])
-def test_mc_is_unbiased(loss):
+@pytest.mark.parametrize(
+    "name, loss",
+    [
+        ("mlp", "ce-sum"),
+        ("mlp", "mse-mean"),
+        ("mlp", "bce-mean"),
+        ("sequence-classes-last-dims", "ce-mean"),
+    ],
+)
+def test_mc_is_unbiased(name, loss):
     """With many samples the MC diagonal approaches the exact one (statistical tolerance)."""
-    problem = PROBLEMS[0]
+    problem = by_name(name)
     model, loss_fn, X, y = problem.make(loss)
     exact = run_with(model, loss_fn, X, y, DiagGGN())
     _, mc = _mc_results(problem, loss, mc_samples=20_000, seed=0)

@@ -22,6 +22,7 @@ from curvhooks.derivatives.conv2d import Conv2dDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
     SUPPORTED_REDUCTIONS,
+    BCEWithLogitsDerivatives,
     CrossEntropyDerivatives,
     LossDerivatives,
     MSEDerivatives,
@@ -65,6 +66,7 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
 LOSS_DERIVATIVES: dict[type[nn.Module], LossDerivatives] = {
     nn.CrossEntropyLoss: CrossEntropyDerivatives(),
     nn.MSELoss: MSEDerivatives(),
+    nn.BCEWithLogitsLoss: BCEWithLogitsDerivatives(),
 }
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvhooks.derivatives.base import diagonal_stack
+
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
 
@@ -44,11 +46,14 @@ class LossDerivatives:
 
 
 class CrossEntropyDerivatives(LossDerivatives):
-    """``l_n = -log softmax(f_n)[y_n]`` on logits ``[N, C]`` and class indices ``[N]``.
+    """``l_n = -sum_t log softmax(f_n[:, t])[y_n[t]]`` on logits ``[N, C, *d]`` and class
+    indices ``[N, *d]`` (no ``*d``: one position).
 
-    Per sample the Hessian is ``diag(p) - p p^T`` with ``p = softmax(f_n)``; its square root
-    has columns ``sqrt(p_c) (e_c - p)``. Sampling ``y ~ Categorical(p)`` gives the unbiased
-    factor ``p - e_y``. The ``"mean"`` reduction has ``s = 1 / N``.
+    At each position the Hessian is ``diag(p) - p p^T`` with ``p = softmax(f_n[:, t])``; its
+    square root has columns ``sqrt(p_c) (e_c - p)``, one vector per class and position (C D
+    vectors for D positions, each zero off its position). Sampling ``y ~ Categorical(p)`` at
+    every position gives the unbiased factor ``p - e_y``. The ``"mean"`` reduction averages
+    over all N D positions: ``s = 1 / (N D)``.
     """
 
     def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
@@ -56,36 +61,87 @@ class CrossEntropyDerivatives(LossDerivatives):
             return "class weights (weight=...) are not supported; pass weight=None"
         if loss_fn.label_smoothing != 0:
             return "label_smoothing is not supported; use label_smoothing=0.0"
-        if output.dim() != 2:
-            return f"logits must have shape [N, C], got {list(output.shape)}; flatten them first"
-        if target.dtype.is_floating_point or target.shape != output.shape[:1]:
+        if output.dim() < 2:
+            return f"logits must have shape [N, C, *d], got {list(output.shape)}"
+        expected = (output.shape[0], *output.shape[2:])
+        if target.dtype.is_floating_point or tuple(target.shape) != expected:
             return (
-                "targets must be class indices of shape [N]; class probabilities are not "
-                f"supported (got targets of shape {list(target.shape)} and dtype {target.dtype})"
+                f"targets must be class indices of shape {list(expected)}; class probabilities "
+                f"are not supported (got targets of shape {list(target.shape)} and dtype "
+                f"{target.dtype})"
             )
         if bool((target == loss_fn.ignore_index).any()):
             return f"targets equal to ignore_index={loss_fn.ignore_index} are not supported"
         return None
 
     def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
-        return 1.0 / output.shape[0] if loss_fn.reduction == "mean" else 1.0
+        positions = output.numel() // output.shape[1]
+        return 1.0 / positions if loss_fn.reduction == "mean" else 1.0
 
     def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
-        probs = F.softmax(output.detach(), dim=1)
-        num_classes = probs.shape[1]
+        probs = _class_probabilities(output)  # [N, C, D]
+        batch, num_classes, positions = probs.shape
         eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
-        columns = eye[:, None, :] - probs[None]  # [C, N, C]: e_c - p_n
-        sqrt_probs = probs.sqrt().T[:, :, None]  # [C, N, 1]
-        return columns.mul_(sqrt_probs * math.sqrt(self.scale(loss_fn, output)))
+        columns = eye[:, None, :, None] - probs[None]  # [C, N, C, D]: e_c - p at each position
+        columns.mul_(
+            probs.sqrt().transpose(0, 1)[:, :, None] * math.sqrt(self.scale(loss_fn, output))
+        )
+        # one vector per class and position: [C, N, C, D(entries), D(vectors)] -> [C D, N, ...]
+        stack = torch.diag_embed(columns).permute(0, 4, 1, 2, 3)
+        return stack.reshape(num_classes * positions, *output.shape)
 
     def sqrt_hessian_mc(
         self, loss_fn: nn.Module, output: Tensor, target: Tensor, mc_samples: int
     ) -> Tensor:
-        probs = F.softmax(output.detach(), dim=1)
-        samples = torch.multinomial(probs, mc_samples, replacement=True).T  # [M, N]
-        one_hot = F.one_hot(samples, probs.shape[1]).to(probs.dtype)
+        probs = _class_probabilities(output)  # [N, C, D]
+        batch, num_classes, positions = probs.shape
+        flat = probs.transpose(1, 2).reshape(-1, num_classes)
+        samples = torch.multinomial(flat, mc_samples, replacement=True).T  # [M, N D]
+        one_hot = F.one_hot(samples, num_classes).to(probs.dtype)  # [M, N D, C]
+        one_hot = one_hot.view(mc_samples, batch, positions, num_classes).transpose(2, 3)
         factor = math.sqrt(self.scale(loss_fn, output) / mc_samples)
-        return (probs[None] - one_hot).mul_(factor)
+        return (probs[None] - one_hot).mul_(factor).reshape(mc_samples, *output.shape)
+
+
+def _class_probabilities(output: Tensor) -> Tensor:
+    """``softmax`` over the classes of logits ``[N, C, *d]``, as ``[N, C, D]``."""
+    return F.softmax(output.detach(), dim=1).reshape(*output.shape[:2], -1)
+
+
+class BCEWithLogitsDerivatives(LossDerivatives):
+    """``l_n = -sum_k [y log sigma(f_nk) + (1 - y) log(1 - sigma(f_nk))]`` on logits of any
+    shape ``[N, *out]`` and targets in ``[0, 1]`` of the same shape.
+
+    The Hessian is diagonal, ``sigma (1 - sigma)`` at each entry (whatever the target); its
+    square root is one unit vector per output entry, scaled by ``sqrt(sigma (1 - sigma))``.
+    Sampling ``y ~ Bernoulli(sigma)`` at every entry gives the unbiased factor ``sigma - y``.
+    The ``"mean"`` reduction averages over all entries: ``s = 1 / (N C)``.
+    """
+
+    def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            return "weight= and pos_weight= are not supported; pass neither"
+        if target.shape != output.shape:
+            return (
+                f"targets of shape {list(target.shape)} do not match the output's shape "
+                f"{list(output.shape)}; BCEWithLogitsLoss would broadcast them"
+            )
+        return None
+
+    def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
+        return 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
+
+    def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+        sigma = torch.sigmoid(output.detach())
+        return diagonal_stack(sigma * (1 - sigma) * self.scale(loss_fn, output))
+
+    def sqrt_hessian_mc(
+        self, loss_fn: nn.Module, output: Tensor, target: Tensor, mc_samples: int
+    ) -> Tensor:
+        sigma = torch.sigmoid(output.detach())
+        samples = torch.bernoulli(sigma.expand(mc_samples, *sigma.shape))
+        factor = math.sqrt(self.scale(loss_fn, output) / mc_samples)
+        return (sigma - samples).mul_(factor)
 
 
 class MSEDerivatives(LossDerivatives):
