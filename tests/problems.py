@@ -360,6 +360,28 @@ PROBLEMS: list[Problem] = [
         (6,),
     ),
     Problem(
+        "conv1d",
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv1d(4, 4, 2, dilation=2, groups=2, bias=False),
+            nn.Flatten(),
+            nn.Linear(12, 3),
+        ),
+        (2, 9),
+    ),
+    Problem(
+        "conv3d",
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1),
+            nn.Sigmoid(),
+            nn.Conv3d(3, 2, (1, 2, 2), padding="same"),
+            nn.Flatten(),
+            nn.Linear(96, 3),
+        ),
+        (2, 3, 4, 3),
+    ),
+    Problem(
         "cnn-pooling",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),

@@ -7,9 +7,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
-import curvhooks.derivatives.conv2d
+import curvhooks.derivatives.conv
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
 from tests.problems import assert_close, eval_batchnorm
+
+
+def _pad_arguments(module: nn.Module) -> list[int]:
+    conv = curvhooks.derivatives.conv
+    return conv.pad_arguments(conv.explicit_padding(module))
+
 
 ACTIVATIONS = {
     "leaky-relu": (lambda: nn.LeakyReLU(0.2), (3, 4)),
@@ -39,6 +45,19 @@ MODULES = {
         (2, 7, 6),
     ),
     "conv-padding-beyond-kernel": (lambda: nn.Conv2d(2, 3, 2, stride=3, padding=3), (2, 5, 4)),
+    "conv1d-stride-dilation-groups": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=1),
+        (4, 11),
+    ),
+    "conv1d-same-even-no-bias": (lambda: nn.Conv1d(2, 3, 4, padding="same", bias=False), (2, 7)),
+    "conv3d-stride-tuple-padding": (
+        lambda: nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 2), padding=(1, 0, 1)),
+        (2, 4, 5, 4),
+    ),
+    "conv3d-same-groups-dilation": (
+        lambda: nn.Conv3d(4, 4, 2, padding="same", dilation=(1, 2, 1), groups=4),
+        (4, 3, 4, 3),
+    ),
     "batchnorm1d": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3,)),
     "batchnorm1d-sequence": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3, 5)),
     "batchnorm2d": (lambda: eval_batchnorm(nn.BatchNorm2d(3, eps=0.1)), (3, 4, 2)),
@@ -91,16 +110,17 @@ def _setting(key: str, num_vectors: int = NUM_VECTORS):
     return module_derivatives(module), io, mat, pullback
 
 
-@pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
+@pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv-")])
 def test_unfolded_input_of_any_memory_layout(key):
-    """The patches of a channels-last input and of a view with an offset are F.unfold's."""
+    """The patches of a channels-last input and of a view with an offset are F.unfold's
+    (2-D; the 1-D and 3-D patches meet the per-sample products below)."""
     build, input_shape = MODULES[key]
     module = build().double()
     x = torch.randn(BATCH + 1, *input_shape, dtype=torch.float64)
     derivatives = module_derivatives(module)
     for layout in (x.contiguous(memory_format=torch.channels_last), x[1:]):
         expected = torch.nn.functional.unfold(
-            torch.nn.functional.pad(layout, curvhooks.derivatives.conv2d.explicit_padding(module)),
+            torch.nn.functional.pad(layout, _pad_arguments(module)),
             module.kernel_size,
             dilation=module.dilation,
             stride=module.stride,
@@ -114,7 +134,7 @@ def test_unfolded_input_of_any_memory_layout(key):
 def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
     """Above ``SMALL`` (here: always), stacks pass the transposed convolution and products of
     one vector come from a grouped convolution."""
-    monkeypatch.setattr(curvhooks.derivatives.conv2d, "SMALL", 0)
+    monkeypatch.setattr(curvhooks.derivatives.conv, "SMALL", 0)
     derivatives, io, mat, pullback = _setting(key, num_vectors)
     pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))

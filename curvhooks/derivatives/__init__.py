@@ -18,7 +18,7 @@ from curvhooks.derivatives.activations import (
 )
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.batchnorm import BatchNormDerivatives
-from curvhooks.derivatives.conv2d import Conv2dDerivatives
+from curvhooks.derivatives.conv import ConvDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
     SUPPORTED_REDUCTIONS,
@@ -36,7 +36,7 @@ from curvhooks.derivatives.shape import (
 
 MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
-    nn.Conv2d: Conv2dDerivatives(),
+    **{conv: ConvDerivatives() for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
     **{norm: BatchNormDerivatives() for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.ReLU: ReLUDerivatives(),
     nn.LeakyReLU: LeakyReLUDerivatives(),
