@@ -37,6 +37,8 @@ class Problem:
     reject (they are exact where this is ``None``)."""
     is_chain: bool = True
     """Whether the model is a chain of supported modules (so both routes apply)."""
+    vocabulary: int | None = None
+    """For token inputs: indices drawn from ``range(vocabulary)`` instead of Gaussian inputs."""
 
     def make(
         self,
@@ -52,7 +54,10 @@ class Problem:
         torch.manual_seed(seed)
         model = self.build_model().to(dtype=dtype)
         num_samples = num_samples or self.batch_size
-        X = torch.randn(num_samples, *self.input_shape, dtype=dtype)
+        if self.vocabulary is None:
+            X = torch.randn(num_samples, *self.input_shape, dtype=dtype)
+        else:
+            X = torch.randint(0, self.vocabulary, (num_samples, *self.input_shape))
         with torch.no_grad():
             output = model(X)
         if loss.startswith("ce"):
@@ -190,6 +195,21 @@ class TiedWeights(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.act(self.second(torch.relu(self.first(x)))))
+
+
+class TiedEmbedding(nn.Module):
+    """A token model whose output layer shares the embedding's weight (as language models
+    do): ``embed^T tanh(mean_t embed(x_t))``."""
+
+    def __init__(self, vocabulary: int = 5, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.act = nn.Tanh()
+        self.output = nn.Linear(width, vocabulary)
+        self.output.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.output(self.act(self.embed(tokens).mean(1)))
 
 
 class Siamese(nn.Module):
@@ -382,6 +402,14 @@ PROBLEMS: list[Problem] = [
         (2, 3, 4, 3),
     ),
     Problem(
+        "embedding-padding",
+        lambda: nn.Sequential(
+            nn.Embedding(4, 3, padding_idx=0), nn.Flatten(), nn.Tanh(), nn.Linear(15, 3)
+        ),
+        (5,),
+        vocabulary=4,
+    ),
+    Problem(
         "cnn-pooling",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),
@@ -491,6 +519,14 @@ GRAPH_PROBLEMS: list[Problem] = [
         (2, 3, 4),
         losses=("ce-mean", "ce-sum"),
         is_chain=False,
+    ),
+    Problem(
+        "embedding-tied-to-output",
+        TiedEmbedding,
+        (4,),
+        hessian_glue="cannot sum",
+        is_chain=False,
+        vocabulary=5,
     ),
     Problem("tied-weights", TiedWeights, (5,), hessian_glue="cannot sum", is_chain=False),
     Problem("siamese", Siamese, (6,), is_chain=False),

@@ -101,7 +101,9 @@ def split(flat: Tensor, model: nn.Module) -> dict[str, Tensor]:
 
 
 def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
-    """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters."""
+    """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters, by
+    reverse-over-reverse autograd (``torch.func.hessian``, forward over reverse, is wrong
+    through LayerNorm and gives an Embedding's ``padding_idx`` row curvature, torch 2.13)."""
     params, frozen, model = trainable(model), _frozen(model), copy.deepcopy(model)
     shapes = [p.shape for p in params.values()]
 
@@ -110,7 +112,8 @@ def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -
         values = {name: piece.view(s) for name, piece, s in zip(params, pieces, shapes)}
         return loss_fn(functional_call(model, {**values, **frozen}, (X,)), y)
 
-    return hessian(loss)(torch.cat([p.flatten() for p in params.values()]))
+    point = torch.cat([p.flatten() for p in params.values()])
+    return torch.autograd.functional.hessian(loss, point, vectorize=True)
 
 
 def empirical_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:

@@ -205,3 +205,33 @@ def test_second_derivatives_against_autograd_and_finite_differences(key):
     assert_close(
         derivatives.jac_t_mat_prod(io, g[None].clone())[0], torch.func.grad(weighted_sum)(x)
     )
+
+
+def test_embedding_products_with_repeated_indices_and_padding():
+    """Per-sample products scatter the stack into the rows a sample uses (several positions
+    per row summed); the padding row gets nothing."""
+    torch.manual_seed(0)
+    module = nn.Embedding(5, 3, padding_idx=1).double()
+    x = torch.tensor([[0, 1, 1, 3], [3, 3, 4, 1]])
+    params = dict(module.named_parameters())
+    output, pullback = vjp(lambda p: functional_call(module, p, (x,)), params)
+    mat = torch.randn(NUM_VECTORS, *output.shape, dtype=torch.float64)
+    io = ModuleIO(module, x, None, x.shape, output.shape)
+    derivatives = module_derivatives(module)
+    expected = torch.stack(
+        [
+            torch.stack(
+                [
+                    pullback(v * (torch.arange(BATCH) == n)[:, None, None])[0]["weight"]
+                    for n in range(BATCH)
+                ]
+            )
+            for v in mat
+        ]
+    )
+    assert expected[:, :, 1].abs().sum() == 0 and expected[:, 1, 3].abs().sum() > 0
+    assert_close(derivatives.param_jac_t_mat_prod(io, "weight", mat), expected)
+    squares = expected.square()
+    assert_close(derivatives.param_sq_sum(io, "weight", mat, per_sample=True), squares.sum(0))
+    assert_close(derivatives.param_sq_sum(io, "weight", mat, per_sample=False), squares.sum((0, 1)))
+    assert_close(derivatives.param_sq_norm(io, "weight", mat), squares.flatten(2).sum((0, 2)))

@@ -19,6 +19,7 @@ from curvhooks.derivatives.activations import (
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.batchnorm import BatchNormDerivatives
 from curvhooks.derivatives.conv import ConvDerivatives
+from curvhooks.derivatives.embedding import EmbeddingDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
     SUPPORTED_REDUCTIONS,
@@ -36,6 +37,7 @@ from curvhooks.derivatives.shape import (
 
 MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
+    nn.Embedding: EmbeddingDerivatives(),
     **{conv: ConvDerivatives() for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
     **{norm: BatchNormDerivatives() for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.ReLU: ReLUDerivatives(),
