@@ -101,9 +101,11 @@ def split(flat: Tensor, model: nn.Module) -> dict[str, Tensor]:
 
 
 def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
-    """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters, by
-    reverse-over-reverse autograd (``torch.func.hessian``, forward over reverse, is wrong
-    through LayerNorm and gives an Embedding's ``padding_idx`` row curvature, torch 2.13)."""
+    """``[D, D]``: the Hessian of the reduced loss in the flat trainable parameters.
+
+    ``torch.func.hessian`` (forward over reverse), except for models where it is wrong
+    (torch 2.13: through LayerNorm, and an Embedding's ``padding_idx`` row gets curvature):
+    those take reverse-over-reverse autograd, much slower on convolutions."""
     params, frozen, model = trainable(model), _frozen(model), copy.deepcopy(model)
     shapes = [p.shape for p in params.values()]
 
@@ -113,7 +115,17 @@ def hessian_matrix(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -
         return loss_fn(functional_call(model, {**values, **frozen}, (X,)), y)
 
     point = torch.cat([p.flatten() for p in params.values()])
-    return torch.autograd.functional.hessian(loss, point, vectorize=True)
+    if _forward_over_reverse_is_wrong(model):
+        return torch.autograd.functional.hessian(loss, point, vectorize=True)
+    return hessian(loss)(point)
+
+
+def _forward_over_reverse_is_wrong(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+        or (isinstance(m, nn.Embedding) and m.padding_idx is not None)
+        for m in model.modules()
+    )
 
 
 def empirical_fisher(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
