@@ -340,3 +340,28 @@ def test_a_subclass_that_overrides_forward_gets_no_derivatives():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Doubled(4, 2))
     with pytest.raises(curvhooks.UnsupportedError, match=r"'2' \(Doubled\)"):
         curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
+
+
+def test_unsupported_skip_leaves_those_parameters_out():
+    """``unsupported="skip"``: the unsupported module's parameters get nothing (one warning
+    names it); every other parameter's results are those of the whole model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), Scaled(5), nn.Sigmoid(), nn.Linear(5, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.warns(UserWarning, match=r"'1' \(Scaled\)"):
+        with curvhooks.extend(model, loss_fn, BatchGrad(), DiagGGN(), unsupported="skip"):
+            loss_fn(model(X), y).backward()
+    assert not hasattr(model[1].weight, "grad_batch") and not hasattr(model[1].weight, "diag_ggn")
+    grads = per_sample_grads(model, loss_fn, X, y)
+    diagonal = split(ggn(model, loss_fn, X, y).diagonal(), model)
+    for name in ("0.weight", "0.bias", "3.weight", "3.bias"):
+        p = model.get_parameter(name)
+        assert_close(p.grad_batch, grads[name])
+        assert_close(p.diag_ggn, diagonal[name])
+    with pytest.warns(UserWarning, match=r"'1' \(Scaled\)"):
+        found = curvhooks.ggn(model, loss_fn, (X, y), unsupported="skip")
+    kept = torch.cat([torch.arange(0, 25), torch.arange(30, 48)])  # all but Scaled's 5
+    assert_close(found, ggn(model, loss_fn, X, y)[kept][:, kept])
+    with pytest.raises(ValueError, match="unsupported must be"):
+        curvhooks.extend(model, loss_fn, BatchGrad(), unsupported="ignore")

@@ -51,6 +51,7 @@ def hook_matrices(
     total: DatasetSum,
     route: Route,
     progress: bool,
+    unsupported: str = "raise",
 ) -> dict[Kind, Tensor]:
     """GGN, empirical Fisher and (structures ``PARAM``, ``DIAG``) Hessian, as ``kinds``
     asks, sharing one backward pass per batch; ``route`` is ``HOOKS``, ``CHAIN`` or
@@ -62,7 +63,7 @@ def hook_matrices(
     with (
         results_preserved(model),  # the user's own results stay as they were
         _only_these_require_grad(model, plan.params),
-        _context(model, loss_fn, route)(*extensions.values()) as hooks,
+        _context(model, loss_fn, route, unsupported)(*extensions.values()) as hooks,
     ):
         for X, y, weight in total.batches(data, model_device(model), progress):
             output = hooks.run_batch(X, y)
@@ -98,13 +99,15 @@ def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):
     return derivatives
 
 
-def _context(model: nn.Module, loss_fn: nn.Module, route: Route):
+def _context(model: nn.Module, loss_fn: nn.Module, route: Route, unsupported: str):
     """The context for ``route``: the hooks' own backward pass on a chain of supported
     modules (unless the graph route is asked for), autograd's elsewhere."""
     if route is not Route.GRAPH and supports_chain(model, loss_fn):
         return lambda *extensions: ChainBackward(model, loss_fn, *extensions)
-    context_route = "auto" if route is Route.HOOKS else route.value
-    return lambda *extensions: extend(model, loss_fn, *extensions, route=context_route)
+    options = {"route": "auto" if route is Route.HOOKS else route.value}
+    return lambda *extensions: extend(
+        model, loss_fn, *extensions, unsupported=unsupported, **options
+    )
 
 
 def _accumulate(

@@ -21,7 +21,7 @@ from curvhooks.dataset.plan import (
     unwrap,
 )
 from curvhooks.dataset.weighting import DatasetSum
-from curvhooks.hooks import check_eval_mode, supports_chain
+from curvhooks.hooks import check_eval_mode, supported_params, supports_chain
 
 Data = Iterable | tuple[Any, Tensor]
 HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
@@ -37,6 +37,7 @@ def ggn(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
     route: str = "auto",
+    unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
@@ -58,6 +59,9 @@ def ggn(
             supported modules), ``"graph"`` (autograd's backward pass and batched
             vector-Jacobian products, any graph), or ``"auto"``/``"hooks"``: the chain where
             the model is one.
+        unsupported: ``"raise"`` for a module with trainable parameters curvhooks does not
+            support, or ``"skip"``: its parameters are left out of the default ``params``
+            (one warning names them).
         process_group: Under ``torch.distributed``, the processes whose data sets together
             form the whole data set (default: all, when ``torch.distributed`` is
             initialised); each passes its own ``data`` and receives the combined matrix.
@@ -77,6 +81,7 @@ def ggn(
         max_memory=max_memory,
         progress=progress,
         route=route,
+        unsupported=unsupported,
         process_group=process_group,
         batch_size_fn=batch_size_fn,
     )[Kind.GGN]
@@ -92,6 +97,7 @@ def empirical_fisher(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
     route: str = "auto",
+    unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
@@ -113,6 +119,7 @@ def empirical_fisher(
         max_memory=max_memory,
         progress=progress,
         route=route,
+        unsupported=unsupported,
         process_group=process_group,
         batch_size_fn=batch_size_fn,
     )[Kind.EMPIRICAL_FISHER]
@@ -129,6 +136,7 @@ def hessian(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
     route: str = "auto",
+    unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
@@ -155,6 +163,7 @@ def hessian(
         max_memory=max_memory,
         progress=progress,
         route=route,
+        unsupported=unsupported,
         process_group=process_group,
         batch_size_fn=batch_size_fn,
         chunk_size=chunk_size,
@@ -172,6 +181,7 @@ def matrices(
     max_memory: int = DEFAULT_MAX_MEMORY,
     progress: bool = False,
     route: str = "auto",
+    unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
     chunk_size: int | None = None,
@@ -187,6 +197,8 @@ def matrices(
     asked = _parse_kinds(kinds)
     structure = parse(Structure, structure, "structure")
     route = parse(Route, route, "route")
+    if unsupported == "skip" and params is None:
+        params = supported_params(model)
     plan = layout(model, params, structure, max_memory)
     check_eval_mode(model)
     by_autograd = Kind.HESSIAN in asked and _hessian_by_autograd(model, loss_fn, structure, route)
@@ -206,7 +218,9 @@ def matrices(
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         hook_route = Route.HOOKS if route is Route.AUTO else route
         results.update(
-            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
+            hook_matrices(
+                model, loss_fn, data, hooked, plan, total, hook_route, progress, unsupported
+            )
         )
     return {kind.value: results[kind] for kind in asked}
 

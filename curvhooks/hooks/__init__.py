@@ -3,7 +3,7 @@ results on the parameters (``results``), the context that wires them (``context`
 dataset functions' own backward pass along a chain (``chain``)."""
 
 from curvhooks.hooks.chain import ChainBackward, supports_chain
-from curvhooks.hooks.context import ROUTES, check_eval_mode, extend
+from curvhooks.hooks.context import ROUTES, check_eval_mode, extend, supported_params
 from curvhooks.hooks.results import clear_results, results_preserved
 
 __all__ = [
@@ -13,5 +13,6 @@ __all__ = [
     "clear_results",
     "extend",
     "results_preserved",
+    "supported_params",
     "supports_chain",
 ]

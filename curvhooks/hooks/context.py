@@ -15,6 +15,7 @@ its forward hook starts the stacks at the model output and picks how they travel
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from functools import partial
 from typing import Any
@@ -61,6 +62,9 @@ class extend:
             ``"sum"``). Second-order extensions need a supported loss called on the model's
             output.
         *extensions: Extension instances, e.g. ``BatchGrad(), DiagGGN()``.
+        unsupported: ``"raise"``: a module with trainable parameters curvhooks does not
+            support raises ``UnsupportedError``; ``"skip"``: its parameters get no results
+            (one warning names the modules), everything else is computed as usual.
         route: How second-order stacks travel (``ROUTES``); ``"auto"`` takes the analytic
             chain where the recorded calls form one and autograd elsewhere.
 
@@ -75,12 +79,18 @@ class extend:
     instead of receiving them from autograd's backward pass."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, *extensions: Extension, route: str = "auto"
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        *extensions: Extension,
+        unsupported: str = "raise",
+        route: str = "auto",
     ) -> None:
-        _check_arguments(model, loss_fn, extensions, route)
+        _check_arguments(model, loss_fn, extensions, route, unsupported)
         self.model = model
         self.loss_fn = loss_fn
         self.extensions = extensions
+        self.unsupported = unsupported
         self.route = route
         self._first_order = [ext for ext in extensions if ext.stack_kind() is None]
         self._second_order = [ext for ext in extensions if ext.stack_kind() is not None]
@@ -132,16 +142,25 @@ class extend:
         """The modules to hook, with their derivatives and trainable parameters; raises for
         a trainable module curvhooks cannot handle. Second order records every leaf module
         too, to find chains (and the nonlinear modules the Hessian needs)."""
-        hooked = []
+        hooked, skipped = [], []
         for path, module in self.model.named_modules():
             is_leaf = next(module.children(), None) is None
             params = _trainable_params(module)
             if not (params or (is_leaf and self._records_leaves)):
                 continue
             derivatives = module_derivatives(module)
+            if params and self.unsupported == "skip" and unsupported_module(module):
+                skipped.append(describe(path, module))
+                continue
             if params:
                 _check_supported(path, module, derivatives, self.extensions)
             hooked.append((path, module, derivatives, params))
+        if skipped:
+            warnings.warn(
+                f"curvhooks skips the parameters of unsupported modules {', '.join(skipped)} "
+                "(unsupported='skip'): they get no results",
+                stacklevel=3,
+            )
         return hooked
 
     @property
@@ -439,7 +458,9 @@ def link_chain(chain: list[Call]) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_arguments(model: nn.Module, loss_fn: nn.Module, extensions: tuple, route: str) -> None:
+def _check_arguments(
+    model: nn.Module, loss_fn: nn.Module, extensions: tuple, route: str, unsupported: str
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(loss_fn, nn.Module):
@@ -455,6 +476,8 @@ def _check_arguments(model: nn.Module, loss_fn: nn.Module, extensions: tuple, ro
         )
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if unsupported not in ("raise", "skip"):
+        raise ValueError(f"unsupported must be 'raise' or 'skip', got {unsupported!r}")
     for ext in extensions:
         if isinstance(ext, type) and issubclass(ext, Extension):
             raise TypeError(f"pass extension instances: {ext.__name__}(), not {ext.__name__}")
@@ -465,6 +488,31 @@ def _check_arguments(model: nn.Module, loss_fn: nn.Module, extensions: tuple, ro
         if attributes.count(attribute) > 1:
             clash = [ext for ext in extensions if ext.attribute == attribute]
             raise ValueError(f"{_names(clash)} all write p.{attribute}; pass each extension once")
+
+
+def supported_params(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` less those of modules curvhooks does not support
+    (one warning names those modules)."""
+    skipped = [
+        (path, module)
+        for path, module in model.named_modules()
+        if _trainable_params(module) and unsupported_module(module)
+    ]
+    if skipped:
+        names = ", ".join(describe(path, module) for path, module in skipped)
+        warnings.warn(
+            f"curvhooks leaves out the parameters of unsupported modules {names} "
+            "(unsupported='skip')",
+            stacklevel=3,
+        )
+    left_out = {id(p) for _, module in skipped for p in module.parameters(recurse=False)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in left_out]
+
+
+def unsupported_module(module: nn.Module) -> bool:
+    """Whether curvhooks lacks derivatives for ``module`` or for its arguments."""
+    derivatives = module_derivatives(module)
+    return derivatives is None or derivatives.unsupported_reason(module) is not None
 
 
 def _check_supported(
