@@ -210,9 +210,9 @@ def test_hessian_route_choice():
 def test_gram_in_row_panels(monkeypatch, kind):
     """With panels smaller than the matrix, each panel is multiplied from its diagonal on,
     then mirrored."""
-    import curvhooks.dataset.by_hooks
+    import curvhooks.dataset.blocks
 
-    monkeypatch.setattr(curvhooks.dataset.by_hooks, "PANEL", 7)
+    monkeypatch.setattr(curvhooks.dataset.blocks, "PANEL", 7)
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
     function, reference_function = FUNCTIONS[kind]
     expected = reference_function(model, loss_fn, X, y)
@@ -294,8 +294,6 @@ def test_route_errors():
     model, loss_fn, X, y, loader = _data(by_name("two-heads"), "ce-mean")
     with pytest.raises(curvhooks.UnsupportedError, match="route='chain'"):
         curvhooks.ggn(model, loss_fn, loader, route="chain")
-    with pytest.raises(ValueError, match="route='autograd' gives the Hessian only"):
-        curvhooks.ggn(model, loss_fn, loader, route="autograd")
     with pytest.raises(ValueError, match="route must be one of"):
         curvhooks.empirical_fisher(model, loss_fn, loader, route="fast")
 
@@ -376,3 +374,39 @@ def test_a_parameter_that_does_not_reach_the_loss_has_zero_curvature():
         for structure in STRUCTURES:
             found = function(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])], structure=structure)
             assert_close(found, reference.restrict(expected, model, structure))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "empirical_fisher"])
+@pytest.mark.parametrize("problem, loss", CASES[::3], ids=CASE_IDS[::3])
+def test_autograd_route_of_ggn_and_empirical_fisher(problem, loss, kind):
+    """Per-sample Jacobians by ``torch.func`` give the same matrices, on any problem."""
+    model, loss_fn, X, y, loader = _data(problem, loss)
+    function, reference_function = FUNCTIONS[kind]
+    expected = reference_function(model, loss_fn, X, y)
+    for structure in STRUCTURES:
+        found = function(model, loss_fn, loader, structure=structure, route="autograd")
+        assert_close(found, reference.restrict(expected, model, structure))
+
+
+def test_auto_route_takes_autograd_where_the_hooks_cannot_serve():
+    """``nn.MultiheadAttention`` holds its packed projection itself, so no derivatives
+    class serves it: ``route="auto"`` computes its GGN and empirical Fisher by autograd."""
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.head(self.attention(x, x, x, need_weights=False)[0].flatten(1))
+
+    torch.manual_seed(0)
+    model, loss_fn = Attention().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    assert_close(curvhooks.ggn(model, loss_fn, data), reference.ggn(model, loss_fn, X, y))
+    expected = reference.empirical_fisher(model, loss_fn, X, y)
+    assert_close(curvhooks.empirical_fisher(model, loss_fn, data), expected)
+    with pytest.raises(curvhooks.UnsupportedError, match="MultiheadAttention"):
+        curvhooks.ggn(model, loss_fn, data, route="hooks")

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
+from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
 from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
+from curvhooks.errors import UnsupportedError
 
 CHUNK_SIZES = {"cpu": 256, "cuda": 1024}
 """Default directions per vectorised Hessian-vector product, by device type (others: CPU's)."""
@@ -187,3 +190,82 @@ def _flat(plan: Layout, indices: list[int], within: list[int] | None = None) -> 
     pieces = [torch.arange(starts[i], starts[i] + plan.params[i].numel()) for i in indices]
     flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     return flat.to(plan.params[0].device)
+
+
+@torch.enable_grad()  # also inside a caller's torch.no_grad() block
+def autograd_factor_matrices(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable | tuple[Tensor, Tensor],
+    kinds: tuple[Kind, ...],
+    plan: Layout,
+    total: DatasetSum,
+    progress: bool,
+) -> dict[Kind, Tensor]:
+    """GGN and empirical Fisher of any model from per-sample Jacobians (``torch.func``).
+
+    Per batch, the Jacobians ``J_n`` ``[N, *out, *p]`` of each sample's output in the
+    parameters give the GGN factor ``S^T J`` (S the loss's square root, as on the hooks
+    route) and the per-sample gradients ``g_n^T J`` (g the output gradient of the batch's
+    reduced loss); their Gram matrices accumulate as on the hooks route.
+    """
+    derivatives = loss_derivatives(loss_fn)
+    if derivatives is None:
+        raise UnsupportedError(
+            f"loss {type(loss_fn).__name__} is not supported by the GGN and the empirical "
+            f"Fisher; supported losses: {supported_names(LOSS_DERIVATIVES)}"
+        )
+    results = {kind: plan.new_result() for kind in kinds}
+    for X, y, weight in total.batches(data, model_device(model), progress):
+        output, jacobians = _per_sample_jacobians(model, plan.params, X)
+        reason = derivatives.unsupported_reason(loss_fn, output, y)
+        if reason is not None:
+            raise UnsupportedError(f"loss {type(loss_fn).__name__} is not supported: {reason}")
+        for kind in kinds:
+            if kind is Kind.GGN:
+                stack, kind_weight = derivatives.sqrt_hessian(loss_fn, output, y), weight
+            else:  # rows s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once
+                stack = _output_gradients(loss_fn, output, y)[None]
+                kind_weight = weight / derivatives.scale(loss_fn, output)
+            factors = [_contract(stack, jacobian, output.dim()) for jacobian in jacobians]
+            if plan.structure is Structure.DIAG:
+                factors = [factor.square().sum((0, 1)) for factor in factors]
+            accumulate(results[kind], plan, factors.__getitem__, kind_weight, from_factors=True)
+    for kind in kinds:
+        if plan.structure is not Structure.DIAG:
+            mirror_upper_panels(results[kind], plan)
+    total.finish(results)
+    return results
+
+
+def _per_sample_jacobians(
+    model: nn.Module, params: list[nn.Parameter], X: object
+) -> tuple[Tensor, list[Tensor]]:
+    """The batch output ``[N, *out]`` and, per parameter, each sample's Jacobian
+    ``[N, *out, *p.shape]``."""
+    points = tuple(p.detach() for p in params)
+    fixed = {id(p): p.detach() for p in model.parameters()}
+
+    def sample_output(values: tuple[Tensor, ...], x: object) -> Tensor:
+        batched = torch.utils._pytree.tree_map(lambda t: t[None], x)
+        with parameters_replaced(model, {**fixed, **dict(zip(map(id, params), values))}):
+            return model(batched)[0]
+
+    with torch.no_grad():
+        output = model(X)
+    jacobians = vmap(jacrev(sample_output), in_dims=(None, 0))(points, X)
+    return output, list(jacobians)
+
+
+def _output_gradients(loss_fn: nn.Module, output: Tensor, y: Tensor) -> Tensor:
+    """The gradient of the batch's reduced loss in the output, ``[N, *out]``."""
+    output = output.detach().requires_grad_()
+    return torch.autograd.grad(loss_fn(output, y), output)[0]
+
+
+def _contract(stack: Tensor, jacobian: Tensor, output_dims: int) -> Tensor:
+    """``[V, N, *out]`` with ``[N, *out, *p]``: per-sample products ``[V, N, *p]``."""
+    out_dims = list(range(2, output_dims + 1))
+    flat = stack.flatten(2)  # [V, N, O]
+    jac = jacobian.flatten(1, len(out_dims))  # [N, O, *p]
+    return torch.einsum("vno,no...->vn...", flat, jac)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Route, Structure, model_device
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
@@ -73,10 +74,16 @@ def hook_matrices(
                     kind_weight = weight / derivatives.scale(loss_fn, output)
                 else:
                     kind_weight = weight
-                _accumulate(results[kind], plan, extension.attribute, kind_weight, kind in FACTORS)
+                accumulate(
+                    results[kind],
+                    plan,
+                    _attribute_of(plan, extension.attribute),
+                    kind_weight,
+                    from_factors=kind in FACTORS,
+                )
     if not diag:
         for kind in set(kinds) & set(FACTORS):
-            _mirror_upper_panels(results[kind], plan)
+            mirror_upper_panels(results[kind], plan)
     total.finish(results)
     return results
 
@@ -110,69 +117,9 @@ def _context(model: nn.Module, loss_fn: nn.Module, route: Route, unsupported: st
     )
 
 
-def _accumulate(
-    result: Tensor, plan: Layout, attribute: str, weight: float, from_factors: bool
-) -> None:
-    """Add ``weight`` times the batch's diagonal, or its blocks: ``F^T F`` from factors F,
-    or the per-parameter blocks themselves. A parameter without a result did not reach this
-    batch's loss (its module was not called, or its output was not used): it adds zeros."""
-    if plan.structure is Structure.DIAG:
-        for index, param in enumerate(plan.params):
-            if hasattr(param, attribute):
-                rows = slice(plan.offsets[index], plan.offsets[index + 1])
-                result[rows].add_(getattr(param, attribute).flatten(), alpha=weight)
-        return
-    for block in plan.blocks:
-        rows = plan.span(block)
-        reached = [i for i in block if hasattr(plan.params[i], attribute)]
-        if not from_factors:
-            for i in reached:
-                own = slice(plan.offsets[i], plan.offsets[i + 1])
-                result[own, own].add_(getattr(plan.params[i], attribute), alpha=weight)
-            continue
-        if not reached:
-            continue
-        count = _rows(getattr(plan.params[reached[0]], attribute), plan.params[reached[0]]).shape[0]
-        factor = torch.cat([_rows_or_zeros(plan.params[i], attribute, count) for i in block], 1)
-        square = result[rows, rows]
-        for panel in _row_panels(factor.shape[1]):
-            square[panel, panel.start :].addmm_(
-                factor[:, panel].T, factor[:, panel.start :], alpha=weight
-            )
-
-
-def _rows_or_zeros(param: nn.Parameter, attribute: str, count: int) -> Tensor:
-    """The parameter's factor as rows ``[count, p.numel()]``; zeros where it has none."""
-    if hasattr(param, attribute):
-        return _rows(getattr(param, attribute), param)
-    return param.new_zeros(count, param.numel())
-
-
-PANEL = 512
-"""Most rows of a panel: Gram matrices ``F^T F`` are built in row panels, each multiplied
-only with the columns from the diagonal on (about half the work once there are several),
-then mirrored."""
-
-
-def _row_panels(size: int) -> list[slice]:
-    """Equal row panels of at most ``PANEL`` rows that cover ``[size, size]``."""
-    count = max(1, -(-size // PANEL))
-    edges = [size * index // count for index in range(count + 1)]
-    return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
-
-
-def _mirror_upper_panels(result: Tensor, plan: Layout) -> None:
-    """Copy each block's entries right of its panels' diagonal parts to their mirror images."""
-    for block in plan.blocks:
-        rows = plan.span(block)
-        square = result[rows, rows]
-        for panel in _row_panels(square.shape[0]):
-            square[panel.stop :, panel].copy_(square[panel, panel.stop :].T)
-
-
-def _rows(factor: Tensor, param: nn.Parameter) -> Tensor:
-    """A factor ``[..., *p.shape]`` as rows ``[R, p.numel()]``."""
-    return factor.reshape(-1, param.numel())
+def _attribute_of(plan: Layout, attribute: str):
+    """Parameter ``i``'s result ``attribute``, or ``None`` where it has none."""
+    return lambda index: getattr(plan.params[index], attribute, None)
 
 
 class _only_these_require_grad:

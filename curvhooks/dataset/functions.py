@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from curvhooks.dataset.by_autograd import autograd_hessian
+from curvhooks.dataset.by_autograd import autograd_factor_matrices, autograd_hessian
 from curvhooks.dataset.by_hooks import HESSIAN_STRUCTURES, hook_matrices
 from curvhooks.dataset.plan import (
     DEFAULT_MAX_MEMORY,
@@ -21,7 +21,7 @@ from curvhooks.dataset.plan import (
     unwrap,
 )
 from curvhooks.dataset.weighting import DatasetSum
-from curvhooks.hooks import check_eval_mode, supported_params, supports_chain
+from curvhooks.hooks import check_eval_mode, supported_params, supports_chain, unsupported_module
 
 Data = Iterable | tuple[Any, Tensor]
 HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
@@ -201,18 +201,19 @@ def matrices(
         params = supported_params(model)
     plan = layout(model, params, structure, max_memory)
     check_eval_mode(model)
-    by_autograd = Kind.HESSIAN in asked and _hessian_by_autograd(model, loss_fn, structure, route)
-    hooked = tuple(kind for kind in asked if not (kind is Kind.HESSIAN and by_autograd))
-    if hooked and route is Route.AUTOGRAD:
-        raise ValueError(
-            "route='autograd' gives the Hessian only; use route='auto' for the GGN and the "
-            "empirical Fisher"
-        )
+    by_autograd = [kind for kind in asked if _by_autograd(kind, model, loss_fn, plan, route)]
+    hooked = tuple(kind for kind in asked if kind not in by_autograd)
+    factor_kinds = tuple(kind for kind in by_autograd if kind is not Kind.HESSIAN)
     results = {}
-    if by_autograd:
+    if Kind.HESSIAN in by_autograd:
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         results[Kind.HESSIAN] = autograd_hessian(
             model, loss_fn, data, plan, total, chunk_size, progress
+        )
+    if factor_kinds:
+        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
+        results.update(
+            autograd_factor_matrices(model, loss_fn, data, factor_kinds, plan, total, progress)
         )
     if hooked:
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
@@ -232,13 +233,22 @@ def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
     return [Kind(kind) for kind in kinds]
 
 
-def _hessian_by_autograd(
-    model: nn.Module, loss_fn: nn.Module, structure: Structure, route: Route
+def _by_autograd(
+    kind: Kind, model: nn.Module, loss_fn: nn.Module, plan: Layout, route: Route
 ) -> bool:
-    """Whether the Hessian takes the autograd route."""
-    if route is Route.AUTO:
-        return structure not in HESSIAN_STRUCTURES or not supports_chain(model, loss_fn)
-    return route is Route.AUTOGRAD
+    """Whether ``kind`` takes the autograd route: asked for, or on ``AUTO`` where the hooks
+    cannot serve (a module holding a selected parameter is unsupported) or, for the Hessian,
+    where they would not give the structure on a chain."""
+    if route is not Route.AUTO:
+        return route is Route.AUTOGRAD
+    owners = [
+        m for m in model.modules() if any(id(p) in plan.ids for p in m.parameters(recurse=False))
+    ]
+    if any(unsupported_module(module) for module in owners):
+        return True
+    return kind is Kind.HESSIAN and (
+        plan.structure not in HESSIAN_STRUCTURES or not supports_chain(model, loss_fn)
+    )
 
 
 def _dataset_sum(

@@ -77,6 +77,11 @@ class Layout:
     def dim(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def ids(self) -> set[int]:
+        """The parameters' ids."""
+        return {id(p) for p in self.params}
+
     def span(self, block: list[int]) -> slice:
         """The rows of a block."""
         return slice(self.offsets[block[0]], self.offsets[block[-1] + 1])

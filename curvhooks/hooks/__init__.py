@@ -3,7 +3,13 @@ results on the parameters (``results``), the context that wires them (``context`
 dataset functions' own backward pass along a chain (``chain``)."""
 
 from curvhooks.hooks.chain import ChainBackward, supports_chain
-from curvhooks.hooks.context import ROUTES, check_eval_mode, extend, supported_params
+from curvhooks.hooks.context import (
+    ROUTES,
+    check_eval_mode,
+    extend,
+    supported_params,
+    unsupported_module,
+)
 from curvhooks.hooks.results import clear_results, results_preserved
 
 __all__ = [
@@ -15,4 +21,5 @@ __all__ = [
     "results_preserved",
     "supported_params",
     "supports_chain",
+    "unsupported_module",
 ]
