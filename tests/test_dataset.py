@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections import UserDict
 from collections.abc import Mapping
 
@@ -175,9 +177,15 @@ def test_training_mode_batch_dependent_modules_are_rejected(layer):
     assert_close(H, reference.hessian_matrix(model, nn.CrossEntropyLoss(), X, y))
 
 
-def test_progress_bar(capsys):
+def test_progress_bar(capsys, monkeypatch):
+    """tqdm's bar where tqdm is installed; a line of its own otherwise."""
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
-    curvhooks.ggn(model, loss_fn, loader, progress=True)
+    expected = curvhooks.ggn(model, loss_fn, loader)
+    if importlib.util.find_spec("tqdm") is not None:
+        assert_close(curvhooks.ggn(model, loss_fn, loader, progress=True), expected)
+        assert "3/3" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails: the fallback line
+    assert_close(curvhooks.ggn(model, loss_fn, loader, progress=True), expected)
     assert "batch 3/3" in capsys.readouterr().err
 
 

@@ -115,17 +115,28 @@ def batches(
     ``batch_size_fn(X)`` if given, else ``y.shape[0]``."""
     single = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
     source = [data] if single else data
-    count, start = 0, time.perf_counter()
-    total = _length(source)
-    for batch in source:
+    for batch in _with_progress(source) if progress else source:
         X, y = _unpack(batch)
         size = _batch_size(X, y, batch_size_fn)
-        count += 1
-        if progress:
-            _show_progress(count, total, time.perf_counter() - start)
         yield to_device(X, device), y.to(device), size
-    if progress:
-        print(file=sys.stderr)
+
+
+def _with_progress(source: Iterable) -> Iterator:
+    """``source`` behind a progress bar on stderr: tqdm's where installed, else a line."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _progress_line(source)
+    return iter(tqdm(source, total=_length(source), unit="batch", file=sys.stderr))
+
+
+def _progress_line(source: Iterable) -> Iterator:
+    count, start, total = 0, time.perf_counter(), _length(source)
+    for batch in source:
+        count += 1
+        _show_progress(count, total, time.perf_counter() - start)
+        yield batch
+    print(file=sys.stderr)
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:
