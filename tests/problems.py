@@ -308,6 +308,18 @@ PROBLEMS: list[Problem] = [
         (2, 4),
     ),
     Problem(
+        "linear-extra-dims-inplace",
+        lambda: nn.Sequential(
+            nn.Linear(4, 5),
+            nn.ELU(alpha=0.5, inplace=True),
+            nn.Linear(5, 4),
+            nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (2, 4),
+    ),
+    Problem(
         "linear-extra-dims-output",
         lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)),
         (2, 4),
@@ -491,6 +503,16 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
     Problem("conv-residual", _conv_residual, (2, 7, 6), is_chain=False),
+    Problem(
+        "residual-extra-dims-inplace",
+        lambda: nn.Sequential(
+            Residual(nn.Sequential(nn.Linear(4, 4), nn.ELU(inplace=True), nn.Linear(4, 4))),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        ),
+        (2, 4),
+        is_chain=False,
+    ),
     Problem(
         "branches-cat", lambda: nn.Sequential(Branches(), nn.Linear(5, 3)), (6,), is_chain=False
     ),

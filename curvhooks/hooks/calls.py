@@ -40,8 +40,10 @@ class Call:
         index: Its position in the pass (calls run in this order).
         producer: The recorded call whose unchanged output is this call's input.
         push_to_producer: Whether the chain route pushes the stacks on to the producer.
-        output_edge: Where the output enters the autograd graph (graph route).
-        input_edge: Where the input enters the autograd graph (graph route, Hessian).
+        output_edge: Where the output enters the autograd graph (graph route), at its
+            gradient anchor.
+        input_edge: Where the input enters the autograd graph (graph route, Hessian), at its
+            gradient anchor (``gradient_anchor``), whose shape is ``input_edge_shape``.
         stacks: The stacks at the output, by stack kind key (chain route).
         results: Results of this pass not yet set on the parameters, by (parameter name,
             attribute): the graph route reduces stacks as they arrive.
@@ -58,6 +60,7 @@ class Call:
     push_to_producer: bool = False
     output_edge: GradientEdge | None = None
     input_edge: GradientEdge | None = None
+    input_edge_shape: tuple[int, ...] | None = None
     stacks: dict[object, Stack] = field(default_factory=dict)
     results: dict[tuple[str, str], object] = field(default_factory=dict)
     handle: RemovableHandle | None = None
@@ -133,6 +136,23 @@ def gradient_edge(tensor: Tensor) -> GradientEdge | None:
     if get_gradient_edge is None or not tensor.requires_grad:
         return None
     return get_gradient_edge(tensor)
+
+
+def gradient_anchor(output: Tensor) -> Tensor:
+    """The tensor whose gradient is ``output``'s, for hooks and edges: ``output``, or its base
+    where ``output`` is a reshaping view of all of it (``nn.Linear`` on inputs of more than two
+    dimensions). An in-place operation on such a view (``ReLU(inplace=True)``) rewrites the
+    view's history and its tensor hooks never fire; the base's keep their place."""
+    base = output._base
+    if (
+        base is not None
+        and base.numel() == output.numel()
+        and base.storage_offset() == output.storage_offset()
+        and base.is_contiguous()
+        and output.is_contiguous()
+    ):
+        return base
+    return output
 
 
 def describe(path: str, module: nn.Module) -> str:

@@ -38,7 +38,14 @@ from curvhooks.derivatives import (
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import Stack, StackKind
-from curvhooks.hooks.calls import Call, CallRecord, describe, get_gradient_edge, gradient_edge
+from curvhooks.hooks.calls import (
+    Call,
+    CallRecord,
+    describe,
+    get_gradient_edge,
+    gradient_anchor,
+    gradient_edge,
+)
 from curvhooks.hooks.graph import (
     check_hessian_glue,
     check_shared_uses_independent,
@@ -198,10 +205,11 @@ class extend:
         derivatives need the input (``keep_copy``) a copy of it."""
         if args and isinstance(args[0], Tensor):
             inp = args[0]
-            edge = gradient_edge(inp) if self._needs_input_edges else None
+            edge = gradient_edge(gradient_anchor(inp)) if self._needs_input_edges else None
             copy = inp.detach().clone() if keep_copy else None
             producer = self._record.producer_of(inp)
-            self._pending_inputs[id(module)] = (producer, edge, copy, inp._version)
+            edge_shape = gradient_anchor(inp).shape
+            self._pending_inputs[id(module)] = (producer, edge, edge_shape, copy, inp._version)
 
     def _record_call(
         self,
@@ -212,8 +220,8 @@ class extend:
         args: tuple,
         output: Any,
     ) -> None:
-        pending = self._pending_inputs.pop(id(module), (None,) * 4)
-        producer, input_edge, input_copy, input_version = pending
+        pending = self._pending_inputs.pop(id(module), (None,) * 5)
+        producer, input_edge, input_edge_shape, input_copy, input_version = pending
         if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return
         if output is args[0] and output._version == input_version:
@@ -227,6 +235,10 @@ class extend:
             )
         if not (self._pushes_gradients or (torch.is_grad_enabled() and output.requires_grad)):
             return
+        # A module with parameters creates its output's base itself, so its hook on the base
+        # is the base's first; other modules' hooks stay on their outputs (views of one base
+        # must fire downstream first).
+        anchor = gradient_anchor(output) if params and output is not args[0] else output
         call = Call(
             path,
             self._module_io(
@@ -237,11 +249,12 @@ class extend:
             self._pass_id,
             len(self._record.calls),
             producer,
-            output_edge=None if self._pushes_gradients else gradient_edge(output),
+            output_edge=None if self._pushes_gradients else gradient_edge(anchor),
             input_edge=input_edge,
+            input_edge_shape=input_edge_shape,
         )
         if not self._pushes_gradients:
-            call.handle = output.register_hook(partial(self._backward, call))
+            call.handle = anchor.register_hook(partial(self._backward, call))
         self._record.add(call, output)
 
     def _module_io(
@@ -367,7 +380,7 @@ class extend:
                 "curvhooks.extend context; call backward() before the next forward pass"
             )
         self._finish_with_backward()
-        self._backward_extensions(call, grad_output.detach())
+        self._backward_extensions(call, grad_output.detach().view(call.io.output_shape))
         call.release()
 
     def _finish_with_backward(self) -> None:
@@ -421,7 +434,13 @@ class extend:
         for kind in self._kinds:
             curvature = kind.module_curvature(call.derivatives, call.io, grad_output)
             if curvature is not None and targets:
-                self._reduce_on_arrival(call.input_edge, kind, curvature, targets)
+                anchored = kind.from_parts(
+                    tuple(
+                        part.reshape(len(part), *call.input_edge_shape)
+                        for part in kind.parts(curvature)
+                    )
+                )
+                self._reduce_on_arrival(call.input_edge, kind, anchored, targets)
 
     def _nesting(self) -> _Nested:
         return _Nested(self)

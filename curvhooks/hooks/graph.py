@@ -109,7 +109,9 @@ def _chunk_size(part: Tensor, targets: list[Call]) -> int:
 
 
 def _as_stack(kind: StackKind, index: int, vectors: Tensor, count: int, call: Call) -> Stack:
-    """``vectors`` as part ``index`` of a stack of ``kind``, its other parts empty."""
+    """``vectors`` (shaped like the call's gradient anchor) as part ``index`` of a stack of
+    ``kind`` at the call's output, its other parts empty."""
+    vectors = vectors.view(len(vectors), *call.io.output_shape)
     empty = vectors.new_zeros(0, *call.io.output_shape)
     return kind.from_parts(tuple(vectors if i == index else empty for i in range(count)))
 
