@@ -320,6 +320,13 @@ PROBLEMS: list[Problem] = [
         (2, 4),
     ),
     Problem(
+        "conv-flatten-inplace",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 2, 3, stride=2), nn.Flatten(), nn.ReLU(inplace=True), nn.Linear(12, 3)
+        ),
+        (2, 7, 6),
+    ),
+    Problem(
         "linear-extra-dims-output",
         lambda: nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)),
         (2, 4),

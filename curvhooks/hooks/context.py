@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -255,6 +256,8 @@ class extend:
         )
         if not self._pushes_gradients:
             call.handle = anchor.register_hook(partial(self._backward, call))
+            if output is args[0] and output._base is not None:
+                _rehook_producer(call, output, partial(self._backward, call.producer))
         self._record.add(call, output)
 
     def _module_io(
@@ -561,6 +564,20 @@ def check_eval_mode(model: nn.Module) -> None:
                 "output depends on the batch or on randomness, so the curvature is not that of "
                 "a fixed function; call model.eval() first"
             )
+
+
+def _rehook_producer(call: Call, output: Tensor, hook: Callable) -> None:
+    """An in-place module just rewrote the history of its input, a view (``Flatten``'s output
+    of a convolution, say): the producer's tensor hook on that view will never fire. Hook the
+    producer again after ``call``'s own hook on the same tensor, so it fires right after
+    ``call``'s. Only a parameter-free producer of such a view (a reshape) is rehooked: it
+    needs no output gradient of its own, only the stacks ``call`` pushes to it; one with
+    parameters hooks its view's base instead (``gradient_anchor``)."""
+    producer = call.producer
+    if producer is None or producer.params or producer.handle is None:
+        return
+    producer.handle.remove()
+    producer.handle = output.register_hook(hook)
 
 
 def _overwrites_needed_input(module: nn.Module, derivatives: ModuleDerivatives | None) -> bool:
