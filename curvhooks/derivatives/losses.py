@@ -108,7 +108,23 @@ def _class_probabilities(output: Tensor) -> Tensor:
     return F.softmax(output.detach(), dim=1).reshape(*output.shape[:2], -1)
 
 
-class BCEWithLogitsDerivatives(LossDerivatives):
+class EntrywiseLossDerivatives(LossDerivatives):
+    """A loss summed over the entries of any output ``[N, *out]``, with targets of the same
+    shape; ``"mean"`` averages over all entries: ``s = 1 / (N C)``."""
+
+    def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
+        if target.shape != output.shape:
+            return (
+                f"targets of shape {list(target.shape)} do not match the output's shape "
+                f"{list(output.shape)}; {type(loss_fn).__name__} would broadcast them"
+            )
+        return None
+
+    def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
+        return 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
+
+
+class BCEWithLogitsDerivatives(EntrywiseLossDerivatives):
     """``l_n = -sum_k [y log sigma(f_nk) + (1 - y) log(1 - sigma(f_nk))]`` on logits of any
     shape ``[N, *out]`` and targets in ``[0, 1]`` of the same shape.
 
@@ -121,15 +137,7 @@ class BCEWithLogitsDerivatives(LossDerivatives):
     def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
         if loss_fn.weight is not None or loss_fn.pos_weight is not None:
             return "weight= and pos_weight= are not supported; pass neither"
-        if target.shape != output.shape:
-            return (
-                f"targets of shape {list(target.shape)} do not match the output's shape "
-                f"{list(output.shape)}; BCEWithLogitsLoss would broadcast them"
-            )
-        return None
-
-    def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
-        return 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
+        return super().unsupported_reason(loss_fn, output, target)
 
     def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
         sigma = torch.sigmoid(output.detach())
@@ -144,24 +152,13 @@ class BCEWithLogitsDerivatives(LossDerivatives):
         return (sigma - samples).mul_(factor)
 
 
-class MSEDerivatives(LossDerivatives):
+class MSEDerivatives(EntrywiseLossDerivatives):
     """``l_n = ||f_n - y_n||^2`` on any output ``[N, *out]`` with C = prod(out) entries.
 
     Per sample the Hessian is ``2 I``, with square root ``sqrt(2) I`` (a stack of C unit
     vectors). Sampling ``eps ~ N(0, I)`` gives the unbiased factor ``sqrt(2) eps``.
     The ``"mean"`` reduction averages over all N * C entries: ``s = 1 / (N C)``.
     """
-
-    def unsupported_reason(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> str | None:
-        if target.shape != output.shape:
-            return (
-                f"targets of shape {list(target.shape)} do not match the output's shape "
-                f"{list(output.shape)}; MSELoss would broadcast them"
-            )
-        return None
-
-    def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
-        return 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
 
     def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
         batch, entries = output.shape[0], output[0].numel()

@@ -44,6 +44,8 @@ class Call:
             gradient anchor.
         input_edge: Where the input enters the autograd graph (graph route, Hessian), at its
             gradient anchor (``gradient_anchor``), whose shape is ``input_edge_shape``.
+        view_base: The base of the output where the output is a view (an in-place module on a
+            view of it makes the call's hook never fire).
         stacks: The stacks at the output, by stack kind key (chain route).
         results: Results of this pass not yet set on the parameters, by (parameter name,
             attribute): the graph route reduces stacks as they arrive.
@@ -61,6 +63,7 @@ class Call:
     output_edge: GradientEdge | None = None
     input_edge: GradientEdge | None = None
     input_edge_shape: tuple[int, ...] | None = None
+    view_base: Tensor | None = None
     stacks: dict[object, Stack] = field(default_factory=dict)
     results: dict[tuple[str, str], object] = field(default_factory=dict)
     handle: RemovableHandle | None = None
@@ -80,6 +83,7 @@ class Call:
         self.stacks = {}
         self.results = {}
         self.output_edge = self.input_edge = None
+        self.view_base = None
 
 
 class CallRecord:

@@ -253,11 +253,12 @@ class extend:
             output_edge=None if self._pushes_gradients else gradient_edge(anchor),
             input_edge=input_edge,
             input_edge_shape=input_edge_shape,
+            view_base=output._base,
         )
         if not self._pushes_gradients:
             call.handle = anchor.register_hook(partial(self._backward, call))
             if output is args[0] and output._base is not None:
-                _rehook_producer(call, output, partial(self._backward, call.producer))
+                _rehook_producers(call, output, lambda producer: partial(self._backward, producer))
         self._record.add(call, output)
 
     def _module_io(
@@ -566,18 +567,24 @@ def check_eval_mode(model: nn.Module) -> None:
             )
 
 
-def _rehook_producer(call: Call, output: Tensor, hook: Callable) -> None:
-    """An in-place module just rewrote the history of its input, a view (``Flatten``'s output
-    of a convolution, say): the producer's tensor hook on that view will never fire. Hook the
-    producer again after ``call``'s own hook on the same tensor, so it fires right after
-    ``call``'s. Only a parameter-free producer of such a view (a reshape) is rehooked: it
-    needs no output gradient of its own, only the stacks ``call`` pushes to it; one with
-    parameters hooks its view's base instead (``gradient_anchor``)."""
+def _rehook_producers(call: Call, output: Tensor, hook_of: Callable[[Call], Callable]) -> None:
+    """An in-place module just rewrote the history of its input, a view (``Flatten`` of a
+    convolution's output, say): the tensor hooks on every view of that base will never fire.
+    Hook the producers that made such views again, on ``output`` after ``call``'s own hook,
+    nearest first, so they fire in the order of the chain. Only parameter-free producers
+    (reshapes) are rehooked: they need no output gradient of their own, only the stacks pushed
+    to them; one with parameters hooks its view's base instead (``gradient_anchor``)."""
+    base = output._base
     producer = call.producer
-    if producer is None or producer.params or producer.handle is None:
-        return
-    producer.handle.remove()
-    producer.handle = output.register_hook(hook)
+    while (
+        producer is not None
+        and not producer.params
+        and producer.handle is not None
+        and producer.view_base is base
+    ):
+        producer.handle.remove()
+        producer.handle = output.register_hook(hook_of(producer))
+        producer = producer.producer
 
 
 def _overwrites_needed_input(module: nn.Module, derivatives: ModuleDerivatives | None) -> bool:
