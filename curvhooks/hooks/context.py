@@ -104,6 +104,10 @@ class extend:
         self._second_order = [ext for ext in extensions if ext.stack_kind() is not None]
         kinds = {ext.stack_kind().key: ext.stack_kind() for ext in self._second_order}
         self._kinds: list[StackKind] = list(kinds.values())
+        self._needs_input_edges = not self._pushes_gradients and any(
+            kind.has_module_curvature for kind in self._kinds
+        )
+        """Whether calls keep their input edge: for nonlinear modules' curvature on graphs."""
         self._handles: list[RemovableHandle] = []
         self._record = CallRecord()
         self._results = Results()
@@ -175,13 +179,6 @@ class extend:
     def _records_leaves(self) -> bool:
         return bool(self._second_order) or self._pushes_gradients
 
-    @property
-    def _needs_input_edges(self) -> bool:
-        """Whether calls keep their input edge: for nonlinear modules' curvature on graphs."""
-        return any(kind.has_module_curvature for kind in self._kinds) and not (
-            self._pushes_gradients
-        )
-
     def run_batch(self, X: Any, y: Tensor) -> Tensor:
         """One forward and backward pass of ``loss_fn(model(X), y)`` without touching
         ``p.grad``: writes the extensions' results; returns the model output."""
@@ -206,10 +203,12 @@ class extend:
         derivatives need the input (``keep_copy``) a copy of it."""
         if args and isinstance(args[0], Tensor):
             inp = args[0]
-            edge = gradient_edge(gradient_anchor(inp)) if self._needs_input_edges else None
+            edge, edge_shape = None, None
+            if self._needs_input_edges:
+                anchor = gradient_anchor(inp)
+                edge, edge_shape = gradient_edge(anchor), anchor.shape
             copy = inp.detach().clone() if keep_copy else None
             producer = self._record.producer_of(inp)
-            edge_shape = gradient_anchor(inp).shape
             self._pending_inputs[id(module)] = (producer, edge, edge_shape, copy, inp._version)
 
     def _record_call(
