@@ -224,6 +224,21 @@ class Siamese(nn.Module):
         return self.head(self.encoder(x) - self.encoder(2 * x + 1))
 
 
+class UNetSkip(nn.Module):
+    """A strided convolution, a transposed convolution back to the input's size (through
+    ``output_size=``) and a skip around both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, groups=2)
+        self.head = nn.Linear(84, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        up = self.up(torch.relu(self.down(x)), output_size=x.shape[-2:])
+        return self.head((x + up).flatten(1))
+
+
 def _unrolled_recurrence() -> nn.Sequential:
     """One cell applied twice in a row: ``head(cell(relu(cell(x))))``."""
     cell = nn.Linear(5, 5)
@@ -421,6 +436,32 @@ PROBLEMS: list[Problem] = [
         (2, 3, 4, 3),
     ),
     Problem(
+        "conv-transpose2d",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2),
+            nn.Sigmoid(),
+            nn.ConvTranspose2d(4, 2, 3, stride=2, output_padding=1, groups=2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(96, 3),
+        ),
+        (2, 7, 6),
+    ),
+    Problem(
+        "conv-transpose1d-3d",
+        lambda: nn.Sequential(
+            nn.Linear(6, 8),
+            nn.Unflatten(1, (2, 4)),
+            nn.ConvTranspose1d(2, 2, 2, stride=2, dilation=2, bias=False),
+            nn.Tanh(),
+            nn.Unflatten(2, (1, 3, 3)),
+            nn.ConvTranspose3d(2, 2, (1, 2, 2), stride=(1, 1, 2), padding=(0, 1, 0)),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ),
+        (6,),
+    ),
+    Problem(
         "embedding-padding",
         lambda: nn.Sequential(
             nn.Embedding(4, 3, padding_idx=0), nn.Flatten(), nn.Tanh(), nn.Linear(15, 3)
@@ -524,6 +565,7 @@ GRAPH_PROBLEMS: list[Problem] = [
         "branches-cat", lambda: nn.Sequential(Branches(), nn.Linear(5, 3)), (6,), is_chain=False
     ),
     Problem("reshapes", Reshapes, (2, 4), is_chain=False),
+    Problem("unet-skip-output-size", UNetSkip, (2, 7, 6), is_chain=False),
     Problem("two-heads", TwoHeads, (6,), is_chain=False),
     Problem(
         "residual-sigmoid-branch",

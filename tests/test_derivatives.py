@@ -58,6 +58,18 @@ MODULES = {
         lambda: nn.Conv3d(4, 4, 2, padding="same", dilation=(1, 2, 1), groups=4),
         (4, 3, 4, 3),
     ),
+    "transposed-conv1d-stride-output-padding": (
+        lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2),
+        (4, 5),
+    ),
+    "transposed-conv2d-dilation-output-padding": (
+        lambda: nn.ConvTranspose2d(2, 3, (2, 3), stride=(2, 1), dilation=3, output_padding=(2, 0)),
+        (2, 3, 4),
+    ),
+    "transposed-conv3d-no-bias": (
+        lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, padding=(1, 0, 0), bias=False),
+        (2, 2, 3, 2),
+    ),
     "batchnorm1d": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3,)),
     "batchnorm1d-sequence": (lambda: eval_batchnorm(nn.BatchNorm1d(3)), (3, 5)),
     "batchnorm2d": (lambda: eval_batchnorm(nn.BatchNorm2d(3, eps=0.1)), (3, 4, 2)),

@@ -19,6 +19,7 @@ from curvhooks.derivatives.activations import (
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
 from curvhooks.derivatives.batchnorm import BatchNormDerivatives
 from curvhooks.derivatives.conv import ConvDerivatives
+from curvhooks.derivatives.conv_transpose import ConvTransposeDerivatives
 from curvhooks.derivatives.embedding import EmbeddingDerivatives
 from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.derivatives.losses import (
@@ -39,6 +40,10 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
     nn.Embedding: EmbeddingDerivatives(),
     **{conv: ConvDerivatives() for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
+    **{
+        conv: ConvTransposeDerivatives()
+        for conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    },
     **{norm: BatchNormDerivatives() for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
     nn.ReLU: ReLUDerivatives(),
     nn.LeakyReLU: LeakyReLUDerivatives(),
