@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from examples.architectures import Transformer, lenet5, resnet8
+
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "ce-mean": lambda: nn.CrossEntropyLoss(reduction="mean"),
     "ce-sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
@@ -262,6 +264,24 @@ def eval_batchnorm(module: nn.modules.batchnorm._BatchNorm) -> nn.Module:
             module.weight.uniform_(0.5, 1.5)
             module.bias.uniform_(-1, 1)
     return module.eval()
+
+
+def random_affine(module: nn.Module) -> nn.Module:
+    """``module`` (a normalisation layer) with random weight and bias instead of the identity
+    they start as."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.uniform_(0.5, 1.5)
+    return module
+
+
+def _resnet8() -> nn.Module:
+    """A ResNet-8 two channels wide, its BatchNorm layers in eval mode with random statistics."""
+    model = resnet8(width=2, classes=3)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            eval_batchnorm(module)
+    return model
 
 
 def _conv_residual() -> nn.Sequential:
@@ -526,6 +546,43 @@ PROBLEMS: list[Problem] = [
         (2, 7, 6),
     ),
     Problem(
+        "mlp-layernorm-gelu",
+        lambda: nn.Sequential(
+            nn.Linear(6, 5),
+            random_affine(nn.LayerNorm(5)),
+            nn.GELU(),
+            nn.Linear(5, 4),
+            nn.LayerNorm(4, elementwise_affine=False),
+            nn.Linear(4, 3),
+        ),
+        (6,),
+        losses=tuple(LOSSES),
+    ),
+    Problem(
+        "sequence-layernorm-two-dims",
+        lambda: nn.Sequential(
+            nn.Linear(4, 3),
+            random_affine(nn.LayerNorm((2, 3), bias=False)),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        ),
+        (2, 4),
+    ),
+    Problem(
+        "cnn-groupnorm",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3),
+            random_affine(nn.GroupNorm(2, 4, eps=0.1)),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 3, stride=2),
+            nn.GroupNorm(1, 2, affine=False),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ),
+        (2, 7, 6),
+    ),
+    Problem(
         "cnn-sigmoid",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),
@@ -616,6 +673,27 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
 ]
+ARCHITECTURES: list[Problem] = [
+    Problem(
+        "lenet5",
+        lambda: lenet5(side=16, channels=(2, 3), hidden=(6, 5), classes=3),
+        (1, 16, 16),
+        losses=("ce-mean", "mse-sum"),
+    ),
+    Problem("resnet8", _resnet8, (3, 4, 4), losses=("ce-sum", "mse-mean"), is_chain=False),
+    Problem(
+        "transformer",
+        lambda: Transformer(vocabulary=7, tokens=4, width=4, heads=2, layers=2, classes=3),
+        (4,),
+        losses=("ce-mean", "ce-sum"),
+        hessian_glue="BmmBackward0",
+        is_chain=False,
+        vocabulary=7,
+    ),
+]
+"""Real architectures (examples/architectures.py) at tiny sizes; tests/test_architectures.py
+checks every quantity on them against references computed once per case."""
+
 PROBLEMS = PROBLEMS + GRAPH_PROBLEMS
 
 

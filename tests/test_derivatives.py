@@ -9,7 +9,7 @@ from torch.func import functional_call, vjp
 
 import curvhooks.derivatives.conv
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
-from tests.problems import assert_close, eval_batchnorm
+from tests.problems import assert_close, eval_batchnorm, random_affine
 
 
 def _pad_arguments(module: nn.Module) -> list[int]:
@@ -77,6 +77,14 @@ MODULES = {
         lambda: eval_batchnorm(nn.BatchNorm3d(2, affine=False)),
         (2, 3, 2, 2),
     ),
+    "layernorm": (lambda: random_affine(nn.LayerNorm(4)), (4,)),
+    "layernorm-two-dims-sequence": (lambda: random_affine(nn.LayerNorm((3, 4))), (2, 3, 4)),
+    "layernorm-no-affine": (lambda: nn.LayerNorm(4, elementwise_affine=False), (3, 4)),
+    "layernorm-no-bias": (lambda: random_affine(nn.LayerNorm(4, bias=False)), (4,)),
+    "groupnorm": (lambda: random_affine(nn.GroupNorm(3, 6, eps=0.1)), (6, 2, 3)),
+    "groupnorm-one-group-1d": (lambda: random_affine(nn.GroupNorm(1, 2)), (2, 5)),
+    "groupnorm-channels-only": (lambda: random_affine(nn.GroupNorm(2, 4)), (4,)),
+    "groupnorm-no-affine-3d": (lambda: nn.GroupNorm(2, 4, affine=False), (4, 2, 1, 2)),
     "relu": (nn.ReLU, (3, 4)),
     "sigmoid": (nn.Sigmoid, (3, 4)),
     **ACTIVATIONS,
@@ -247,3 +255,39 @@ def test_embedding_products_with_repeated_indices_and_padding():
     assert_close(derivatives.param_sq_sum(io, "weight", mat, per_sample=True), squares.sum(0))
     assert_close(derivatives.param_sq_sum(io, "weight", mat, per_sample=False), squares.sum((0, 1)))
     assert_close(derivatives.param_sq_norm(io, "weight", mat), squares.flatten(2).sum((0, 2)))
+
+
+NORMALIZATIONS = [key for key in MODULES if "norm" in key and "batchnorm" not in key]
+CURVED = [*ACTIVATIONS, *NORMALIZATIONS]
+"""Modules with curvature of their own in their input (the others are linear or piecewise
+linear in it)."""
+
+
+@pytest.mark.parametrize("key", [key for key in MODULES if key not in CURVED])
+def test_modules_linear_in_their_input_add_no_curvature(key):
+    derivatives, io, _, _ = _setting(key)
+    assert derivatives.residual_roots(io, torch.randn_like(io.output)) is None
+
+
+@pytest.mark.parametrize("key", CURVED)
+def test_module_curvature_roots(key):
+    """``residual_roots`` gives ``P P^T - Q Q^T`` = the Hessian of ``out . g`` in each
+    sample's input: against reverse-over-reverse autograd (``torch.func``'s forward-over-reverse
+    is wrong through LayerNorm, see NOTES; central differences in test_finite_differences)."""
+    derivatives, io, _, _ = _setting(key)
+    module, x = io.module, io.input
+    g = torch.randn_like(io.output)
+    size = x[0].numel()
+    roots = derivatives.residual_roots(io, g)
+    actual = torch.zeros(BATCH, size, size, dtype=x.dtype)
+    if roots is not None:
+        positive, negative = (part.flatten(2).transpose(0, 1) for part in roots)  # [N, U, in]
+        actual = positive.mT @ positive - negative.mT @ negative
+
+    def weighted_sum(inputs: torch.Tensor) -> torch.Tensor:
+        return (module(inputs) * g).sum()
+
+    full = torch.autograd.functional.hessian(weighted_sum, x).reshape(BATCH, size, BATCH, size)
+    assert_close(actual, full.diagonal(0, 0, 2).permute(2, 0, 1))
+    across_samples = 1 - torch.eye(BATCH, dtype=x.dtype)[:, None, :, None]
+    assert (full * across_samples).abs().max() == 0

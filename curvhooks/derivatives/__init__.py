@@ -16,7 +16,7 @@ from curvhooks.derivatives.activations import (
     SoftplusDerivatives,
     TanhDerivatives,
 )
-from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO, diagonal_stack
+from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 from curvhooks.derivatives.batchnorm import BatchNormDerivatives
 from curvhooks.derivatives.conv import ConvDerivatives
 from curvhooks.derivatives.conv_transpose import ConvTransposeDerivatives
@@ -29,6 +29,7 @@ from curvhooks.derivatives.losses import (
     LossDerivatives,
     MSEDerivatives,
 )
+from curvhooks.derivatives.normalization import GroupNormDerivatives, LayerNormDerivatives
 from curvhooks.derivatives.pooling import AvgPoolDerivatives, MaxPoolDerivatives
 from curvhooks.derivatives.shape import (
     IdentityDerivatives,
@@ -45,6 +46,8 @@ MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
         for conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
     },
     **{norm: BatchNormDerivatives() for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)},
+    nn.LayerNorm: LayerNormDerivatives(),
+    nn.GroupNorm: GroupNormDerivatives(),
     nn.ReLU: ReLUDerivatives(),
     nn.LeakyReLU: LeakyReLUDerivatives(),
     nn.ELU: ELUDerivatives(),
@@ -109,7 +112,6 @@ __all__ = [
     "LossDerivatives",
     "ModuleDerivatives",
     "ModuleIO",
-    "diagonal_stack",
     "loss_derivatives",
     "module_derivatives",
     "supported_names",

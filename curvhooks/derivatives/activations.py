@@ -23,14 +23,16 @@ class ElementwiseDerivatives(ModuleDerivatives):
         """The activation's derivative at each entry ``[N, *]``."""
         raise NotImplementedError
 
-    def second_derivative(self, io: ModuleIO) -> Tensor | None:
-        """The second derivative at each entry ``[N, *]``; ``None`` where it is zero (almost
-        everywhere)."""
+    piecewise_linear: bool = False
+    """Whether the second derivative is zero almost everywhere (then no ``second_derivative``
+    is needed)."""
+
+    def second_derivative(self, io: ModuleIO) -> Tensor:
+        """The second derivative at each entry ``[N, *]``."""
         raise NotImplementedError
 
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
-        second = self.second_derivative(io)
-        return None if second is None else second * grad_output
+        return None if self.piecewise_linear else self.second_derivative(io) * grad_output
 
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         # Match the stack's memory layout (e.g. channels-last), so the product runs vectorised.
@@ -53,22 +55,20 @@ class FromInput(ElementwiseDerivatives):
 class ReLUDerivatives(FromOutput):
     """``relu'(x) = 1 if x > 0 else 0`` (0 at 0, as autograd)."""
 
+    piecewise_linear = True
+
     def derivative(self, io: ModuleIO) -> Tensor:
         return (io.output > 0).to(io.output.dtype)
-
-    def second_derivative(self, io: ModuleIO) -> None:
-        return None
 
 
 class LeakyReLUDerivatives(FromInput):
     """``1`` for ``x > 0``, else ``negative_slope``; piecewise linear."""
 
+    piecewise_linear = True
+
     def derivative(self, io: ModuleIO) -> Tensor:
         x = io.input
         return torch.full_like(x, io.module.negative_slope).masked_fill_(x > 0, 1.0)
-
-    def second_derivative(self, io: ModuleIO) -> None:
-        return None
 
 
 class ELUDerivatives(FromOutput):

@@ -68,10 +68,22 @@ class ModuleDerivatives:
         raise NotImplementedError
 
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
-        """The diagonal ``[N, *in]`` that the module's own curvature adds to the Hessian of
-        the loss in its input, ``d^2 out / d in^2`` times ``grad_output``; ``None`` where the
-        module is linear in its input (zero residual)."""
+        """For a module whose own curvature is diagonal (an element-wise activation): the
+        diagonal ``[N, *in]`` it adds to the Hessian of the loss in its input,
+        ``d^2 (out . grad_output) / d in^2``; ``None`` where that is zero (a module linear or
+        piecewise linear in its input). Modules with curvature between entries override
+        ``residual_roots`` instead."""
         return None
+
+    def residual_roots(self, io: ModuleIO, grad_output: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The module's own curvature ``d^2 (out . grad_output) / d in^2`` per sample, as
+        signed square-root stacks ``(P, Q)``, each ``[U, N, *in]``, with ``P P^T - Q Q^T``
+        that matrix; ``None`` where it is zero. From ``hessian_residual``'s diagonal unless
+        overridden."""
+        residual = self.hessian_residual(io, grad_output)
+        if residual is None:
+            return None
+        return diagonal_stack(residual.clamp(min=0)), diagonal_stack((-residual).clamp(min=0))
 
     def param_jac_t_mat_prod(
         self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
@@ -108,3 +120,23 @@ def diagonal_stack(diagonal: Tensor) -> Tensor:
     batch, shape = diagonal.shape[0], diagonal.shape[1:]
     roots = diagonal.reshape(batch, -1).sqrt()
     return torch.diag_embed(roots).permute(1, 0, 2).reshape(-1, batch, *shape)
+
+
+def block_diagonal_roots(blocks: Tensor, shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """Signed square roots of per-sample block-diagonal symmetric matrices.
+
+    ``blocks`` ``[N, B, D, D]`` holds B blocks of D consecutive entries of a sample's
+    ``shape`` (``B * D = prod(shape)``). Returns ``(P, Q)``, each ``[B * D, N, *shape]``:
+    vector ``(b, j)`` holds eigenvector j of block b times ``sqrt(max(lambda_j, 0))`` in ``P``
+    (``sqrt(max(-lambda_j, 0))`` in ``Q``) within that block, and zeros elsewhere.
+    """
+    batch, num_blocks, size = blocks.shape[:3]
+    eigenvalues, eigenvectors = torch.linalg.eigh(blocks)  # columns are eigenvectors
+
+    def spread(scale: Tensor) -> Tensor:
+        stack = blocks.new_zeros(num_blocks, size, batch, num_blocks, size)
+        # diagonal over the two block dimensions: [D (vector j), N, D (entry), B]
+        stack.diagonal(0, 0, 3).copy_((eigenvectors * scale[:, :, None, :]).permute(3, 0, 2, 1))
+        return stack.view(num_blocks * size, batch, *shape)
+
+    return spread(eigenvalues.clamp(min=0).sqrt()), spread((-eigenvalues).clamp(min=0).sqrt())

@@ -26,7 +26,7 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor, nn
 
-from curvhooks.derivatives import LossDerivatives, ModuleDerivatives, ModuleIO, diagonal_stack
+from curvhooks.derivatives import LossDerivatives, ModuleDerivatives, ModuleIO
 
 Stack = Tensor | tuple[Tensor, Tensor]
 """A stack ``[V, N, *shape]``, or for ``HessianStack`` a pair (positive, negative)."""
@@ -105,8 +105,9 @@ class HessianStack(StackKind):
     """Signed square roots ``(P, Q)`` of the exact Hessian.
 
     The loss starts ``P`` with its square root (its Hessian is positive semi-definite) and
-    ``Q`` empty. A nonlinear module adds its curvature at its input, the per-sample diagonal
-    ``r = f''(x) * dL/d(out)``, as unit vectors scaled by ``sqrt(max(r, 0))`` to ``P`` and by
+    ``Q`` empty. A nonlinear module adds its curvature at its input as signed roots
+    (``ModuleDerivatives.residual_roots``); for an element-wise one, the per-sample diagonal
+    ``r = f''(x) * dL/d(out)`` as unit vectors scaled by ``sqrt(max(r, 0))`` to ``P`` and by
     ``sqrt(max(-r, 0))`` to ``Q``. Contributions join by concatenation.
     """
 
@@ -126,10 +127,7 @@ class HessianStack(StackKind):
         return parts[0], parts[1]
 
     def module_curvature(self, derivatives, io, grad_output) -> tuple[Tensor, Tensor] | None:
-        residual = derivatives.hessian_residual(io, grad_output)
-        if residual is None:
-            return None
-        return diagonal_stack(residual.clamp(min=0)), diagonal_stack((-residual).clamp(min=0))
+        return derivatives.residual_roots(io, grad_output)
 
 
 class IdentityStack(StackKind):
