@@ -1,0 +1,156 @@
+"""Writes ``docs/supported.md`` from curvhooks' registry of derivatives.
+
+Which modules and losses have rows, and what each extension family can do with them, comes
+from ``MODULE_DERIVATIVES`` and ``LOSS_DERIVATIVES``; only the supported arguments are
+written here by hand, one entry per registered class (``tests/test_docs.py`` checks both
+that the page is this script's output and that every registered class has its entry).
+
+Run: ``python docs/supported.py``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from curvhooks.derivatives import LOSS_DERIVATIVES, MODULE_DERIVATIVES, ModuleDerivatives
+from curvhooks.derivatives.activations import ElementwiseDerivatives
+from curvhooks.derivatives.normalization import NormalizationDerivatives
+
+PAGE = Path(__file__).resolve().parent / "supported.md"
+
+IN_PLACE = "`inplace=True` too"
+MODULE_ARGUMENTS = {
+    nn.Linear: "inputs `[N, *, in]`, bias on/off",
+    nn.Embedding: "repeated indices, `padding_idx`; no `max_norm`, no `scale_grad_by_freq`",
+    **{
+        conv: 'stride, int/tuple/`"same"`/`"valid"` padding, dilation, groups, bias on/off; '
+        '`padding_mode="zeros"`'
+        for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    },
+    **{
+        conv: "stride, padding, `output_padding` (also implied by `output_size=`), dilation, "
+        "groups, bias on/off"
+        for conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    },
+    **{
+        norm: "eval mode with running statistics tracked; affine on/off"
+        for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    },
+    nn.LayerNorm: "any `normalized_shape`, `elementwise_affine` and `bias` on/off",
+    nn.GroupNorm: "any number of groups, affine on/off, inputs `[N, C, *]`",
+    nn.ReLU: IN_PLACE,
+    nn.LeakyReLU: f"any `negative_slope`, {IN_PLACE}",
+    nn.ELU: f"any `alpha`, {IN_PLACE}",
+    nn.SELU: IN_PLACE,
+    nn.GELU: '`approximate="none"` and `"tanh"`',
+    nn.SiLU: IN_PLACE,
+    nn.Tanh: "",
+    nn.Sigmoid: "",
+    nn.Softplus: "any `beta` and `threshold`",
+    nn.LogSigmoid: "",
+    nn.Flatten: "any `start_dim >= 1` and `end_dim`",
+    nn.Unflatten: "any dimension >= 1",
+    nn.Identity: "",
+    nn.Dropout: "eval mode",
+    **{
+        pad: "negative padding (cropping) too" for pad in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d)
+    },
+    **{
+        pool: "padding, `ceil_mode`, `count_include_pad`, `divisor_override`"
+        for pool in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+    },
+    **{
+        pool: "any output size"
+        for pool in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+    },
+    **{
+        pool: "padding, dilation, `ceil_mode`"
+        for pool in (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+    },
+}
+LOSS_ARGUMENTS = {
+    nn.CrossEntropyLoss: "logits `[N, C, *d]`, class-index targets `[N, *d]`; no `weight`, no "
+    "`label_smoothing`, no target equal to `ignore_index`",
+    nn.MSELoss: "any output shape, targets of the same shape",
+    nn.BCEWithLogitsLoss: "any output shape, targets of the same shape; no `weight`, no "
+    "`pos_weight`",
+}
+
+HEADER = """# Supported modules and losses
+
+Generated from the registry (`curvhooks.derivatives.MODULE_DERIVATIVES` and
+`LOSS_DERIVATIVES`) by `python docs/supported.py`; a test checks that this page is its output.
+A subclass of a listed module is supported unless it overrides `forward`.
+
+Columns: **first order** is `BatchGrad`, `BatchL2Grad`, `SumGradSquared`, `Variance`
+(modules with parameters; the others pass gradients on). **GGN** is `SqrtGGN`,
+`SqrtGGNMC`, `DiagGGN`, `BatchDiagGGN`, `Jacobian`, `curvhooks.ggn` and
+`curvhooks.empirical_fisher`. **Hessian** is `DiagHessian` and `HessianBlock`, with the
+module's own second derivative as given; `curvhooks.hessian` works for any model by autograd.
+"""
+
+FOOTER = """
+## Beyond single modules
+
+| model part | first order | GGN | Hessian |
+|---|---|---|---|
+| `Sequential`, nested, and custom containers of any graph | yes | yes (analytic pushes along chains, autograd's batched products elsewhere) | yes |
+| any parameter-free operation or module between supported modules (residual additions, `torch.cat`, views, attention from torch functions) | yes | yes | where it is linear or piecewise linear (else `UnsupportedError` naming the operation) |
+| a module called twice, weights tied between modules | yes (uses summed per sample) | yes | where no use feeds another |
+| other modules with trainable parameters | `UnsupportedError`, or skipped with `unsupported="skip"` | the same; `curvhooks.ggn`/`empirical_fisher` take their autograd route | `curvhooks.hessian` only |
+| a module run inside a `torch.func` transform in `forward` | `UnsupportedError` | `UnsupportedError` | `curvhooks.hessian` only |
+
+Reductions `"mean"` and `"sum"` are supported; `"none"` raises `ValueError`. Losses other
+than those above work for the first-order extensions and `Jacobian`. Modules whose output
+depends on the batch or on randomness (BatchNorm, Dropout) must be in `eval()` mode.
+Parameters with `requires_grad=False` get no attributes and cost nothing.
+"""
+
+
+def first_order(derivatives: ModuleDerivatives) -> str:
+    """Whether the derivatives give per-sample parameter products."""
+    products = type(derivatives).param_jac_t_mat_prod
+    return "no parameters" if products is ModuleDerivatives.param_jac_t_mat_prod else "yes"
+
+
+def second_derivative(derivatives: ModuleDerivatives) -> str:
+    """The curvature the module adds in its input."""
+    if isinstance(derivatives, NormalizationDerivatives):
+        return "yes: dense blocks per normalised group"
+    if isinstance(derivatives, ElementwiseDerivatives) and not derivatives.piecewise_linear:
+        return "yes: element-wise second derivative"
+    return "yes: none needed (linear or piecewise linear)"
+
+
+def render() -> str:
+    """The page's markdown."""
+    module_rows = [
+        f"| `{cls.__name__}` | {MODULE_ARGUMENTS[cls]} | {first_order(derivatives)} | yes "
+        f"| {second_derivative(derivatives)} |"
+        for cls, derivatives in MODULE_DERIVATIVES.items()
+    ]
+    loss_rows = [f"| `{cls.__name__}` | {LOSS_ARGUMENTS[cls]} |" for cls in LOSS_DERIVATIVES]
+    return "\n".join(
+        [
+            HEADER,
+            "## Modules",
+            "",
+            "| module | arguments | first order | GGN | Hessian |",
+            "|---|---|---|---|---|",
+            *module_rows,
+            "",
+            "## Losses (square roots of their Hessians for the GGN and Hessian families)",
+            "",
+            "| loss | arguments |",
+            "|---|---|",
+            *loss_rows,
+            FOOTER,
+        ]
+    )
+
+
+if __name__ == "__main__":
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}")
