@@ -342,11 +342,13 @@ def problems_main(
     doc_name: str,
     title: str,
     groups: tuple[tuple[str, ...], ...] = ((),),
+    problems: list[str] | None = None,
 ) -> None:
-    """The command line of a benchmark over the shared problems of ``benchmarks.problems``
-    (see ``problems_parser``); writes ``docs/benchmarks/<doc_name>.md`` when every problem
-    ran."""
+    """The command line of a benchmark over ``problems`` (default: all shared problems of
+    ``benchmarks.problems``; see ``problems_parser``); writes
+    ``docs/benchmarks/<doc_name>.md`` when every problem ran."""
     from benchmarks.problems import PROBLEMS
 
-    args = problems_parser(list(PROBLEMS), repeats=10).parse_args()
-    run_problems(args, module, build_methods, peers_of, list(PROBLEMS), (doc_name, title), groups)
+    problems = list(PROBLEMS) if problems is None else problems
+    args = problems_parser(problems, repeats=10).parse_args()
+    run_problems(args, module, build_methods, peers_of, problems, (doc_name, title), groups)

@@ -1,5 +1,6 @@
 """Benchmark problems. ``PROBLEMS``, shared by the per-step scripts: chains (``mlp``,
-``cnn``) and a residual CNN (``resnet``), each a model, a loss and one batch. ``residual``:
+``cnn``, ``lenet5``), residual CNNs (``resnet``, ``resnet8`` with BatchNorm) and a
+transformer, each a model, a loss and one batch. ``residual``:
 a tiny residual CNN with a few batches, for the dense matrices (beside the visual tour).
 ``RESIDUAL`` names the problems whose model is not a chain (BackPACK needs its converter)."""
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from examples.architectures import Transformer, lenet5, resnet8
 
 Problem = tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]
 DenseProblem = tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -100,8 +103,45 @@ def residual() -> DenseProblem:
     return model, nn.CrossEntropyLoss(), list(zip(X.split(20), y.split(20), strict=True))
 
 
-PROBLEMS = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
-RESIDUAL = ("resnet", "residual")
+def lenet() -> Problem:
+    """LeNet-5 (``lenet5()``, 61,706 parameters) on ``[64, 1, 32, 32]``, cross-entropy."""
+    torch.manual_seed(0)
+    model = lenet5()
+    return model, nn.CrossEntropyLoss(), torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,))
+
+
+def resnet_8() -> Problem:
+    """CIFAR ResNet-8 (``resnet8(width=16)``, 78,042 parameters), BatchNorm in eval mode with
+    statistics of the batch, on ``[64, 3, 32, 32]``, cross-entropy."""
+    torch.manual_seed(0)
+    model, X = resnet8(width=16), torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        model(X)
+    return model.eval(), nn.CrossEntropyLoss(), X, torch.randint(0, 10, (64,))
+
+
+def transformer() -> Problem:
+    """Two-layer transformer encoder (``Transformer(vocabulary=1000, tokens=64, width=128,
+    heads=4, layers=2, classes=1000)``, 661,992 parameters) on 32 sequences of 64 tokens, next-token
+    cross-entropy over ``[32, 1000, 64]`` logits."""
+    torch.manual_seed(0)
+    model = Transformer(vocabulary=1000, tokens=64, width=128, heads=4, layers=2, classes=1000)
+    tokens = torch.randint(0, 1000, (32, 65))
+    return model, nn.CrossEntropyLoss(), tokens[:, :-1], tokens[:, 1:]
+
+
+PROBLEMS = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "resnet": resnet,
+    "lenet5": lenet,
+    "resnet8": resnet_8,
+    "transformer": transformer,
+}
+RESIDUAL = ("resnet", "residual", "resnet8")
+SEQUENCE = ("transformer",)
+"""Problems with a sequence loss, for first order only (an exact GGN stack holds a vector per
+class and token)."""
 
 
 def on_device(problem: Callable[[], Problem], device: torch.device) -> Problem:

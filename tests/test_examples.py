@@ -127,3 +127,16 @@ def test_distributed_example_runs_under_torchrun():
     found = curvhooks.matrices(model, loss_fn, dataset.tensors, kinds=("ggn", "empirical_fisher"))
     for kind, matrix in found.items():
         assert f"{kind}: (2117, 2117), trace {matrix.trace():.4f}" in result.stdout
+
+
+def test_real_models_runs(tmp_path):
+    """Both models print a row per layer whose two GGN traces (summed DiagGGN of the batches,
+    and the dense layer block of ``curvhooks.ggn``) agree, and the figure is written."""
+    output = _run("real_models.py", "--out", str(tmp_path))
+    assert "ResNet-8" in output and "Transformer" in output
+    rows = [line.split() for line in output.splitlines() if line.endswith(tuple("0123456789"))]
+    rows = [row for row in rows if len(row) == 6 and row[1].endswith(")")]
+    assert len(rows) == 19 + 20  # layers with parameters: ResNet-8, transformer
+    for row in rows:
+        assert float(row[3]) == pytest.approx(float(row[4]), abs=2e-4)
+    assert (tmp_path / "real_models.png").exists()
