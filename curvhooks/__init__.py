@@ -3,6 +3,8 @@
 from curvhooks.dataset import empirical_fisher, ggn, hessian, layer_sizes, matrices
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import (
+    KFAC,
+    KFLR,
     BatchDiagGGN,
     BatchGrad,
     BatchL2Grad,
@@ -36,6 +38,8 @@ __all__ = [
     "DiagHessian",
     "HessianBlock",
     "Jacobian",
+    "KFAC",
+    "KFLR",
     "SqrtGGN",
     "SumGradSquared",
     "UnsupportedError",

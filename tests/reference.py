@@ -10,8 +10,10 @@ under reduction ``"sum"``; per-sample quantities are those of ``s * l_n``.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -160,3 +162,98 @@ def hessian_blocks(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -
         name: full[start:stop, start:stop]
         for name, start, stop in zip(trainable(model), starts[:-1], starts[1:])
     }
+
+
+def kronecker_factors(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    layer: str,
+    fisher: str = "type-2",
+    approx: str = "expand",
+) -> tuple[Tensor, Tensor]:
+    """KFAC's ``(B, A)`` for the weight of the ``Linear``/``Conv`` module ``layer`` (called
+    once), for the reduced loss on ``(X, y)``, in curvlinops' convention (type-2: each output
+    row's Hessian root, its columns summed over a sample's rows; empirical: the gradient over
+    ``sqrt(s)``). The layer's output gradients come from ``torch.func.vjp`` through a shift
+    added to that output; convolution inputs are unfolded by a convolution with one-hot
+    kernels."""
+    model = copy.deepcopy(model)
+    module = model.get_submodule(layer)
+    seen = {}
+
+    def shifted(module, args, output):
+        seen["input"] = args[0].detach()
+        return output + seen["shift"]
+
+    def model_output(shift: Tensor) -> Tensor:
+        seen["shift"] = shift
+        return model(X)
+
+    with torch.no_grad():
+        zero = torch.zeros_like(module(_layer_input(model, module, X)))
+    handle = module.register_forward_hook(shifted)
+    output, pullback = torch.func.vjp(model_output, zero)
+    handle.remove()
+    roots = _output_roots(loss_fn, output.detach(), y, fisher)  # [V, N, *out]
+    stack = torch.stack([pullback(root)[0] for root in roots])  # [V, N, *layer_out]
+    x = _positions_last(module, seen["input"])  # [N, G, I, T]
+    if isinstance(module, nn.Linear):
+        stack = stack.reshape(*stack.shape[:2], -1, stack.shape[-1]).transpose(-1, -2)
+    else:
+        stack = stack.flatten(3)  # [V, N, O, T]
+    if approx == "reduce":
+        x, stack = x.mean(-1, keepdim=True), stack.sum(-1, keepdim=True)
+    A = torch.einsum("ngit,ngjt->ij", x, x) / (x.shape[0] * x.shape[1] * x.shape[3])
+    return torch.einsum("vnot,vnpt->op", stack, stack), A
+
+
+def _layer_input(model: nn.Module, module: nn.Module, X: Tensor) -> Tensor:
+    seen = {}
+    handle = module.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(X)
+    handle.remove()
+    return seen["x"]
+
+
+def _output_roots(loss_fn: nn.Module, output: Tensor, y: Tensor, fisher: str) -> Tensor:
+    """``[V, N, *out]``: the rows' Hessian roots (``"type-2"``; checked against
+    ``torch.func.hessian``) or the gradient over ``sqrt(s)`` (``"empirical"``)."""
+    scale = reduction_scale(loss_fn, output)
+    if fisher == "empirical":
+        return torch.func.grad(lambda out: loss_fn(out, y))(output)[None] / scale**0.5
+    classes_dim = 1 if isinstance(loss_fn, nn.CrossEntropyLoss) else output.dim() - 1
+    moved = output.movedim(classes_dim, -1)  # rows [N, *d, C]
+    rows = moved.reshape(-1, moved.shape[-1])
+    hess = hessian(lambda rows_: loss_fn(rows_.view_as(moved).movedim(-1, classes_dim), y))(rows)
+    blocks = torch.stack([hess[r, :, r] for r in range(len(rows))])  # [R, C, C]
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # curvlinops' root diag(sqrt p) - p sqrt(p)^T
+        p = rows.softmax(-1)
+        roots = (torch.diag_embed(p.sqrt()) - p[:, :, None] * p.sqrt()[:, None, :]) * scale**0.5
+    else:
+        roots = torch.diag_embed(blocks.diagonal(dim1=1, dim2=2).sqrt())
+    torch.testing.assert_close(roots @ roots.mT, blocks, rtol=1e-10, atol=1e-12)
+    columns = roots.reshape(*moved.shape, -1).movedim(-1, 0)  # [C (columns), N, *d, C]
+    return columns.movedim(-1, classes_dim + 1)
+
+
+def _positions_last(module: nn.Module, x: Tensor) -> Tensor:
+    """A layer's input as ``[N, G, I, T]``: a Linear's features at each position; a
+    convolution's patches (channel-major, then kernel offsets) per group."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], 1, -1, x.shape[-1]).transpose(-1, -2)
+    channels, kernel = x.shape[1], module.kernel_size
+    spatial = len(kernel)
+    one_hot = torch.eye(math.prod(kernel), dtype=x.dtype).view(-1, 1, *kernel)
+    convolution = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    patches = convolution(
+        x,
+        one_hot.repeat(channels, 1, *[1] * spatial),
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        groups=channels,
+    )  # [N, C * K, *out]
+    return patches.reshape(x.shape[0], module.groups, -1, patches[0, 0].numel())

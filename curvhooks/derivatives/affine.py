@@ -139,6 +139,25 @@ class AffineDerivatives(ModuleDerivatives):
         x_gram = torch.einsum("ngit,ngis->ngts", x, x)
         return (mat_gram * x_gram).flatten(1).sum(1)
 
+    has_kronecker_factors = True
+
+    def input_covariance(self, io: ModuleIO, approx: str) -> Tensor:
+        # Groups are positions too: each group's input meets its own block of the weight.
+        key = f"input_covariance_{approx}"
+        if key not in io.cache:
+            x = self._unfolded(io)  # [N, G, I, T]
+            if approx == "reduce":
+                x = x.mean(-1, keepdim=True)
+            count = x.shape[0] * x.shape[1] * x.shape[3]
+            io.cache[key] = torch.einsum("ngit,ngjt->ij", x, x).div_(count)
+        return io.cache[key]
+
+    def output_covariance(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
+        stacked = self.to_positions(io, mat).flatten(2, 3)  # [V, N, O, T]
+        if approx == "reduce":
+            stacked = stacked.sum(-1, keepdim=True)
+        return torch.einsum("vnot,vnpt->op", stacked, stacked)
+
     def _gram_is_cheaper(self, io: ModuleIO, mat: Tensor) -> bool:
         """Whether Gram matrices over positions cost fewer operations than the products."""
         num_vectors, out_per_group = mat.shape[0], self.to_positions(io, mat).shape[-2]

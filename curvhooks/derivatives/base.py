@@ -112,6 +112,22 @@ class ModuleDerivatives:
         products = self.param_jac_t_mat_prod(io, name, mat)
         return products.square_().flatten(2).sum((0, 2))
 
+    has_kronecker_factors: bool = False
+    """Whether the module gives Kronecker factors (``input_covariance``,
+    ``output_covariance``): a weight applied to inputs at positions that share it."""
+
+    def input_covariance(self, io: ModuleIO, approx: str) -> Tensor:
+        """KFAC's input factor A ``[I, I]`` of the weight ``[O, I]`` (``[O, *rest]``
+        flattened): the mean of ``x x^T`` over samples and positions (``approx="expand"``),
+        or over samples of the inputs averaged over positions (``"reduce"``)."""
+        raise NotImplementedError
+
+    def output_covariance(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
+        """KFAC's output factor B ``[O, O]`` from a stack ``[V, N, *out]``: the sum of
+        ``s s^T`` over vectors, samples and positions (``"expand"``), or over vectors and
+        samples of the stack summed over positions (``"reduce"``)."""
+        raise NotImplementedError
+
 
 def diagonal_stack(diagonal: Tensor) -> Tensor:
     """Square root of per-sample diagonal matrices as a stack: ``[N, *shape]`` of

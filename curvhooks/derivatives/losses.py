@@ -44,6 +44,13 @@ class LossDerivatives:
         """Monte-Carlo square root ``[M, N, *out]``: unbiased for the Hessian."""
         raise NotImplementedError
 
+    def sqrt_hessian_rows(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+        """KFAC's type-2 factor ``[C, N, *out]``, as curvlinops builds it: the square root of
+        the reduced loss's Hessian in each output row (a sample's class or target vector at
+        one position), its C columns summed over the rows of a sample. Exact where a sample
+        has one row."""
+        raise NotImplementedError
+
 
 class CrossEntropyDerivatives(LossDerivatives):
     """``l_n = -sum_t log softmax(f_n[:, t])[y_n[t]]`` on logits ``[N, C, *d]`` and class
@@ -79,16 +86,23 @@ class CrossEntropyDerivatives(LossDerivatives):
         return 1.0 / positions if loss_fn.reduction == "mean" else 1.0
 
     def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
-        probs = _class_probabilities(output)  # [N, C, D]
-        batch, num_classes, positions = probs.shape
-        eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
-        columns = eye[:, None, :, None] - probs[None]  # [C, N, C, D]: e_c - p at each position
-        columns.mul_(
-            probs.sqrt().transpose(0, 1)[:, :, None] * math.sqrt(self.scale(loss_fn, output))
-        )
+        columns = self._root_columns(loss_fn, output)  # [C, N, C, D]
+        num_classes, positions = columns.shape[0], columns.shape[-1]
         # one vector per class and position: [C, N, C, D(entries), D(vectors)] -> [C D, N, ...]
         stack = torch.diag_embed(columns).permute(0, 4, 1, 2, 3)
         return stack.reshape(num_classes * positions, *output.shape)
+
+    def sqrt_hessian_rows(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+        columns = self._root_columns(loss_fn, output)
+        return columns.reshape(columns.shape[0], *output.shape)
+
+    def _root_columns(self, loss_fn: nn.Module, output: Tensor) -> Tensor:
+        """``[C, N, C, D]``: column c of each position's root, ``sqrt(s p_c) (e_c - p)``."""
+        probs = _class_probabilities(output)  # [N, C, D]
+        eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
+        columns = eye[:, None, :, None] - probs[None]  # e_c - p at each position
+        scale = math.sqrt(self.scale(loss_fn, output))
+        return columns.mul_(probs.sqrt().transpose(0, 1)[:, :, None] * scale)
 
     def sqrt_hessian_mc(
         self, loss_fn: nn.Module, output: Tensor, target: Tensor, mc_samples: int
@@ -123,6 +137,17 @@ class EntrywiseLossDerivatives(LossDerivatives):
     def scale(self, loss_fn: nn.Module, output: Tensor) -> float:
         return 1.0 / output.numel() if loss_fn.reduction == "mean" else 1.0
 
+    def hessian_diagonal(self, loss_fn: nn.Module, output: Tensor) -> Tensor:
+        """The reduced loss's Hessian, diagonal: ``[N, *out]``."""
+        raise NotImplementedError
+
+    def sqrt_hessian_rows(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+        # rows are the last dimension: column c holds sqrt(h) at entry c of every row
+        roots = self.hessian_diagonal(loss_fn, output).sqrt()
+        if roots.dim() == 1:  # one entry per sample
+            return roots[None]
+        return torch.diag_embed(roots).movedim(-1, 0)
+
 
 class BCEWithLogitsDerivatives(EntrywiseLossDerivatives):
     """``l_n = -sum_k [y log sigma(f_nk) + (1 - y) log(1 - sigma(f_nk))]`` on logits of any
@@ -139,9 +164,12 @@ class BCEWithLogitsDerivatives(EntrywiseLossDerivatives):
             return "weight= and pos_weight= are not supported; pass neither"
         return super().unsupported_reason(loss_fn, output, target)
 
-    def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+    def hessian_diagonal(self, loss_fn: nn.Module, output: Tensor) -> Tensor:
         sigma = torch.sigmoid(output.detach())
-        return diagonal_stack(sigma * (1 - sigma) * self.scale(loss_fn, output))
+        return sigma * (1 - sigma) * self.scale(loss_fn, output)
+
+    def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+        return diagonal_stack(self.hessian_diagonal(loss_fn, output))
 
     def sqrt_hessian_mc(
         self, loss_fn: nn.Module, output: Tensor, target: Tensor, mc_samples: int
@@ -159,6 +187,9 @@ class MSEDerivatives(EntrywiseLossDerivatives):
     vectors). Sampling ``eps ~ N(0, I)`` gives the unbiased factor ``sqrt(2) eps``.
     The ``"mean"`` reduction averages over all N * C entries: ``s = 1 / (N C)``.
     """
+
+    def hessian_diagonal(self, loss_fn: nn.Module, output: Tensor) -> Tensor:
+        return torch.full_like(output, 2 * self.scale(loss_fn, output))
 
     def sqrt_hessian(self, loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
         batch, entries = output.shape[0], output[0].numel()

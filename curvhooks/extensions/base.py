@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
+from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.stacks import GGN_EXACT, MonteCarloStack, Stack, StackKind
 
 RESULT_ATTRIBUTES: set[str] = set()
@@ -51,6 +52,18 @@ class Target:
     def sq_norm(self, mat: Tensor) -> Tensor:
         """Squared norms of the per-sample products, summed over the stack: ``[N]``."""
         return self.derivatives.param_sq_norm(self.io, self.name, mat)
+
+    def kronecker(self, mat: Tensor, approx: str) -> tuple[Tensor, ...]:
+        """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
+        for a bias (``ModuleDerivatives.output_covariance``, ``input_covariance``); B is
+        shared by weight and bias, computed once per stack."""
+        cached = self.io.cache.get("output_covariance")
+        if cached is None or cached[0] is not mat or cached[1] != approx:
+            covariance = self.derivatives.output_covariance(self.io, mat, approx)
+            self.io.cache["output_covariance"] = cached = (mat, approx, covariance)
+        if self.name == "bias":
+            return (cached[2],)
+        return cached[2], self.derivatives.input_covariance(self.io, approx)
 
 
 class SummedTarget:
@@ -94,6 +107,13 @@ class SummedTarget:
     def sq_norm(self, mat: Tensor) -> Tensor:
         return self._products[id(mat)].square().flatten(2).sum((0, 2))
 
+    def kronecker(self, mat: Tensor, approx: str) -> tuple[Tensor, ...]:
+        raise UnsupportedError(
+            "KFAC of a parameter used by several calls (a module called twice, tied weights) "
+            "is not supported: its uses have different inputs; use the GGN extensions, or "
+            "untie the weights"
+        )
+
 
 class Extension:
     """Base class: subclasses set ``attribute`` and implement ``compute``."""
@@ -109,6 +129,11 @@ class Extension:
     def stack_kind(self) -> StackKind | None:
         """Which propagated stack this extension reduces: ``None`` for the output gradient
         (first order), else a kind from ``curvhooks.extensions.stacks``."""
+        return None
+
+    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
+        """Why this extension cannot serve parameters of a module with ``derivatives`` (which
+        the module's other extensions can), or ``None``."""
         return None
 
     def compute(self, target: Target, mat: Stack, previous: object = None) -> object:

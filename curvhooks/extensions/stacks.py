@@ -14,7 +14,8 @@ The kinds differ in where they start and what they carry:
 - ``HessianStack``: a pair ``(P, Q)`` of such stacks with ``P P^T - Q Q^T`` the exact Hessian
   of the loss in the tensor it sits at; every nonlinear module adds its own curvature;
 - ``IdentityStack``: the identity over the C output entries of a sample, so that a pushed
-  stack is the per-sample Jacobian of the model output.
+  stack is the per-sample Jacobian of the model output;
+- ``RowsGGNStack`` and ``GradientStack``: the type-2 and empirical factors of KFAC.
 
 Each kind is identified by its ``key``: extensions that reduce the same kind share one stack.
 """
@@ -101,6 +102,31 @@ class MonteCarloStack(StackKind):
         return derivatives.sqrt_hessian_mc(loss_fn, output, target, self.key)
 
 
+class RowsGGNStack(StackKind):
+    """KFAC's type-2 factor ``[C, N, *out]``: per output row the loss Hessian's square root,
+    its columns summed over a sample's rows (``LossDerivatives.sqrt_hessian_rows``); the
+    exact square root where a sample has one row."""
+
+    key = "rows"
+
+    def start(self, loss_fn, derivatives, output, target) -> Tensor:
+        return derivatives.sqrt_hessian_rows(loss_fn, output, target)
+
+
+class GradientStack(StackKind):
+    """The loss gradient in the output over ``sqrt(s)``: ``[1, N, *out]``, one vector per
+    sample, so that its outer products scale with the reduction factor ``s`` as a square-root
+    GGN's do (the empirical Fisher ``s sum_n grad(l_n) grad(l_n)^T``)."""
+
+    key = "gradient"
+
+    def start(self, loss_fn, derivatives, output, target) -> Tensor:
+        with torch.enable_grad():
+            leaf = output.detach().requires_grad_()
+            (gradient,) = torch.autograd.grad(loss_fn.forward(leaf, target), leaf)  # no hooks
+        return gradient.div_(derivatives.scale(loss_fn, output) ** 0.5)[None]
+
+
 class HessianStack(StackKind):
     """Signed square roots ``(P, Q)`` of the exact Hessian.
 
@@ -143,5 +169,7 @@ class IdentityStack(StackKind):
 
 
 GGN_EXACT = GGNStack()
+GGN_ROWS = RowsGGNStack()
+GRADIENT = GradientStack()
 HESSIAN = HessianStack()
 IDENTITY = IdentityStack()

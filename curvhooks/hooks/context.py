@@ -161,7 +161,8 @@ class extend:
             if not (params or (is_leaf and self._records_leaves)):
                 continue
             derivatives = module_derivatives(module)
-            if params and self.unsupported == "skip" and unsupported_module(module):
+            skip = self.unsupported == "skip" and unsupported_module(module, self.extensions)
+            if params and skip:
                 skipped.append(describe(path, module))
                 continue
             if params:
@@ -531,10 +532,15 @@ def supported_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in left_out]
 
 
-def unsupported_module(module: nn.Module) -> bool:
-    """Whether curvhooks lacks derivatives for ``module`` or for its arguments."""
+def unsupported_module(module: nn.Module, extensions: tuple[Extension, ...] = ()) -> bool:
+    """Whether curvhooks lacks derivatives for ``module`` or for its arguments, or one of
+    ``extensions`` cannot serve it."""
     derivatives = module_derivatives(module)
-    return derivatives is None or derivatives.unsupported_reason(module) is not None
+    return (
+        derivatives is None
+        or derivatives.unsupported_reason(module) is not None
+        or any(ext.unsupported_reason(derivatives) is not None for ext in extensions)
+    )
 
 
 def _check_supported(
@@ -552,6 +558,13 @@ def _check_supported(
         raise UnsupportedError(
             f"module {describe(path, module)} is not supported by {_names(needed_by)}: {reason}"
         )
+    for extension in needed_by:
+        reason = extension.unsupported_reason(derivatives)
+        if reason is not None:
+            raise UnsupportedError(
+                f"module {describe(path, module)} is not supported by {extension!r}: {reason}; "
+                "exclude its parameters (requires_grad_(False), or params= at dataset level)"
+            )
 
 
 def check_eval_mode(model: nn.Module) -> None:

@@ -1,0 +1,330 @@
+"""Kronecker-factored curvature (KFAC, EKFAC) as a block-diagonal operator, one block per
+parameter, never formed as a ``[D, D]`` matrix unless asked for.
+
+Conventions, for a weight ``p`` of shape ``[O, *rest]`` seen as ``P = p.reshape(O, I)``:
+its factors are ``(B, A)``, ``B`` ``[O, O]`` and ``A`` ``[I, I]`` symmetric positive
+semi-definite, and its block is ``torch.kron(B, A)`` acting on ``p.flatten()`` (row-major,
+index ``o * I + i``), i.e. ``P -> B P A``. A 1-D parameter (a bias) has factors ``(B,)`` and
+block ``B``. Every block, and every inverse, is applied factor by factor along the axes of
+``P``: ``kron(M, N) vec(P) = vec(M P N^T)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The eigenvectors of each Kronecker factor, by ``torch.linalg.eigh``.
+
+    Compute EKFAC's corrected eigenvalues in this basis and pass it as ``eigenbases=`` to
+    :class:`Kronecker`, so that both use the same one (eigenvectors are not unique).
+
+    Args:
+        factors: ``(B, A)`` or ``(B,)``, symmetric ``[O, O]`` and ``[I, I]``.
+
+    Returns:
+        ``(Q_B, Q_A)`` or ``(Q_B,)``, orthogonal, eigenvectors in columns:
+        ``B = Q_B diag(.) Q_B^T``.
+    """
+    return tuple(torch.linalg.eigh(factor).eigenvectors for factor in factors)
+
+
+def _kron_apply(mats: tuple[Tensor, ...], x: Tensor) -> Tensor:
+    """``kron(*mats) @ x`` for ``x`` ``[O * I, k]`` (or ``[O, k]`` for one matrix), as
+    ``M P N^T`` column by column, without forming the Kronecker product."""
+    if len(mats) == 1:
+        return mats[0] @ x
+    left, right = mats
+    columns = x.reshape(left.shape[1], right.shape[1], x.shape[-1])
+    return torch.einsum("ab,bik,ji->ajk", left, columns, right).reshape(-1, x.shape[-1])
+
+
+def _eigen_apply(bases: tuple[Tensor, ...], values: Tensor, x: Tensor) -> Tensor:
+    """``Q diag(values.flatten()) Q^T @ x`` with ``Q = kron(*bases)``: rotate into the
+    eigenbasis, scale, rotate back."""
+    rotated = _kron_apply(tuple(basis.T for basis in bases), x)
+    return _kron_apply(bases, values.reshape(-1, 1) * rotated)
+
+
+def _eigen_dense(bases: tuple[Tensor, ...], values: Tensor) -> Tensor:
+    """``Q diag(values.flatten()) Q^T`` with ``Q = kron(*bases)``, formed."""
+    basis = bases[0] if len(bases) == 1 else torch.kron(*bases)
+    return (basis * values.flatten()) @ basis.T
+
+
+def _check_damping(damping: float) -> None:
+    """Raise unless ``damping > 0``."""
+    if not damping > 0:
+        raise ValueError(
+            f"damping must be positive, got {damping}: the undamped inverse of a singular "
+            "factor is not defined. Pass damping > 0."
+        )
+
+
+class _BlockDiagonal:
+    """A block-diagonal ``[D, D]`` operator over the flattened, concatenated parameters;
+    subclasses say how block ``index`` multiplies ``[n, k]`` and how it is formed."""
+
+    _sizes: list[int]
+
+    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _block_dense(self, index: int) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(D, D)``, D the total number of parameter entries."""
+        size = sum(self._sizes)
+        return size, size
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        """Multiply by ``v``.
+
+        Args:
+            v: ``[D]`` or ``[D, k]``, rows following the flattened, concatenated parameters,
+                on the operator's device and of its dtype.
+
+        Returns:
+            The product, shaped like ``v``.
+
+        Raises:
+            ValueError: If ``v`` is not ``[D]`` or ``[D, k]``.
+        """
+        size = self.shape[0]
+        if v.dim() not in (1, 2) or v.shape[0] != size:
+            raise ValueError(
+                f"expected a vector [{size}] or a matrix [{size}, k], got {list(v.shape)}."
+            )
+        columns = v.reshape(size, -1).split(self._sizes)
+        result = [self._block_matmul(index, x) for index, x in enumerate(columns)]
+        return torch.cat(result).reshape(v.shape)
+
+    def to_dense(self) -> Tensor:
+        """The ``[D, D]`` block-diagonal matrix, formed block by block."""
+        return torch.block_diag(*(self._block_dense(i) for i in range(len(self._sizes))))
+
+
+class Kronecker(_BlockDiagonal):
+    """KFAC, or EKFAC when ``corrected`` is given: one Kronecker block per parameter.
+
+    Args:
+        factors: Parameter name -> ``(B, A)`` for a parameter ``[O, *rest]`` with at least
+            two dimensions (``A`` ``[I, I]``, ``I = prod(rest)``), ``(B,)`` for a 1-D one;
+            symmetric positive semi-definite, all of one dtype and device (the operator's).
+        params: The parameters, in the order of the operator's rows (only shapes are used).
+        names: ``names[k]`` is the name of ``params[k]``, its key in the dicts.
+        corrected: EKFAC: name -> eigenvalues ``E`` in the eigenbasis of the factors,
+            ``[O, I]`` for a weight (block ``(Q_B ⊗ Q_A) diag(E.flatten()) (Q_B ⊗ Q_A)^T``),
+            ``[O]`` for a bias (block ``Q_B diag(E) Q_B^T``).
+        eigenbases: With ``corrected`` only: name -> ``(Q_B, Q_A)`` or ``(Q_B,)``, the basis
+            in which ``corrected`` was computed (see :func:`eigenbases`); by default that of
+            ``torch.linalg.eigh`` of the factors.
+
+    Raises:
+        ValueError: If names, factors, corrected eigenvalues or bases do not match the
+            parameters, or ``eigenbases`` is given without ``corrected``.
+
+    Eigendecompositions of the factors are computed once, when first needed. Eigenvalues of
+    the factors are clamped at 0 from below (round-off makes them slightly negative) wherever
+    they are used: in ``logdet`` and ``inverse``.
+    """
+
+    def __init__(
+        self,
+        factors: dict[str, tuple[Tensor, ...]],
+        params: list[Tensor],
+        names: list[str],
+        corrected: dict[str, Tensor] | None = None,
+        eigenbases: dict[str, tuple[Tensor, ...]] | None = None,
+    ) -> None:
+        if len(names) != len(params):
+            raise ValueError(f"got {len(names)} names for {len(params)} params; pass one each.")
+        _check_keys("factors", factors, names)
+        if eigenbases is not None and corrected is None:
+            raise ValueError("eigenbases= is the basis of corrected=; pass both or neither.")
+        if corrected is not None:
+            _check_keys("corrected", corrected, names)
+        if eigenbases is not None:
+            _check_keys("eigenbases", eigenbases, names)
+        self.params = list(params)
+        self.names = list(names)
+        self.factors = {name: tuple(factors[name]) for name in names}
+        self.corrected = None if corrected is None else {n: corrected[n] for n in names}
+        self._sizes = [param.numel() for param in params]
+        self._bases = {} if eigenbases is None else {n: tuple(eigenbases[n]) for n in names}
+        self._values: dict[str, tuple[Tensor, ...]] = {}
+        for name, param in zip(names, params):
+            self._check_block(name, param)
+
+    def _check_block(self, name: str, param: Tensor) -> None:
+        """Raise unless the factors (and corrected eigenvalues, bases) fit ``param``."""
+        if param.dim() == 0:
+            raise ValueError(f"{name!r} is a scalar; Kronecker blocks need 1-D or more.")
+        rest = math.prod(param.shape[1:])
+        sides = (param.shape[0],) if param.dim() == 1 else (param.shape[0], rest)
+        shapes = [[side, side] for side in sides]
+        got = [list(factor.shape) for factor in self.factors[name]]
+        if got != shapes:
+            raise ValueError(f"factors of {name!r} {list(param.shape)}: expected {shapes}, {got=}.")
+        if name in self._bases and [list(q.shape) for q in self._bases[name]] != shapes:
+            raise ValueError(f"eigenbases of {name!r}: expected shapes {shapes}.")
+        if self.corrected is not None and list(self.corrected[name].shape) != list(sides):
+            got = list(self.corrected[name].shape)
+            raise ValueError(f"corrected of {name!r}: expected {list(sides)}, {got=}.")
+
+    def _eigen(self, name: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The eigenbasis of ``name``'s block (given, or the factors' eigenvectors) and the
+        factors' eigenvalues clamped at 0 (none where the basis was given); computed once."""
+        if name not in self._bases:
+            decompositions = [torch.linalg.eigh(factor) for factor in self.factors[name]]
+            self._bases[name] = tuple(d.eigenvectors for d in decompositions)
+            self._values[name] = tuple(d.eigenvalues.clamp(min=0) for d in decompositions)
+        return self._bases[name], self._values.get(name, ())
+
+    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
+        name = self.names[index]
+        if self.corrected is None:
+            return _kron_apply(self.factors[name], x)
+        return _eigen_apply(self._eigen(name)[0], self.corrected[name], x)
+
+    def _block_dense(self, index: int) -> Tensor:
+        name = self.names[index]
+        if self.corrected is None:
+            factors = self.factors[name]
+            return factors[0] if len(factors) == 1 else torch.kron(*factors)
+        return _eigen_dense(self._eigen(name)[0], self.corrected[name])
+
+    def inverse(self, damping: float, heuristic: bool = False) -> KroneckerInverse:
+        """``(K + damping I)^{-1}``, block by block, from the eigendecompositions.
+
+        Exact damping: a weight's block maps ``P`` to
+        ``Q_B [(Q_B^T P Q_A) / (λ_B λ_A^T + damping)] Q_A^T`` (EKFAC: ``E`` in place of
+        ``λ_B λ_A^T``), a bias's ``b`` to ``Q_B [(Q_B^T b) / (λ_B + damping)]``.
+
+        ``heuristic=True``: Martens & Grosse's π-damping (curvlinops'
+        ``use_heuristic_damping=True``, without its ``min_damping`` floor): a weight's block is
+        ``(B + sqrt(damping) / π I)^{-1} ⊗ (A + sqrt(damping) π I)^{-1}`` with
+        ``π = sqrt((tr(A) / I) / (tr(B) / O))``, or ``(B + damping I)^{-1} ⊗
+        (A + damping I)^{-1}`` where either mean trace is not positive; a bias's is
+        ``(B + damping I)^{-1}``.
+
+        Args:
+            damping: Added to the diagonal; must be positive.
+            heuristic: Whether to use π-damping (KFAC factors only).
+
+        Returns:
+            The inverse, an operator with ``@`` and ``to_dense()``.
+
+        Raises:
+            ValueError: If ``damping <= 0``, or ``heuristic`` is asked of EKFAC.
+        """
+        _check_damping(damping)
+        if heuristic and self.corrected is not None:
+            raise ValueError(
+                "heuristic (π) damping applies to KFAC factors only, not to EKFAC's corrected "
+                "eigenvalues; use heuristic=False."
+            )
+        bases, scales = [], []
+        for name in self.names:
+            basis, values = self._eigen(name)
+            if self.corrected is not None:
+                scale = 1 / (self.corrected[name] + damping)
+            elif len(values) == 1:
+                scale = 1 / (values[0] + damping)
+            elif not heuristic:
+                scale = 1 / (torch.outer(*values) + damping)
+            else:
+                shift_b, shift_a = _pi_shifts(self.factors[name], damping)
+                scale = 1 / torch.outer(values[0] + shift_b, values[1] + shift_a)
+            bases.append(basis)
+            scales.append(scale)
+        return KroneckerInverse(bases, scales)
+
+    def trace(self) -> Tensor:
+        """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``)."""
+        if self.corrected is not None:
+            return sum(values.sum() for values in self.corrected.values())
+        return sum(math.prod(f.trace() for f in factors) for factors in self.factors.values())
+
+    def logdet(self) -> Tensor:
+        """``log det(K)`` (0-dim): ``Σ I logdet(B) + O logdet(A)`` over blocks from the
+        eigenvalues clamped at 0 (EKFAC: ``Σ log E``); ``-inf`` where K is singular."""
+        if self.corrected is not None:
+            return sum(values.log().sum() for values in self.corrected.values())
+        total = 0
+        for name, size in zip(self.names, self._sizes):
+            for values in self._eigen(name)[1]:
+                total = total + size // values.numel() * values.log().sum()
+        return total
+
+    def frobenius_norm(self) -> Tensor:
+        """``||K||_F`` (0-dim): ``sqrt(Σ ||B||_F^2 ||A||_F^2)`` over blocks (EKFAC:
+        ``sqrt(Σ E^2)``)."""
+        if self.corrected is not None:
+            return sum(values.square().sum() for values in self.corrected.values()).sqrt()
+        squares = (
+            math.prod(f.square().sum() for f in factors) for factors in self.factors.values()
+        )
+        return sum(squares).sqrt()
+
+    def diag(self) -> Tensor:
+        """The diagonal ``[D]``: per weight ``outer(diag B, diag A).flatten()``, per bias
+        ``diag B`` (EKFAC: ``(Q_B^2 @ E @ (Q_A^2)^T).flatten()``, ``Q_B^2 @ E``)."""
+        parts = []
+        for name in self.names:
+            if self.corrected is None:
+                diagonals = [factor.diagonal() for factor in self.factors[name]]
+                parts.append(diagonals[0] if len(diagonals) == 1 else torch.outer(*diagonals))
+                continue
+            bases = self._eigen(name)[0]
+            values = self.corrected[name].reshape(bases[0].shape[0], -1)
+            squared = bases[0].square() @ values
+            parts.append(squared if len(bases) == 1 else squared @ bases[1].square().T)
+        return torch.cat([part.flatten() for part in parts])
+
+
+class KroneckerInverse(_BlockDiagonal):
+    """A block-diagonal operator with blocks ``Q diag(s.flatten()) Q^T``, ``Q = Q_B ⊗ Q_A``
+    (or ``Q_B``): the damped inverse of a :class:`Kronecker` (see ``Kronecker.inverse``).
+
+    Args:
+        bases: Per parameter, ``(Q_B, Q_A)`` or ``(Q_B,)``, orthogonal ``[O, O]``, ``[I, I]``.
+        scales: Per parameter, the inverse's eigenvalues ``s``, ``[O, I]`` or ``[O]``.
+    """
+
+    def __init__(self, bases: list[tuple[Tensor, ...]], scales: list[Tensor]) -> None:
+        self.bases = bases
+        self.scales = scales
+        self._sizes = [scale.numel() for scale in scales]
+
+    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
+        return _eigen_apply(self.bases[index], self.scales[index], x)
+
+    def _block_dense(self, index: int) -> Tensor:
+        return _eigen_dense(self.bases[index], self.scales[index])
+
+
+def _pi_shifts(factors: tuple[Tensor, Tensor], damping: float) -> tuple[Tensor, Tensor]:
+    """π-damping's shifts of ``B`` and ``A``: ``sqrt(damping) / π`` and ``sqrt(damping) π``
+    with ``π = sqrt((tr(A) / I) / (tr(B) / O))``; ``damping`` for both unless both mean
+    traces are positive."""
+    output_factor, input_factor = factors
+    mean_b = output_factor.trace() / output_factor.shape[0]
+    mean_a = input_factor.trace() / input_factor.shape[0]
+    if mean_a <= 0 or mean_b <= 0:
+        return mean_b.new_tensor(damping), mean_a.new_tensor(damping)
+    pi = (mean_a / mean_b).sqrt()
+    return math.sqrt(damping) / pi, math.sqrt(damping) * pi
+
+
+def _check_keys(what: str, given: dict, names: list[str]) -> None:
+    """Raise unless ``given`` has exactly one entry per name."""
+    if set(given) != set(names):
+        missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+        raise ValueError(f"{what} must have one entry per name: {missing=}, {extra=}.")

@@ -1,0 +1,76 @@
+"""Kronecker-factored curvature: ``KFLR`` (the exact loss Hessian, type-2) and ``KFAC``
+(Monte-Carlo) for the weights and biases of ``Linear`` and ``Conv1d/2d/3d``.
+
+A weight ``[O, *rest]`` gets ``(B, A)`` with ``torch.kron(B, A)`` approximating its GGN block
+(``p.flatten()`` order); a bias gets ``(B,)``. ``A`` is the mean over samples and positions
+of the unfolded inputs' outer products, ``B`` the sum of the stack's outer products at the
+output over vectors, samples and positions (``ModuleDerivatives.input_covariance`` and
+``output_covariance``): the factors and scaling of curvlinops' ``KFACLinearOperator``
+(``separate_weight_and_bias=True``) for the loss of the backward pass.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from curvhooks.derivatives import ModuleDerivatives
+from curvhooks.extensions.base import Extension, Target
+from curvhooks.extensions.stacks import GGN_ROWS, MonteCarloStack, StackKind
+
+APPROXIMATIONS = ("expand", "reduce")
+
+
+class KroneckerExtension(Extension):
+    """Kronecker factors from a stack of ``kind``, with weight sharing treated by ``approx``
+    (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023)."""
+
+    attribute = "kronecker"
+
+    def __init__(self, kind: StackKind, approx: str = "expand") -> None:
+        if approx not in APPROXIMATIONS:
+            raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+        self.kind = kind
+        self.approx = approx
+
+    def stack_kind(self) -> StackKind:
+        return self.kind
+
+    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
+        if derivatives.has_kronecker_factors:
+            return None
+        return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
+
+    def compute(self, target: Target, mat: Tensor, previous: object = None) -> tuple[Tensor, ...]:
+        return target.kronecker(mat, self.approx)
+
+    def combine(self, result: tuple[Tensor, ...], other: tuple[Tensor, ...]):
+        """Parts of a stack add to B; A does not depend on the stack."""
+        return (result[0] + other[0], *result[1:])
+
+
+class KFLR(KroneckerExtension):
+    """``p.kflr``: Kronecker factors with the exact loss Hessian (type-2)."""
+
+    attribute = "kflr"
+
+    def __init__(self) -> None:
+        super().__init__(GGN_ROWS)
+
+    def __repr__(self) -> str:
+        return "KFLR()"
+
+
+class KFAC(KroneckerExtension):
+    """``p.kfac``: Kronecker factors with a Monte-Carlo loss Hessian of ``mc_samples``
+    sampled labels per sample (unbiased for ``KFLR``'s B)."""
+
+    attribute = "kfac"
+
+    def __init__(self, mc_samples: int = 1) -> None:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        super().__init__(MonteCarloStack(mc_samples))
+        self.mc_samples = mc_samples
+
+    def __repr__(self) -> str:
+        return f"KFAC(mc_samples={self.mc_samples})"
