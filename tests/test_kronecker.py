@@ -1,0 +1,155 @@
+"""The Kronecker operator (KFAC, EKFAC) against its dense matrix, formed independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from curvhooks.dataset.kronecker import Kronecker, eigenbases
+from tests.problems import assert_close
+
+SHAPES = {"weight": [3, 4], "conv": [2, 3, 2, 2], "bias": [3]}
+"""Weights with O != I (3 x 4, 2 x 12), so that a transposed reshape or factor shows."""
+
+KINDS = ("kfac", "kfac_singular", "ekfac", "ekfac_bases")
+"""KFAC; KFAC with a rank-5 input factor [12, 12]; EKFAC in the factors' eigh basis; EKFAC
+in given random orthogonal bases."""
+
+
+def _spd(size: int, generator: torch.Generator, rank: int | None = None) -> Tensor:
+    """``M M^T + 0.1 I``, or ``M M^T`` of rank ``rank`` (positive semi-definite)."""
+    M = torch.randn(size, rank or size, generator=generator, dtype=torch.float64)
+    return M @ M.T + (0.1 * torch.eye(size, dtype=torch.float64) if rank is None else 0)
+
+
+def _orthogonal(size: int, generator: torch.Generator) -> Tensor:
+    M = torch.randn(size, size, generator=generator, dtype=torch.float64)
+    return torch.linalg.qr(M).Q
+
+
+def _problem(kind: str) -> tuple[Kronecker, Tensor, dict]:
+    """The operator, its dense ``[D, D]`` matrix built from ``torch.kron``, and its factors."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.zeros(shape, dtype=torch.float64) for shape in SHAPES.values()]
+    factors = {}
+    for name, p in zip(SHAPES, params):
+        sides = [p.shape[0]] + ([p[0].numel()] if p.dim() > 1 else [])
+        rank = [None, 5] if kind == "kfac_singular" and name == "conv" else [None, None]
+        factors[name] = tuple(_spd(side, generator, r) for side, r in zip(sides, rank))
+    if kind.startswith("kfac"):
+        K = Kronecker(factors, params, list(SHAPES))
+        blocks = [torch.kron(*f) if len(f) == 2 else f[0] for f in factors.values()]
+        return K, torch.block_diag(*blocks), factors
+    if kind == "ekfac":
+        bases = {
+            n: tuple(torch.linalg.eigh(f).eigenvectors for f in fs) for n, fs in factors.items()
+        }
+    else:
+        bases = {
+            n: tuple(_orthogonal(f.shape[0], generator) for f in fs) for n, fs in factors.items()
+        }
+    corrected = {
+        name: torch.rand(*[q.shape[0] for q in qs], generator=generator, dtype=torch.float64) + 0.1
+        for name, qs in bases.items()
+    }
+    given = bases if kind == "ekfac_bases" else None
+    K = Kronecker(factors, params, list(SHAPES), corrected=corrected, eigenbases=given)
+    blocks = []
+    for name, qs in bases.items():
+        Q = torch.kron(*qs) if len(qs) == 2 else qs[0]
+        blocks.append(Q @ torch.diag(corrected[name].flatten()) @ Q.T)
+    return K, torch.block_diag(*blocks), factors
+
+
+def _vectors(size: int, columns: int | None) -> Tensor:
+    shape = [size] if columns is None else [size, columns]
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("columns", [None, 2], ids=["vector", "matrix"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_and_to_dense(kind, columns):
+    K, dense, _ = _problem(kind)
+    v = _vectors(dense.shape[0], columns)
+    assert_close(K.to_dense(), dense)
+    assert_close(K @ v, dense @ v)
+
+
+@pytest.mark.parametrize("damping", [0.1, 1.0])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse(kind, damping):
+    K, dense, _ = _problem(kind)
+    identity = torch.eye(dense.shape[0], dtype=torch.float64)
+    inverse = K.inverse(damping)
+    assert_close(inverse.to_dense(), torch.linalg.inv(dense + damping * identity))
+    for v in (_vectors(dense.shape[0], None), _vectors(dense.shape[0], 3)):
+        assert_close(inverse @ (K @ v + damping * v), v)
+
+
+@pytest.mark.parametrize("zero_output_factor", [False, True], ids=["pi", "fallback"])
+@pytest.mark.parametrize("kind", ["kfac", "kfac_singular"])
+def test_inverse_heuristic(kind, zero_output_factor):
+    """π-damping written out; a zero ``B`` (mean eigenvalue 0) falls back to plain damping."""
+    _, _, factors = _problem(kind)
+    if zero_output_factor:
+        factors["weight"] = (torch.zeros_like(factors["weight"][0]), factors["weight"][1])
+    K = Kronecker(factors, [torch.zeros(s) for s in SHAPES.values()], list(SHAPES))
+    damping = 0.1
+    blocks = []
+    for B, *rest in factors.values():
+        shift_b = shift_a = damping
+        if rest and B.trace() > 0:
+            pi = ((rest[0].trace() / rest[0].shape[0]) / (B.trace() / B.shape[0])).sqrt()
+            shift_b, shift_a = damping**0.5 / pi, damping**0.5 * pi
+        blocks.append(torch.linalg.inv(B + shift_b * torch.eye(B.shape[0], dtype=B.dtype)))
+        if rest:
+            A = rest[0]
+            A_inverse = torch.linalg.inv(A + shift_a * torch.eye(A.shape[0], dtype=A.dtype))
+            blocks[-1] = torch.kron(blocks[-1], A_inverse)
+    expected = torch.block_diag(*blocks)
+    inverse = K.inverse(damping, heuristic=True)
+    v = _vectors(expected.shape[0], 2)
+    assert_close(inverse.to_dense(), expected)
+    assert_close(inverse @ v, expected @ v)
+
+
+REDUCTIONS = {
+    "trace": torch.trace,
+    "logdet": lambda dense: torch.linalg.slogdet(dense).logabsdet,
+    "frobenius_norm": torch.linalg.matrix_norm,
+    "diag": torch.diagonal,
+}
+
+
+@pytest.mark.parametrize(
+    "kind, reduction",
+    [(k, r) for k in KINDS for r in REDUCTIONS if (k, r) != ("kfac_singular", "logdet")],
+)
+def test_reductions(kind, reduction):
+    """The singular problem's log-determinant (-inf, or round-off) is left out."""
+    K, dense, _ = _problem(kind)
+    assert_close(getattr(K, reduction)(), REDUCTIONS[reduction](dense))
+
+
+def test_eigenbases_diagonalize():
+    _, _, factors = _problem("kfac")
+    for fs in factors.values():
+        for f, Q in zip(fs, eigenbases(fs)):
+            rotated = Q.T @ f @ Q
+            assert_close(rotated, torch.diag(rotated.diagonal()))
+
+
+@pytest.mark.parametrize("damping", [0.0, -1.0])
+def test_errors(damping):
+    K, _, factors = _problem("ekfac")
+    with pytest.raises(ValueError, match="damping must be positive"):
+        K.inverse(damping)
+    with pytest.raises(ValueError, match="KFAC factors only"):
+        K.inverse(1.0, heuristic=True)
+    params = [torch.zeros(s) for s in SHAPES.values()]
+    swapped = {**factors, "weight": factors["weight"][::-1]}
+    with pytest.raises(ValueError, match="factors of 'weight'"):
+        Kronecker(swapped, params, list(SHAPES))
+    with pytest.raises(ValueError, match="pass both"):
+        Kronecker(factors, params, list(SHAPES), eigenbases={})
