@@ -1,6 +1,14 @@
 """curvhooks: curvature of neural networks from module hooks, in one backward pass."""
 
-from curvhooks.dataset import empirical_fisher, ggn, hessian, layer_sizes, matrices
+from curvhooks.dataset import (
+    Kronecker,
+    empirical_fisher,
+    ggn,
+    hessian,
+    kfac,
+    layer_sizes,
+    matrices,
+)
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import (
     KFAC,
@@ -40,6 +48,7 @@ __all__ = [
     "Jacobian",
     "KFAC",
     "KFLR",
+    "Kronecker",
     "SqrtGGN",
     "SumGradSquared",
     "UnsupportedError",
@@ -48,6 +57,7 @@ __all__ = [
     "extend",
     "ggn",
     "hessian",
+    "kfac",
     "layer_sizes",
     "matrices",
 ]

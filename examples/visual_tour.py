@@ -2,8 +2,9 @@
 
 The setting of the published tutorial this project grew out of: 50 random images of shape
 (3, 10, 10) with 5 classes, in batches of 20, 20 and 10; a 683-parameter CNN; cross-entropy
-averaged over the whole data set. Writes two figures to ``--out`` (default ``figures/``):
-``visual_tour_logabs.png`` (log10 of absolute entries) and ``visual_tour_unaltered.png``.
+averaged over the whole data set. Writes three figures to ``--out`` (default ``figures/``):
+``visual_tour_logabs.png`` (log10 of absolute entries), ``visual_tour_unaltered.png``, and
+``visual_tour_kfac.png``: the GGN beside its KFAC and EKFAC approximations.
 
 Run: ``python examples/visual_tour.py [--out DIR]``
 """
@@ -78,6 +79,30 @@ def main() -> None:
         path = args.out / f"visual_tour_{name}.png"
         figure.savefig(path, dpi=100)
         print(f"wrote {path}")
+
+    kronecker = kronecker_approximations(model, loss_fn, loader, found["ggn"])
+    figure, _ = curvhooks.plot.matrices(kronecker, layer_sizes=sizes)
+    path = args.out / "visual_tour_kfac.png"
+    figure.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def kronecker_approximations(
+    model: nn.Module, loss_fn: nn.Module, loader: DataLoader, ggn: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The GGN beside its KFAC (type-2) and EKFAC approximations, dense; prints each one's
+    relative Frobenius distance to the GGN."""
+    named = {"GGN": ggn}
+    for title, eigen_correction in (("KFAC", False), ("EKFAC", True)):
+        start = time.perf_counter()
+        matrix = curvhooks.kfac(model, loss_fn, loader, eigen_correction=eigen_correction)
+        named[title] = matrix.to_dense()
+        distance = torch.linalg.matrix_norm(named[title] - ggn) / torch.linalg.matrix_norm(ggn)
+        print(
+            f"{title:>16}: {time.perf_counter() - start:.3f} s, "
+            f"relative Frobenius distance to the GGN {distance:.3f}"
+        )
+    return named
 
 
 if __name__ == "__main__":

@@ -82,10 +82,13 @@ def _run(script: str, *arguments: str) -> str:
 
 
 def test_visual_tour_runs(tmp_path):
-    assert "683 in total" in _run("visual_tour.py", "--out", str(tmp_path))
+    output = _run("visual_tour.py", "--out", str(tmp_path))
+    assert "683 in total" in output
+    assert "EKFAC" in output and "relative Frobenius distance to the GGN" in output
     assert {p.name for p in tmp_path.iterdir()} == {
         "visual_tour_logabs.png",
         "visual_tour_unaltered.png",
+        "visual_tour_kfac.png",
     }
 
 

@@ -92,5 +92,3 @@ def test_bad_mc_samples():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="mc_samples"):
             KFAC(mc_samples=bad)
-
-

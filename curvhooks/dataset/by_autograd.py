@@ -49,7 +49,7 @@ def autograd_hessian(
     stages = _stages(model)
     if device.type == "cuda" and plan.structure is Structure.FULL and plan.dim <= chunk_size:
         stages = [model]  # one call per batch costs less there than one per stage
-    for X, y, weight in total.batches(data, device, progress):
+    for X, y, weight, _ in total.batches(data, device, progress):
         stage_inputs = _stage_inputs(stages, X)
         for task in _tasks(plan, stages):
             _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
@@ -216,7 +216,7 @@ def autograd_factor_matrices(
             f"Fisher; supported losses: {supported_names(LOSS_DERIVATIVES)}"
         )
     results = {kind: plan.new_result() for kind in kinds}
-    for X, y, weight in total.batches(data, model_device(model), progress):
+    for X, y, weight, _ in total.batches(data, model_device(model), progress):
         output, jacobians = _per_sample_jacobians(model, plan.params, X)
         reason = derivatives.unsupported_reason(loss_fn, output, y)
         if reason is not None:

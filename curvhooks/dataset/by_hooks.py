@@ -66,7 +66,7 @@ def hook_matrices(
         _only_these_require_grad(model, plan.params),
         _context(model, loss_fn, route, unsupported)(*extensions.values()) as hooks,
     ):
-        for X, y, weight in total.batches(data, model_device(model), progress):
+        for X, y, weight, _ in total.batches(data, model_device(model), progress):
             output = hooks.run_batch(X, y)
             for kind, extension in extensions.items():
                 if kind is Kind.EMPIRICAL_FISHER:

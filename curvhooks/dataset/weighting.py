@@ -43,9 +43,10 @@ class DatasetSum:
 
     def batches(
         self, data: Iterable | tuple[Inputs, Tensor], device: torch.device, progress: bool
-    ) -> Iterator[tuple[Inputs, Tensor, float]]:
-        """``(X, y, weight)`` for each batch of ``data``, on ``device``: add ``weight`` times
-        the batch's reduced-loss quantity, then call ``finish``."""
+    ) -> Iterator[tuple[Inputs, Tensor, float, int]]:
+        """``(X, y, weight, N_b)`` for each batch of ``data``, on ``device``: add ``weight``
+        times the batch's reduced-loss quantity (and ``N_b`` times a mean over its samples),
+        then call ``finish``."""
         sized = batches(data, device, progress, self.batch_size_fn)
         for index, (X, y, size) in enumerate(sized):
             if self.reduction is None and index > 0:
@@ -54,27 +55,31 @@ class DatasetSum:
                     "one (X, y) pair, or a loss module with reduction='mean' or 'sum'"
                 )
             self.samples += size
-            yield X, y, (size if self.reduction == "mean" else 1)
+            yield X, y, (size if self.reduction == "mean" else 1), size
 
-    def finish(self, results: dict[object, Tensor]) -> None:
+    def finish(
+        self, results: dict[object, Tensor], means: dict[object, Tensor] | None = None
+    ) -> None:
         """Sum the results over the processes (if any) and divide the weighted sums by the
-        sample count for reduction ``"mean"``, all in place.
+        sample count for reduction ``"mean"``, all in place; ``means`` (sums of per-sample
+        means weighted by ``N_b``) are divided by the sample count whatever the reduction.
 
         Sample counts are summed first, so the mean is over every process's samples.
         """
+        means = means or {}
         total = self.samples
         if self.group is not None:
-            device = next(iter(results.values())).device
+            device = next(iter({**results, **means}.values())).device
             count = torch.tensor([float(total)], device=device)
             dist.all_reduce(count, group=self.group)
             total = int(count.item())
-            for result in results.values():
+            for result in [*results.values(), *means.values()]:
                 dist.all_reduce(result, group=self.group)
         if total == 0:
             raise ValueError("data is empty: it yielded no batch; pass a non-empty data set")
-        if self.reduction == "mean":
-            for result in results.values():
-                result.div_(total)
+        divided = [*means.values(), *(results.values() if self.reduction == "mean" else ())]
+        for result in divided:
+            result.div_(total)
 
 
 def _reduction_of(loss_fn: nn.Module) -> str | None:

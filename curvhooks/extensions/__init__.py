@@ -3,7 +3,7 @@
 from curvhooks.extensions.base import RESULT_ATTRIBUTES, Extension
 from curvhooks.extensions.first_order import BatchGrad, BatchL2Grad, SumGradSquared, Variance
 from curvhooks.extensions.hessian import DiagHessian, HessianBlock
-from curvhooks.extensions.kronecker import KFAC, KFLR, KroneckerExtension
+from curvhooks.extensions.kronecker import KFAC, KFLR, EigenCorrection, KroneckerExtension
 from curvhooks.extensions.second_order import BatchDiagGGN, DiagGGN, Jacobian, SqrtGGN
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "BatchL2Grad",
     "DiagGGN",
     "DiagHessian",
+    "EigenCorrection",
     "Extension",
     "HessianBlock",
     "Jacobian",

@@ -74,3 +74,27 @@ class KFAC(KroneckerExtension):
 
     def __repr__(self) -> str:
         return f"KFAC(mc_samples={self.mc_samples})"
+
+
+class EigenCorrection(Extension):
+    """EKFAC's corrected eigenvalues: the per-sample products of each vector of a stack of
+    ``kind``, rotated into the eigenbasis ``(Q_B, Q_A)`` of the parameter's Kronecker factors
+    and squared, summed over vectors and samples: ``[O, I]`` for a weight, ``[O]`` for a bias.
+    ``bases`` maps ``id(param)`` to its eigenbasis."""
+
+    attribute = "eigen_correction"
+
+    def __init__(self, kind: StackKind, bases: dict[int, tuple[Tensor, ...]]) -> None:
+        self.kind = kind
+        self.bases = bases
+
+    def stack_kind(self) -> StackKind:
+        return self.kind
+
+    def compute(self, target: Target, mat: Tensor, previous: object = None) -> Tensor:
+        products = target.products(mat).flatten(0, 1)  # [V N, *p.shape]
+        bases = self.bases[id(target.param)]
+        if len(bases) == 1:
+            return (products @ bases[0]).square_().sum(0)
+        rotated = bases[0].T @ products.flatten(2) @ bases[1]
+        return rotated.square_().sum(0)

@@ -1,0 +1,110 @@
+"""Kronecker-factored curvature: ``curvhooks.kfac`` against curvlinops' ``KFACLinearOperator``
+over a data set, and the hook-level ``KFLR``/``KFAC`` against BackPACK's ``KFLR``/``KFAC``.
+
+Dataset level (the visual tour's three batches, and the MLP and the CNN of
+``benchmarks.problems`` as one batch): building the factors and one product with a
+``[D, 10]`` block, for the type-2 and the empirical Fisher. Hook level (the MLP and the CNN):
+one backward pass with the extension, against a plain backward pass.
+
+Run: ``python -m benchmarks.kronecker [--repeats 10] [--problem NAME]``; writes
+docs/benchmarks/kronecker.md when it ran every problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import curvhooks
+from benchmarks.common import (
+    backpack_step,
+    curvhooks_per_step,
+    optional,
+    problems_parser,
+    run_problems,
+)
+from benchmarks.dense import tour
+from benchmarks.problems import PROBLEMS, on_device
+
+FISHERS = ("type-2", "empirical")
+SETTINGS = ("visual-tour", "mlp", "cnn")
+
+
+def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
+    """Plain backward over the data, then the dataset-level and (``mlp``, ``cnn``) the
+    hook-level methods of curvhooks and its peers."""
+    if problem == "visual-tour":
+        model, loss_fn, batches = tour()
+        model = model.to(device)
+        data = [(X.to(device), y.to(device)) for X, y in batches]
+    else:
+        model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
+        data = [(X, y)]
+
+    def backward() -> None:
+        for X, y in data:
+            loss_fn(model(X), y).backward()
+
+    methods = {"backward": backward, **_dataset_methods(model, loss_fn, data, device)}
+    if problem != "visual-tour":
+        methods.update(_hook_methods(model, loss_fn, *data[0]))
+    return methods
+
+
+def _dataset_methods(model, loss_fn, data, device) -> dict[str, Callable[[], object]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    block = torch.randn(sum(p.numel() for p in params), 10, device=device)
+    methods = {}
+    for fisher in FISHERS:
+        methods[f"curvhooks kfac {fisher}"] = lambda fisher=fisher: (
+            curvhooks.kfac(model, loss_fn, data, fisher=fisher) @ block
+        )
+        if optional("curvlinops"):
+            from curvlinops import KFACLinearOperator
+
+            methods[f"curvlinops kfac {fisher}"] = lambda fisher=fisher: (
+                KFACLinearOperator(
+                    model,
+                    loss_fn,
+                    params,
+                    data,
+                    fisher_type=fisher,
+                    separate_weight_and_bias=True,
+                    check_deterministic=False,
+                )
+                @ block
+            )
+    return methods
+
+
+def _hook_methods(model, loss_fn, X, y) -> dict[str, Callable[[], object]]:
+    methods = {
+        "curvhooks KFLR": curvhooks_per_step(model, loss_fn, X, y, curvhooks.KFLR),
+        "curvhooks KFAC": curvhooks_per_step(model, loss_fn, X, y, curvhooks.KFAC),
+    }
+    if optional("backpack"):
+        from backpack.extensions import KFAC, KFLR
+
+        methods["backpack KFLR"] = backpack_step(model, loss_fn, X, y, KFLR)
+        methods["backpack KFAC"] = backpack_step(model, loss_fn, X, y, KFAC)
+    return methods
+
+
+def _peers_of(method: str) -> tuple[str, ...]:
+    if method.startswith("curvhooks kfac"):
+        return (method.replace("curvhooks", "curvlinops"),)
+    if method.startswith("curvhooks K"):
+        return (method.replace("curvhooks", "backpack"),)
+    return ()
+
+
+def main() -> None:
+    args = problems_parser(list(SETTINGS), repeats=10).parse_args()
+    groups = (("curvhooks kfac", "curvlinops kfac"), ("curvhooks K", "backpack K"))
+    doc = ("kronecker", "Kronecker factors (KFAC over a data set; KFLR, KFAC per step)")
+    run_problems(args, __spec__.name, build_methods, _peers_of, list(SETTINGS), doc, groups)
+
+
+if __name__ == "__main__":
+    main()

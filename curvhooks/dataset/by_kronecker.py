@@ -1,0 +1,214 @@
+"""``curvhooks.kfac``: Kronecker-factored curvature (KFAC, EKFAC) over a data set.
+
+One pass over the data accumulates each parameter's factors from the hooks (``B`` weighted
+as the whole-dataset loss's curvature, ``A`` as a mean over all samples); EKFAC takes a
+second pass for the eigenvalues in the factors' eigenbasis. The result is a
+``curvhooks.dataset.kronecker.Kronecker`` operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvhooks.dataset.by_hooks import _context, _only_these_require_grad
+from curvhooks.dataset.kronecker import Kronecker, eigenbases
+from curvhooks.dataset.plan import Route, Structure, layout, model_device, unwrap
+from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.derivatives import module_derivatives
+from curvhooks.errors import UnsupportedError
+from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
+from curvhooks.extensions.kronecker import APPROXIMATIONS
+from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
+from curvhooks.hooks import check_eval_mode, results_preserved
+
+FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+
+
+def kfac(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable | tuple[Any, Tensor],
+    fisher: str = "type-2",
+    mc_samples: int = 1,
+    approx: str = "expand",
+    eigen_correction: bool = False,
+    params: list[nn.Parameter] | None = None,
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+    process_group: object = None,
+    batch_size_fn: Callable[[Any], int] | None = None,
+) -> Kronecker:
+    """Kronecker-factored approximation of the whole-dataset loss's GGN (or Fisher).
+
+    Each selected weight ``[O, *rest]`` gets factors ``(B, A)``, ``B`` ``[O, O]`` and ``A``
+    ``[I, I]`` (I = prod(rest)), with ``torch.kron(B, A)`` approximating its block in
+    ``p.flatten()`` order; each bias gets ``(B,)``. ``A`` is the mean over all samples (and
+    positions: sequence steps, convolution patches and groups) of the layer input's outer
+    products; ``B`` is the sum over samples (and positions) of the outer products of the
+    layer output's stacks, scaled as the whole-dataset loss: the factors and the dense matrix
+    of curvlinops' ``KFACLinearOperator`` (``separate_weight_and_bias=True``).
+
+    Args:
+        model: A model whose selected parameters belong to ``Linear`` or ``Conv1d/2d/3d``
+            modules (each called once per forward pass), in any graph.
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, reduction
+            ``"mean"`` or ``"sum"``.
+        data: An iterable of ``(X, y)`` batches or one ``(X, y)`` pair.
+        fisher: ``"type-2"`` (the exact loss Hessian: per output row its square root, the
+            columns summed over a sample's rows), ``"mc"`` (``mc_samples`` labels sampled
+            from the model's predictive distribution), ``"empirical"`` (the gradients at
+            the true labels) or ``"forward-only"`` (``B = I``).
+        mc_samples: Sampled labels per sample, for ``fisher="mc"`` only.
+        approx: ``"expand"`` or ``"reduce"`` for weight shared over positions (Eschenhagen
+            et al. 2023): ``"reduce"`` averages the inputs and sums the output stacks over
+            positions before taking outer products.
+        eigen_correction: EKFAC: replace the Kronecker eigenvalues by the second moments of
+            the per-sample gradients in the factors' eigenbasis (a second pass over the
+            data).
+        params: The parameters (default: all that require grad).
+        seed: Seed of the labels sampled for ``fisher="mc"`` (the global random state is
+            left as it was).
+        progress: Show a progress bar over the batches.
+        process_group: Under ``torch.distributed``, the processes whose data to combine.
+        batch_size_fn: The sample count of a batch's input (default: ``y.shape[0]``).
+
+    Returns:
+        A ``Kronecker`` operator with ``@``, ``to_dense``, ``inverse``, ``trace``,
+        ``logdet``, ``frobenius_norm``, ``diag``, ``factors`` and ``params``.
+    """
+    model = unwrap(model)
+    kind = _stack_kind(fisher, mc_samples)
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+    plan = layout(model, params, Structure.PARAM, max_memory=2**62)
+    check_eval_mode(model)
+    names = _names_of(model, plan.params)
+    options = (progress, process_group, batch_size_fn)
+    passes = _Passes(model, loss_fn, data, plan.params, names, options)
+    with _seeded(seed, model):
+        factors = passes.accumulate(KroneckerExtension(kind, approx), is_mean=lambda i: i == 1)
+        if fisher == "forward-only":
+            factors = {name: (torch.eye(len(f[0])).to(f[0]), *f[1:]) for name, f in factors.items()}
+        corrected, bases = None, None
+        if eigen_correction:
+            bases = {name: eigenbases(f) for name, f in factors.items()}
+            by_id = {id(p): bases[name] for name, p in zip(passes.names, passes.params)}
+            correction = EigenCorrection(kind, by_id)
+            corrected = {name: f[0] for name, f in passes.accumulate(correction).items()}
+    return Kronecker(factors, passes.params, passes.names, corrected=corrected, eigenbases=bases)
+
+
+@dataclass
+class _Passes:
+    """Passes over the data with one extension, its results summed as one loss."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    data: Iterable | tuple[Any, Tensor]
+    params: list[nn.Parameter]
+    names: list[str]
+    options: tuple
+    """``(progress, process_group, batch_size_fn)``."""
+
+    def accumulate(
+        self, extension: Extension, is_mean: Callable[[int], bool] = lambda i: False
+    ) -> dict[str, tuple[Tensor, ...]]:
+        """Each parameter's result of ``extension`` (a tensor or a tuple) over the data: part
+        ``i`` weighted as a mean over all samples where ``is_mean(i)``, else as the
+        whole-dataset loss's curvature (``DatasetSum``)."""
+        progress, process_group, batch_size_fn = self.options
+        total = DatasetSum(self.loss_fn, process_group, batch_size_fn)
+        sums: dict[tuple[str, int], Tensor] = {}
+        means: dict[tuple[str, int], Tensor] = {}
+        with (
+            results_preserved(self.model),
+            _only_these_require_grad(self.model, self.params),
+            _context(self.model, self.loss_fn, Route.HOOKS, "raise")(extension) as hooks,
+        ):
+            for X, y, weight, size in total.batches(self.data, model_device(self.model), progress):
+                hooks.run_batch(X, y)
+                for name, param in zip(self.names, self.params):
+                    for index, part in enumerate(self._parts(name, param, extension)):
+                        store, scale = (means, size) if is_mean(index) else (sums, weight)
+                        if (name, index) in store:
+                            store[name, index].add_(part, alpha=scale)
+                        else:
+                            store[name, index] = part * scale
+        total.finish(sums, means)
+        found = {**sums, **means}
+        return {
+            name: tuple(found[key] for key in sorted(found) if key[0] == name)
+            for name in self.names
+        }
+
+    @staticmethod
+    def _parts(name: str, param: nn.Parameter, extension: Extension) -> tuple[Tensor, ...]:
+        result = getattr(param, extension.attribute, None)
+        if result is None:
+            raise ValueError(
+                f"parameter {name} does not reach the loss, so it has no Kronecker factors; "
+                "leave it out with params="
+            )
+        return result if isinstance(result, tuple) else (result,)
+
+
+def _stack_kind(fisher: str, mc_samples: int) -> StackKind:
+    """The stack whose outer products give B."""
+    if fisher not in FISHER_TYPES:
+        raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    if fisher != "mc" and mc_samples != 1:
+        raise ValueError(
+            f"mc_samples={mc_samples} applies to fisher='mc' only, not fisher={fisher!r}; "
+            "leave mc_samples at 1 or pass fisher='mc'"
+        )
+    return {"type-2": GGN_ROWS, "mc": MonteCarloStack(mc_samples)}.get(fisher, GRADIENT)
+
+
+def _names_of(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
+    """Each parameter's name in ``model``; raises where its module has no Kronecker
+    factors."""
+    owners = {}
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), (path, name, module))
+    names = []
+    for param in params:
+        path, name, module = owners[id(param)]
+        derivatives = module_derivatives(module)
+        if (
+            derivatives is None
+            or not derivatives.has_kronecker_factors
+            or name
+            not in (
+                "weight",
+                "bias",
+            )
+        ):
+            raise UnsupportedError(
+                f"curvhooks.kfac supports the weights and biases of Linear and Conv1d/2d/3d "
+                f"modules, not {path}.{name} of {type(module).__name__}; leave it out with "
+                "params="
+            )
+        names.append(f"{path}.{name}" if path else name)
+    return names
+
+
+@contextmanager
+def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
+    """Seed the sampled labels with ``seed``, restoring the random state afterwards."""
+    if seed is None:
+        yield
+        return
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,153 @@
+"""``curvhooks.kfac`` against ``tests.reference.kronecker_factors`` and curvlinops."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import curvhooks
+from curvhooks import SqrtGGN
+from tests import reference
+from tests.problems import assert_close, by_name, run_with
+from tests.test_kronecker_extensions import _layers
+
+PROBLEMS = ["mlp", "linear-extra-dims-output", "conv-groups-no-bias", "conv-residual", "conv1d"]
+CASES = [
+    (name, loss, fisher, approx)
+    for name in PROBLEMS
+    for loss in by_name(name).losses[:2] + by_name(name).losses[-1:]
+    for fisher in ("type-2", "empirical")
+    for approx in ("expand", "reduce")
+]
+BATCHES = (3, 2)
+
+
+def _data(name: str, loss: str, batches: tuple[int, ...] = BATCHES):
+    model, loss_fn, X, y = by_name(name).make(loss, num_samples=sum(batches))
+    return model, loss_fn, X, y, list(zip(X.split(batches), y.split(batches)))
+
+
+@pytest.mark.parametrize(
+    "name, loss, fisher, approx", CASES, ids=["-".join(case) for case in CASES]
+)
+def test_factors_over_unequal_batches(name, loss, fisher, approx):
+    model, loss_fn, X, y, data = _data(name, loss)
+    K = curvhooks.kfac(model, loss_fn, data, fisher=fisher, approx=approx)
+    for layer in _layers(model):
+        B, A = reference.kronecker_factors(model, loss_fn, X, y, layer, fisher, approx)
+        assert_close(K.factors[f"{layer}.weight"][0], B)
+        assert_close(K.factors[f"{layer}.weight"][1], A)
+        if f"{layer}.bias" in K.factors:
+            assert_close(K.factors[f"{layer}.bias"][0], B)
+
+
+def test_forward_only_and_params():
+    model, loss_fn, X, y, data = _data("mlp", "ce-mean")
+    chosen = [model[2].weight, model[4].bias]
+    K = curvhooks.kfac(model, loss_fn, data, fisher="forward-only", params=chosen)
+    assert list(K.factors) == ["2.weight", "4.bias"]
+    B, A = reference.kronecker_factors(model, loss_fn, X, y, "2")
+    assert_close(K.factors["2.weight"][0], torch.eye(4, dtype=torch.float64))
+    assert_close(K.factors["2.weight"][1], A)
+    assert K.to_dense().shape == (4 * 5 + 3, 4 * 5 + 3)
+
+
+def test_mc_tends_to_type_2_and_leaves_the_random_state():
+    model, loss_fn, X, y, data = _data("mlp", "ce-mean")
+    exact = curvhooks.kfac(model, loss_fn, data).to_dense()
+    state = torch.random.get_rng_state()
+    sampled = curvhooks.kfac(model, loss_fn, data, fisher="mc", mc_samples=20000, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(sampled.to_dense(), exact, rtol=0.05, atol=0.03 * exact.abs().max())
+    again = curvhooks.kfac(model, loss_fn, data, fisher="mc", mc_samples=20000, seed=1)
+    assert torch.equal(again.to_dense(), sampled.to_dense())
+
+
+def test_ekfac_eigenvalues_are_the_gradients_second_moments_in_the_eigenbasis():
+    """Without weight sharing the type-2 stack is a square root of the GGN, so EKFAC's
+    eigenvalues are ``sum (Q_B^T V Q_A)^2`` over the vectors V of ``SqrtGGN``."""
+    model, loss_fn, X, y = by_name("mlp").make("ce-sum")
+    K = curvhooks.kfac(model, loss_fn, (X, y), eigen_correction=True)
+    results = run_with(model, loss_fn, X, y, SqrtGGN())
+    for name in K.factors:
+        (Q_B, *Q_A) = (torch.linalg.eigh(f).eigenvectors for f in K.factors[name])
+        factor = results[name]["sqrt_ggn"].flatten(0, 1)  # [C N, *p]
+        rotated = Q_B.T @ factor @ Q_A[0] if Q_A else factor @ Q_B
+        assert_close(K.corrected[name], rotated.square().sum(0))
+    dense = K.to_dense()
+    assert_close(K.trace(), sum(e.sum() for e in K.corrected.values()))
+    assert_close(K.logdet(), sum(e.log().sum() for e in K.corrected.values()))
+    assert_close(K.diag(), dense.diagonal())
+    assert_close(K.frobenius_norm(), torch.linalg.matrix_norm(dense))
+
+
+@pytest.mark.parametrize("eigen_correction", [False, True])
+def test_operator_on_a_real_network(eigen_correction):
+    model, loss_fn, _, _, data = _data("conv-residual", "ce-mean")
+    K = curvhooks.kfac(model, loss_fn, data, eigen_correction=eigen_correction)
+    dense = K.to_dense()
+    v = torch.randn(len(dense), 3, dtype=dense.dtype)
+    assert_close(K @ v, dense @ v)
+    assert_close(K @ v[:, 0], dense @ v[:, 0])
+    damping = 0.1
+    assert_close(K.inverse(damping) @ (K @ v + damping * v), v)
+    assert_close(K.trace(), dense.trace())
+    assert_close(K.diag(), dense.diagonal())
+
+
+def test_bad_input():
+    model, loss_fn, _, _, data = _data("cnn-batchnorm", "ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match="BatchNorm2d.*params="):
+        curvhooks.kfac(model, loss_fn, data)
+    model, loss_fn, _, _, data = _data("mlp", "ce-mean")
+    with pytest.raises(ValueError, match="mc_samples=3 applies to fisher='mc' only"):
+        curvhooks.kfac(model, loss_fn, data, mc_samples=3)
+    with pytest.raises(ValueError, match="fisher must be one of"):
+        curvhooks.kfac(model, loss_fn, data, fisher="type-1")
+    with pytest.raises(ValueError, match="approx must be one of"):
+        curvhooks.kfac(model, loss_fn, data, approx="expanded")
+    K = curvhooks.kfac(model, loss_fn, data)
+    for damping in (0.0, -1.0):
+        with pytest.raises(ValueError, match="damping must be positive"):
+            K.inverse(damping)
+    with pytest.raises(ValueError, match="data is empty"):
+        curvhooks.kfac(model, loss_fn, [])
+
+
+needs_curvlinops = pytest.mark.skipif(
+    importlib.util.find_spec("curvlinops") is None, reason="needs curvlinops"
+)
+PEER_CASES = [
+    ("mlp", "ce-mean"),
+    ("conv-stride-padding", "mse-sum"),
+    ("sequence-classes-last-dims", "ce-mean"),
+]
+
+
+@needs_curvlinops
+@pytest.mark.parametrize("name, loss", PEER_CASES)
+@pytest.mark.parametrize("fisher", ["type-2", "empirical", "forward-only"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_equals_curvlinops(name, loss, fisher, approx):
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+
+    # enough samples for factors of distinct eigenvalues: EKFAC's eigenbasis is then unique
+    model, loss_fn, _, _, data = _data(name, loss, batches=(12, 8))
+    params = [p for p in model.parameters() if p.requires_grad]
+    options = dict(fisher_type=fisher, kfac_approx=approx, separate_weight_and_bias=True)
+    eye = torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+    for eigen_correction, peer in ((False, KFACLinearOperator), (True, EKFACLinearOperator)):
+        if eigen_correction and (
+            fisher == "forward-only" or name.startswith("sequence") or approx == "reduce"
+        ):
+            # curvlinops' EKFAC has no forward-only and no outputs with extra dimensions; a
+            # reduced convolution's A is singular (averaged patches are linearly dependent),
+            # so its eigenbasis, and EKFAC with it, is not unique
+            continue
+        theirs = peer(model, loss_fn, params, data, check_deterministic=False, **options) @ eye
+        ours = curvhooks.kfac(
+            model, loss_fn, data, fisher, approx=approx, eigen_correction=eigen_correction
+        )
+        torch.testing.assert_close(ours.to_dense(), theirs, rtol=1e-10, atol=1e-10)
