@@ -203,9 +203,10 @@ def kronecker_factors(
         stack = stack.reshape(*stack.shape[:2], -1, stack.shape[-1]).transpose(-1, -2)
     else:
         stack = stack.flatten(3)  # [V, N, O, T]
+    x = x.mean(1)  # groups averaged, as curvlinops does: [N, I, T]
     if approx == "reduce":
         x, stack = x.mean(-1, keepdim=True), stack.sum(-1, keepdim=True)
-    A = torch.einsum("ngit,ngjt->ij", x, x) / (x.shape[0] * x.shape[1] * x.shape[3])
+    A = torch.einsum("nit,njt->ij", x, x) / (x.shape[0] * x.shape[2])
     return torch.einsum("vnot,vnpt->op", stack, stack), A
 
 

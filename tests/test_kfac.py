@@ -106,6 +106,8 @@ def test_bad_input():
         curvhooks.kfac(model, loss_fn, data, mc_samples=3)
     with pytest.raises(ValueError, match="fisher must be one of"):
         curvhooks.kfac(model, loss_fn, data, fisher="type-1")
+    with pytest.raises(ValueError, match="eigen_correction needs the per-sample gradients"):
+        curvhooks.kfac(model, loss_fn, data, fisher="forward-only", eigen_correction=True)
     with pytest.raises(ValueError, match="approx must be one of"):
         curvhooks.kfac(model, loss_fn, data, approx="expanded")
     K = curvhooks.kfac(model, loss_fn, data)
@@ -123,6 +125,7 @@ PEER_CASES = [
     ("mlp", "ce-mean"),
     ("conv-stride-padding", "mse-sum"),
     ("sequence-classes-last-dims", "ce-mean"),
+    ("conv-groups-no-bias", "ce-sum"),
 ]
 
 
@@ -140,11 +143,14 @@ def test_equals_curvlinops(name, loss, fisher, approx):
     eye = torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
     for eigen_correction, peer in ((False, KFACLinearOperator), (True, EKFACLinearOperator)):
         if eigen_correction and (
-            fisher == "forward-only" or name.startswith("sequence") or approx == "reduce"
+            fisher == "forward-only"
+            or name.startswith(("sequence", "conv-groups"))
+            or approx == "reduce"
         ):
-            # curvlinops' EKFAC has no forward-only and no outputs with extra dimensions; a
-            # reduced convolution's A is singular (averaged patches are linearly dependent),
-            # so its eigenbasis, and EKFAC with it, is not unique
+            # curvlinops' EKFAC has no forward-only and no outputs with extra dimensions, and
+            # takes a grouped convolution's gradients from group-averaged inputs (ours are the
+            # per-sample gradients); a reduced convolution's A is singular (averaged patches
+            # are linearly dependent), so its eigenbasis, and EKFAC with it, is not unique
             continue
         theirs = peer(model, loss_fn, params, data, check_deterministic=False, **options) @ eye
         ours = curvhooks.kfac(

@@ -23,6 +23,7 @@ from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
+from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.kronecker import APPROXIMATIONS
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
 from curvhooks.hooks import check_eval_mode, results_preserved
@@ -87,22 +88,43 @@ def kfac(
     kind = _stack_kind(fisher, mc_samples)
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+    if eigen_correction and fisher == "forward-only":
+        raise ValueError(
+            "eigen_correction needs the per-sample gradients, which fisher='forward-only' "
+            "does without; pick another fisher type or eigen_correction=False"
+        )
     plan = layout(model, params, Structure.PARAM, max_memory=2**62)
     check_eval_mode(model)
     names = _names_of(model, plan.params)
-    options = (progress, process_group, batch_size_fn)
-    passes = _Passes(model, loss_fn, data, plan.params, names, options)
+    passes = _Passes(
+        model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
+    )
     with _seeded(seed, model):
-        factors = passes.accumulate(KroneckerExtension(kind, approx), is_mean=lambda i: i == 1)
+        factors = passes.accumulate(KroneckerExtension(kind, approx), _factor_shapes)
         if fisher == "forward-only":
             factors = {name: (torch.eye(len(f[0])).to(f[0]), *f[1:]) for name, f in factors.items()}
         corrected, bases = None, None
         if eigen_correction:
             bases = {name: eigenbases(f) for name, f in factors.items()}
-            by_id = {id(p): bases[name] for name, p in zip(passes.names, passes.params)}
+            by_id = {id(p): bases[name] for name, p in zip(names, plan.params)}
             correction = EigenCorrection(kind, by_id)
-            corrected = {name: f[0] for name, f in passes.accumulate(correction).items()}
-    return Kronecker(factors, passes.params, passes.names, corrected=corrected, eigenbases=bases)
+            corrected = {n: f[0] for n, f in passes.accumulate(correction, _eigen_shapes).items()}
+    return Kronecker(factors, plan.params, names, corrected=corrected, eigenbases=bases)
+
+
+Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
+"""The shapes of a parameter's result parts, each with whether it is a mean over samples."""
+
+
+def _factor_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
+    """``B`` (weighted as the loss), and for a weight ``A`` (a mean over samples)."""
+    size, inputs = param.shape[0], param[0].numel()
+    return [((size, size), False)] + ([((inputs, inputs), True)] if param.dim() > 1 else [])
+
+
+def _eigen_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
+    """EKFAC's eigenvalues ``[O, I]`` or ``[O]``, weighted as the loss."""
+    return [((param.shape[0], param[0].numel()) if param.dim() > 1 else (param.shape[0],), False)]
 
 
 @dataclass
@@ -114,38 +136,39 @@ class _Passes:
     data: Iterable | tuple[Any, Tensor]
     params: list[nn.Parameter]
     names: list[str]
-    options: tuple
-    """``(progress, process_group, batch_size_fn)``."""
+    progress: bool
+    process_group: object
+    batch_size_fn: Callable[[Any], int] | None = None
 
-    def accumulate(
-        self, extension: Extension, is_mean: Callable[[int], bool] = lambda i: False
-    ) -> dict[str, tuple[Tensor, ...]]:
-        """Each parameter's result of ``extension`` (a tensor or a tuple) over the data: part
-        ``i`` weighted as a mean over all samples where ``is_mean(i)``, else as the
-        whole-dataset loss's curvature (``DatasetSum``)."""
-        progress, process_group, batch_size_fn = self.options
-        total = DatasetSum(self.loss_fn, process_group, batch_size_fn)
+    def accumulate(self, extension: Extension, shapes: Shapes) -> dict[str, tuple[Tensor, ...]]:
+        """Each parameter's result of ``extension`` (a tensor or a tuple, parts as ``shapes``
+        says) over the data: a part that is a mean over samples weighted by each batch's
+        sample count, the others as the whole-dataset loss's curvature (``DatasetSum``). The
+        sums start at zero, so that processes without batches join the reduction."""
+        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         sums: dict[tuple[str, int], Tensor] = {}
         means: dict[tuple[str, int], Tensor] = {}
+        for name, param in zip(self.names, self.params):
+            for index, (shape, is_mean) in enumerate(shapes(param)):
+                (means if is_mean else sums)[name, index] = param.new_zeros(shape)
         with (
             results_preserved(self.model),
             _only_these_require_grad(self.model, self.params),
             _context(self.model, self.loss_fn, Route.HOOKS, "raise")(extension) as hooks,
         ):
-            for X, y, weight, size in total.batches(self.data, model_device(self.model), progress):
+            device = model_device(self.model)
+            for X, y, weight, size in total.batches(self.data, device, self.progress):
                 hooks.run_batch(X, y)
                 for name, param in zip(self.names, self.params):
                     for index, part in enumerate(self._parts(name, param, extension)):
-                        store, scale = (means, size) if is_mean(index) else (sums, weight)
-                        if (name, index) in store:
-                            store[name, index].add_(part, alpha=scale)
-                        else:
-                            store[name, index] = part * scale
+                        is_mean = (name, index) in means
+                        (means if is_mean else sums)[name, index].add_(
+                            part, alpha=size if is_mean else weight
+                        )
         total.finish(sums, means)
-        found = {**sums, **means}
         return {
-            name: tuple(found[key] for key in sorted(found) if key[0] == name)
-            for name in self.names
+            name: tuple({**sums, **means}[name, i] for i in range(len(shapes(param))))
+            for name, param in zip(self.names, self.params)
         }
 
     @staticmethod
@@ -163,8 +186,7 @@ def _stack_kind(fisher: str, mc_samples: int) -> StackKind:
     """The stack whose outer products give B."""
     if fisher not in FISHER_TYPES:
         raise ValueError(f"fisher must be one of {FISHER_TYPES}, got {fisher!r}")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+    check_mc_samples(mc_samples)
     if fisher != "mc" and mc_samples != 1:
         raise ValueError(
             f"mc_samples={mc_samples} applies to fisher='mc' only, not fisher={fisher!r}; "

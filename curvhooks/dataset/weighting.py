@@ -4,8 +4,10 @@ The whole-dataset loss is ``L = s * sum_n l_n``. For reduction ``"sum"`` each ba
 reduced loss adds with weight 1. For ``"mean"`` the factor s is proportional to
 1 / (number of samples), so batch b adds with weight ``N_b`` and the sum is divided by the
 total sample count at the end: unequal batches are weighted right in a single pass over the
-data. Under ``torch.distributed`` each process accumulates its own batches; the sums and
-sample counts are then summed over the processes.
+data. A quantity that is a mean over samples (KFAC's input factor) adds with weight ``N_b``
+whatever the reduction and is divided by the sample count. Under ``torch.distributed`` each
+process accumulates its own batches; the sums and sample counts are then summed over the
+processes.
 """
 
 from __future__ import annotations

@@ -142,21 +142,21 @@ class AffineDerivatives(ModuleDerivatives):
     has_kronecker_factors = True
 
     def input_covariance(self, io: ModuleIO, approx: str) -> Tensor:
-        # Groups are positions too: each group's input meets its own block of the weight.
+        # Groups are averaged over first, as curvlinops does (each group's input meets its own
+        # block of the weight, which one Kronecker factor cannot tell apart).
         key = f"input_covariance_{approx}"
         if key not in io.cache:
-            x = self._unfolded(io)  # [N, G, I, T]
-            if approx == "reduce":
-                x = x.mean(-1, keepdim=True)
-            count = x.shape[0] * x.shape[1] * x.shape[3]
-            io.cache[key] = torch.einsum("ngit,ngjt->ij", x, x).div_(count)
+            x = self._unfolded(io).mean(1)  # [N, I, T]
+            x = x.mean(-1, keepdim=True) if approx == "reduce" else x
+            rows = x.transpose(-1, -2).reshape(-1, x.shape[1])  # one row per (n, t)
+            io.cache[key] = (rows.T @ rows).div_(len(rows))
         return io.cache[key]
 
     def output_covariance(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
         stacked = self.to_positions(io, mat).flatten(2, 3)  # [V, N, O, T]
-        if approx == "reduce":
-            stacked = stacked.sum(-1, keepdim=True)
-        return torch.einsum("vnot,vnpt->op", stacked, stacked)
+        stacked = stacked.sum(-1, keepdim=True) if approx == "reduce" else stacked
+        rows = stacked.transpose(-1, -2).reshape(-1, stacked.shape[2])  # one per (v, n, t)
+        return rows.T @ rows
 
     def _gram_is_cheaper(self, io: ModuleIO, mat: Tensor) -> bool:
         """Whether Gram matrices over positions cost fewer operations than the products."""

@@ -119,7 +119,8 @@ class ModuleDerivatives:
     def input_covariance(self, io: ModuleIO, approx: str) -> Tensor:
         """KFAC's input factor A ``[I, I]`` of the weight ``[O, I]`` (``[O, *rest]``
         flattened): the mean of ``x x^T`` over samples and positions (``approx="expand"``),
-        or over samples of the inputs averaged over positions (``"reduce"``)."""
+        or over samples of the inputs averaged over positions (``"reduce"``); a grouped
+        convolution's inputs are averaged over its groups first."""
         raise NotImplementedError
 
     def output_covariance(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:

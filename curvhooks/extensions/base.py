@@ -61,8 +61,8 @@ class Target:
         if cached is None or cached[0] is not mat or cached[1] != approx:
             covariance = self.derivatives.output_covariance(self.io, mat, approx)
             self.io.cache["output_covariance"] = cached = (mat, approx, covariance)
-        if self.name == "bias":
-            return (cached[2],)
+        if self.name == "bias":  # a copy: the weight's result holds B too
+            return (cached[2].clone(),)
         return cached[2], self.derivatives.input_covariance(self.io, approx)
 
 
@@ -157,10 +157,8 @@ class MonteCarloExtension(Extension):
     """A second-order extension that is exact by default, or Monte-Carlo with M samples."""
 
     def __init__(self, mc_samples: int | None = None) -> None:
-        if mc_samples is not None and (
-            isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
-        ):
-            raise ValueError(f"mc_samples must be a positive integer or None, got {mc_samples!r}")
+        if mc_samples is not None:
+            check_mc_samples(mc_samples)
         self.mc_samples = mc_samples
 
     def stack_kind(self) -> StackKind:
@@ -169,6 +167,12 @@ class MonteCarloExtension(Extension):
     def __repr__(self) -> str:
         argument = "" if self.mc_samples is None else f"mc_samples={self.mc_samples}"
         return f"{type(self).__name__}({argument})"
+
+
+def check_mc_samples(mc_samples: object) -> None:
+    """Raise ``ValueError`` unless ``mc_samples`` is a positive integer."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
 
 
 def result_buffer(previous: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:

@@ -14,10 +14,17 @@ from __future__ import annotations
 from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives
-from curvhooks.extensions.base import Extension, Target
+from curvhooks.extensions.base import Extension, Target, check_mc_samples
 from curvhooks.extensions.stacks import GGN_ROWS, MonteCarloStack, StackKind
 
 APPROXIMATIONS = ("expand", "reduce")
+
+
+def kronecker_support(derivatives: ModuleDerivatives) -> str | None:
+    """Why a module with ``derivatives`` has no Kronecker factors, or ``None``."""
+    if derivatives.has_kronecker_factors:
+        return None
+    return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
 
 
 class KroneckerExtension(Extension):
@@ -36,14 +43,12 @@ class KroneckerExtension(Extension):
         return self.kind
 
     def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
-        if derivatives.has_kronecker_factors:
-            return None
-        return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
+        return kronecker_support(derivatives)
 
     def compute(self, target: Target, mat: Tensor, previous: object = None) -> tuple[Tensor, ...]:
         return target.kronecker(mat, self.approx)
 
-    def combine(self, result: tuple[Tensor, ...], other: tuple[Tensor, ...]):
+    def combine(self, result: tuple[Tensor, ...], other: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """Parts of a stack add to B; A does not depend on the stack."""
         return (result[0] + other[0], *result[1:])
 
@@ -67,8 +72,7 @@ class KFAC(KroneckerExtension):
     attribute = "kfac"
 
     def __init__(self, mc_samples: int = 1) -> None:
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        check_mc_samples(mc_samples)
         super().__init__(MonteCarloStack(mc_samples))
         self.mc_samples = mc_samples
 
@@ -90,6 +94,9 @@ class EigenCorrection(Extension):
 
     def stack_kind(self) -> StackKind:
         return self.kind
+
+    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
+        return kronecker_support(derivatives)
 
     def compute(self, target: Target, mat: Tensor, previous: object = None) -> Tensor:
         products = target.products(mat).flatten(0, 1)  # [V N, *p.shape]
