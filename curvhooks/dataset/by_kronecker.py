@@ -143,14 +143,14 @@ class _Passes:
     def accumulate(self, extension: Extension, shapes: Shapes) -> dict[str, tuple[Tensor, ...]]:
         """Each parameter's result of ``extension`` (a tensor or a tuple, parts as ``shapes``
         says) over the data: a part that is a mean over samples weighted by each batch's
-        sample count, the others as the whole-dataset loss's curvature (``DatasetSum``). The
-        sums start at zero, so that processes without batches join the reduction."""
+        sample count, the others as the whole-dataset loss's curvature (``DatasetSum``).
+
+        The first batch's results become the sums (scaled in place: a dense factor can take a
+        gigabyte, not worth a second one); a process without batches joins the reduction with
+        zeros."""
         total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         sums: dict[tuple[str, int], Tensor] = {}
         means: dict[tuple[str, int], Tensor] = {}
-        for name, param in zip(self.names, self.params):
-            for index, (shape, is_mean) in enumerate(shapes(param)):
-                (means if is_mean else sums)[name, index] = param.new_zeros(shape)
         with (
             results_preserved(self.model),
             _only_these_require_grad(self.model, self.params),
@@ -160,11 +160,18 @@ class _Passes:
             for X, y, weight, size in total.batches(self.data, device, self.progress):
                 hooks.run_batch(X, y)
                 for name, param in zip(self.names, self.params):
-                    for index, part in enumerate(self._parts(name, param, extension)):
-                        is_mean = (name, index) in means
-                        (means if is_mean else sums)[name, index].add_(
-                            part, alpha=size if is_mean else weight
-                        )
+                    parts = self._parts(name, param, extension)
+                    for index, (part, (_, is_mean)) in enumerate(zip(parts, shapes(param))):
+                        store, scale = (means, size) if is_mean else (sums, weight)
+                        if (name, index) in store:
+                            store[name, index].add_(part, alpha=scale)
+                        else:
+                            store[name, index] = part.mul_(scale)
+        for name, param in zip(self.names, self.params):
+            for index, (shape, is_mean) in enumerate(shapes(param)):
+                store = means if is_mean else sums
+                if (name, index) not in store:
+                    store[name, index] = param.new_zeros(shape)
         total.finish(sums, means)
         return {
             name: tuple({**sums, **means}[name, i] for i in range(len(shapes(param))))
