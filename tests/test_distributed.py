@@ -37,6 +37,11 @@ def _compute(model, loss_fn, data, group=None) -> dict[str, torch.Tensor]:
             )
     found = curvhooks.matrices(model, loss_fn, data, process_group=group)
     results.update({f"matrices-{kind}": matrix for kind, matrix in found.items()})
+    for eigen_correction in (False, True):
+        kronecker = curvhooks.kfac(
+            model, loss_fn, data, eigen_correction=eigen_correction, process_group=group
+        )
+        results[f"kfac-{eigen_correction}"] = kronecker.to_dense()
     return results
 
 

@@ -145,12 +145,13 @@ class _Passes:
         says) over the data: a part that is a mean over samples weighted by each batch's
         sample count, the others as the whole-dataset loss's curvature (``DatasetSum``).
 
-        The first batch's results become the sums (scaled in place: a dense factor can take a
-        gigabyte, not worth a second one); a process without batches joins the reduction with
-        zeros."""
+        The first batch's results are taken over in place (a dense input factor can take a
+        gigabyte, not worth a second one, nor a pass over it on one batch); a process without
+        batches joins the reduction with zeros."""
         total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         sums: dict[tuple[str, int], Tensor] = {}
-        means: dict[tuple[str, int], Tensor] = {}
+        means: dict[tuple[str, int], Tensor] = {}  # averages over the samples so far
+        samples = 0
         with (
             results_preserved(self.model),
             _only_these_require_grad(self.model, self.params),
@@ -159,14 +160,20 @@ class _Passes:
             device = model_device(self.model)
             for X, y, weight, size in total.batches(self.data, device, self.progress):
                 hooks.run_batch(X, y)
+                share = size / (samples + size)
+                samples += size
                 for name, param in zip(self.names, self.params):
                     parts = self._parts(name, param, extension)
                     for index, (part, (_, is_mean)) in enumerate(zip(parts, shapes(param))):
-                        store, scale = (means, size) if is_mean else (sums, weight)
-                        if (name, index) in store:
-                            store[name, index].add_(part, alpha=scale)
+                        key = (name, index)
+                        if is_mean and key in means:
+                            means[key].mul_(1 - share).add_(part, alpha=share)
+                        elif is_mean:
+                            means[key] = part
+                        elif key in sums:
+                            sums[key].add_(part, alpha=weight)
                         else:
-                            store[name, index] = part.mul_(scale)
+                            sums[key] = part.mul_(weight)
         for name, param in zip(self.names, self.params):
             for index, (shape, is_mean) in enumerate(shapes(param)):
                 store = means if is_mean else sums

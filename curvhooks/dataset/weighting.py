@@ -4,8 +4,8 @@ The whole-dataset loss is ``L = s * sum_n l_n``. For reduction ``"sum"`` each ba
 reduced loss adds with weight 1. For ``"mean"`` the factor s is proportional to
 1 / (number of samples), so batch b adds with weight ``N_b`` and the sum is divided by the
 total sample count at the end: unequal batches are weighted right in a single pass over the
-data. A quantity that is a mean over samples (KFAC's input factor) adds with weight ``N_b``
-whatever the reduction and is divided by the sample count. Under ``torch.distributed`` each
+data. A quantity that is a mean over samples (KFAC's input factor) is averaged over the
+batches by their sample counts whatever the reduction. Under ``torch.distributed`` each
 process accumulates its own batches; the sums and sample counts are then summed over the
 processes.
 """
@@ -47,7 +47,7 @@ class DatasetSum:
         self, data: Iterable | tuple[Inputs, Tensor], device: torch.device, progress: bool
     ) -> Iterator[tuple[Inputs, Tensor, float, int]]:
         """``(X, y, weight, N_b)`` for each batch of ``data``, on ``device``: add ``weight``
-        times the batch's reduced-loss quantity (and ``N_b`` times a mean over its samples),
+        times the batch's reduced-loss quantity (and average means over samples by ``N_b``),
         then call ``finish``."""
         sized = batches(data, device, progress, self.batch_size_fn)
         for index, (X, y, size) in enumerate(sized):
@@ -63,8 +63,9 @@ class DatasetSum:
         self, results: dict[object, Tensor], means: dict[object, Tensor] | None = None
     ) -> None:
         """Sum the results over the processes (if any) and divide the weighted sums by the
-        sample count for reduction ``"mean"``, all in place; ``means`` (sums of per-sample
-        means weighted by ``N_b``) are divided by the sample count whatever the reduction.
+        sample count for reduction ``"mean"``, all in place. ``means`` are averages over this
+        process's samples (whatever the reduction); under ``torch.distributed`` they become
+        averages over every process's samples.
 
         Sample counts are summed first, so the mean is over every process's samples.
         """
@@ -74,14 +75,18 @@ class DatasetSum:
             device = next(iter({**results, **means}.values())).device
             count = torch.tensor([float(total)], device=device)
             dist.all_reduce(count, group=self.group)
+            for mean in means.values():
+                mean.mul_(self.samples)
             total = int(count.item())
             for result in [*results.values(), *means.values()]:
                 dist.all_reduce(result, group=self.group)
+            for mean in means.values():
+                mean.div_(max(total, 1))
         if total == 0:
             raise ValueError("data is empty: it yielded no batch; pass a non-empty data set")
-        divided = [*means.values(), *(results.values() if self.reduction == "mean" else ())]
-        for result in divided:
-            result.div_(total)
+        if self.reduction == "mean":
+            for result in results.values():
+                result.div_(total)
 
 
 def _reduction_of(loss_fn: nn.Module) -> str | None:
