@@ -89,6 +89,8 @@ Columns: **first order** is `BatchGrad`, `BatchL2Grad`, `SumGradSquared`, `Varia
 `SqrtGGNMC`, `DiagGGN`, `BatchDiagGGN`, `Jacobian`, `curvhooks.ggn` and
 `curvhooks.empirical_fisher`. **Hessian** is `DiagHessian` and `HessianBlock`, with the
 module's own second derivative as given; `curvhooks.hessian` works for any model by autograd.
+**Kronecker** is `KFLR`, `KFAC` and `curvhooks.kfac` (weights and biases; leave other
+parameters out with `params=` or `requires_grad_(False)`).
 """
 
 FOOTER = """
@@ -124,11 +126,18 @@ def second_derivative(derivatives: ModuleDerivatives) -> str:
     return "yes: none needed (linear or piecewise linear)"
 
 
+def kronecker(derivatives: ModuleDerivatives) -> str:
+    """Whether the module's parameters get Kronecker factors."""
+    if derivatives.has_kronecker_factors:
+        return "yes"
+    return "no parameters" if first_order(derivatives) == "no parameters" else "no"
+
+
 def render() -> str:
     """The page's markdown."""
     module_rows = [
         f"| `{cls.__name__}` | {MODULE_ARGUMENTS[cls]} | {first_order(derivatives)} | yes "
-        f"| {second_derivative(derivatives)} |"
+        f"| {second_derivative(derivatives)} | {kronecker(derivatives)} |"
         for cls, derivatives in MODULE_DERIVATIVES.items()
     ]
     loss_rows = [f"| `{cls.__name__}` | {LOSS_ARGUMENTS[cls]} |" for cls in LOSS_DERIVATIVES]
@@ -137,8 +146,8 @@ def render() -> str:
             HEADER,
             "## Modules",
             "",
-            "| module | arguments | first order | GGN | Hessian |",
-            "|---|---|---|---|---|",
+            "| module | arguments | first order | GGN | Hessian | Kronecker |",
+            "|---|---|---|---|---|---|",
             *module_rows,
             "",
             "## Losses (square roots of their Hessians for the GGN and Hessian families)",
