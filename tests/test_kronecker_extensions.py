@@ -75,11 +75,14 @@ def test_unsupported_layers_raise_and_can_be_skipped(problem):
     with pytest.raises(curvhooks.UnsupportedError, match="Kronecker factors are supported for"):
         run_with(model, loss_fn, X, y, KFLR())
     with (
-        pytest.warns(UserWarning, match="skips"),
-        curvhooks.extend(model, loss_fn, KFLR(), unsupported="skip"),
+        pytest.warns(UserWarning, match=r"skips .* by KFLR\(\)"),
+        curvhooks.extend(model, loss_fn, KFLR(), curvhooks.DiagGGN(), unsupported="skip"),
     ):
         loss_fn(model(X), y).backward()
-    assert any(hasattr(p, "kflr") for p in model.parameters())
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            assert hasattr(param, "kflr") == isinstance(module, (nn.Linear, nn.Conv2d))
+            assert hasattr(param, "diag_ggn"), "the other extensions still serve the module"
 
 
 def test_tied_weights_raise():

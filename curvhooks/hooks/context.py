@@ -154,24 +154,30 @@ class extend:
         """The modules to hook, with their derivatives and trainable parameters; raises for
         a trainable module curvhooks cannot handle. Second order records every leaf module
         too, to find chains (and the nonlinear modules the Hessian needs)."""
-        hooked, skipped = [], []
+        hooked, skipped, refused = [], [], []
         for path, module in self.model.named_modules():
             is_leaf = next(module.children(), None) is None
             params = _trainable_params(module)
             if not (params or (is_leaf and self._records_leaves)):
                 continue
             derivatives = module_derivatives(module)
-            skip = self.unsupported == "skip" and unsupported_module(module, self.extensions)
-            if params and skip:
+            skip = self.unsupported == "skip"
+            if params and skip and unsupported_module(module):
                 skipped.append(describe(path, module))
                 continue
-            if params:
+            if params and skip:  # extensions that refuse the module leave it out themselves
+                refused += [
+                    f"{describe(path, module)} by {ext!r}"
+                    for ext in self.extensions
+                    if ext.unsupported_reason(derivatives) is not None
+                ]
+            elif params:
                 _check_supported(path, module, derivatives, self.extensions)
             hooked.append((path, module, derivatives, params))
-        if skipped:
+        if skipped or refused:
             warnings.warn(
-                f"curvhooks skips the parameters of unsupported modules {', '.join(skipped)} "
-                "(unsupported='skip'): they get no results",
+                f"curvhooks skips the parameters of unsupported modules "
+                f"{', '.join(skipped + refused)} (unsupported='skip'): they get no results",
                 stacklevel=3,
             )
         return hooked
@@ -532,15 +538,10 @@ def supported_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and id(p) not in left_out]
 
 
-def unsupported_module(module: nn.Module, extensions: tuple[Extension, ...] = ()) -> bool:
-    """Whether curvhooks lacks derivatives for ``module`` or for its arguments, or one of
-    ``extensions`` cannot serve it."""
+def unsupported_module(module: nn.Module) -> bool:
+    """Whether curvhooks lacks derivatives for ``module`` or for its arguments."""
     derivatives = module_derivatives(module)
-    return (
-        derivatives is None
-        or derivatives.unsupported_reason(module) is not None
-        or any(ext.unsupported_reason(derivatives) is not None for ext in extensions)
-    )
+    return derivatives is None or derivatives.unsupported_reason(module) is not None
 
 
 def _check_supported(

@@ -56,11 +56,18 @@ class Results:
     ) -> None:
         """Add each extension's result from one contribution to its stack (``stacks``) to
         the call's results of this pass, for its parameters that are not ``shared``."""
+        if not call.params:
+            return
+        serving = [
+            (ext, stack)
+            for ext, stack in zip(extensions, stacks)
+            if ext.unsupported_reason(call.derivatives) is None  # else skipped on entering
+        ]
         for name, param in call.params:
             if id(param) in shared:
                 continue
             target = Target(call.derivatives, call.io, name)
-            for ext, stack in zip(extensions, stacks):
+            for ext, stack in serving:
                 self._add(call.results, (name, ext.attribute), param, ext, target, stack)
 
     def reduce_shared(
