@@ -63,8 +63,8 @@ def hook_matrices(
     results = {kind: plan.new_result() for kind in kinds}
     with (
         results_preserved(model),  # the user's own results stay as they were
-        _only_these_require_grad(model, plan.params),
-        _context(model, loss_fn, route, unsupported)(*extensions.values()) as hooks,
+        only_these_require_grad(model, plan.params),
+        hook_context(model, loss_fn, route, unsupported)(*extensions.values()) as hooks,
     ):
         for X, y, weight, _ in total.batches(data, model_device(model), progress):
             output = hooks.run_batch(X, y)
@@ -106,7 +106,7 @@ def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):
     return derivatives
 
 
-def _context(model: nn.Module, loss_fn: nn.Module, route: Route, unsupported: str):
+def hook_context(model: nn.Module, loss_fn: nn.Module, route: Route, unsupported: str):
     """The context for ``route``: the hooks' own backward pass on a chain of supported
     modules (unless the graph route is asked for), autograd's elsewhere."""
     if route is not Route.GRAPH and supports_chain(model, loss_fn):
@@ -122,7 +122,7 @@ def _attribute_of(plan: Layout, attribute: str):
     return lambda index: getattr(plan.params[index], attribute, None)
 
 
-class _only_these_require_grad:
+class only_these_require_grad:
     """Temporarily stop the other parameters from requiring grad, so that no work is spent
     on them; restores every flag on exit."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvhooks.dataset.by_hooks import _context, _only_these_require_grad
+from curvhooks.dataset.by_hooks import hook_context, only_these_require_grad
 from curvhooks.dataset.kronecker import Kronecker, eigenbases
 from curvhooks.dataset.plan import Route, Structure, layout, model_device, unwrap
 from curvhooks.dataset.weighting import DatasetSum
@@ -24,7 +24,6 @@ from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
-from curvhooks.extensions.kronecker import APPROXIMATIONS
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
 from curvhooks.hooks import check_eval_mode, results_preserved
 
@@ -86,8 +85,7 @@ def kfac(
     """
     model = unwrap(model)
     kind = _stack_kind(fisher, mc_samples)
-    if approx not in APPROXIMATIONS:
-        raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
+    factors_of = KroneckerExtension(kind, approx)  # checks approx
     if eigen_correction and fisher == "forward-only":
         raise ValueError(
             "eigen_correction needs the per-sample gradients, which fisher='forward-only' "
@@ -100,7 +98,7 @@ def kfac(
         model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
     )
     with _seeded(seed, model):
-        factors = passes.accumulate(KroneckerExtension(kind, approx), _factor_shapes)
+        factors = passes.accumulate(factors_of, _factor_shapes)
         if fisher == "forward-only":
             factors = {name: (torch.eye(len(f[0])).to(f[0]), *f[1:]) for name, f in factors.items()}
         corrected, bases = None, None
@@ -154,8 +152,8 @@ class _Passes:
         samples = 0
         with (
             results_preserved(self.model),
-            _only_these_require_grad(self.model, self.params),
-            _context(self.model, self.loss_fn, Route.HOOKS, "raise")(extension) as hooks,
+            only_these_require_grad(self.model, self.params),
+            hook_context(self.model, self.loss_fn, Route.HOOKS, "raise")(extension) as hooks,
         ):
             device = model_device(self.model)
             for X, y, weight, size in total.batches(self.data, device, self.progress):
@@ -180,8 +178,9 @@ class _Passes:
                 if (name, index) not in store:
                     store[name, index] = param.new_zeros(shape)
         total.finish(sums, means)
+        found = {**sums, **means}
         return {
-            name: tuple({**sums, **means}[name, i] for i in range(len(shapes(param))))
+            name: tuple(found[name, i] for i in range(len(shapes(param))))
             for name, param in zip(self.names, self.params)
         }
 

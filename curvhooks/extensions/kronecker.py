@@ -20,14 +20,23 @@ from curvhooks.extensions.stacks import GGN_ROWS, MonteCarloStack, StackKind
 APPROXIMATIONS = ("expand", "reduce")
 
 
-def kronecker_support(derivatives: ModuleDerivatives) -> str | None:
-    """Why a module with ``derivatives`` has no Kronecker factors, or ``None``."""
-    if derivatives.has_kronecker_factors:
-        return None
-    return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
+class OnKroneckerModules(Extension):
+    """An extension that reduces a stack of ``kind`` on modules with Kronecker factors
+    (``Linear``, ``Conv1d/2d/3d``) only."""
+
+    def __init__(self, kind: StackKind) -> None:
+        self.kind = kind
+
+    def stack_kind(self) -> StackKind:
+        return self.kind
+
+    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
+        if derivatives.has_kronecker_factors:
+            return None
+        return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
 
 
-class KroneckerExtension(Extension):
+class KroneckerExtension(OnKroneckerModules):
     """Kronecker factors from a stack of ``kind``, with weight sharing treated by ``approx``
     (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023)."""
 
@@ -36,14 +45,8 @@ class KroneckerExtension(Extension):
     def __init__(self, kind: StackKind, approx: str = "expand") -> None:
         if approx not in APPROXIMATIONS:
             raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-        self.kind = kind
+        super().__init__(kind)
         self.approx = approx
-
-    def stack_kind(self) -> StackKind:
-        return self.kind
-
-    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
-        return kronecker_support(derivatives)
 
     def compute(self, target: Target, mat: Tensor, previous: object = None) -> tuple[Tensor, ...]:
         return target.kronecker(mat, self.approx)
@@ -80,7 +83,7 @@ class KFAC(KroneckerExtension):
         return f"KFAC(mc_samples={self.mc_samples})"
 
 
-class EigenCorrection(Extension):
+class EigenCorrection(OnKroneckerModules):
     """EKFAC's corrected eigenvalues: the per-sample products of each vector of a stack of
     ``kind``, rotated into the eigenbasis ``(Q_B, Q_A)`` of the parameter's Kronecker factors
     and squared, summed over vectors and samples: ``[O, I]`` for a weight, ``[O]`` for a bias.
@@ -89,14 +92,8 @@ class EigenCorrection(Extension):
     attribute = "eigen_correction"
 
     def __init__(self, kind: StackKind, bases: dict[int, tuple[Tensor, ...]]) -> None:
-        self.kind = kind
+        super().__init__(kind)
         self.bases = bases
-
-    def stack_kind(self) -> StackKind:
-        return self.kind
-
-    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
-        return kronecker_support(derivatives)
 
     def compute(self, target: Target, mat: Tensor, previous: object = None) -> Tensor:
         products = target.products(mat).flatten(0, 1)  # [V N, *p.shape]
