@@ -155,11 +155,16 @@ def restrict(matrix: Tensor, model: nn.Module, structure: str) -> Tensor:
 
 def hessian_blocks(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:
     """``{name: [p.numel(), p.numel()]}``: the Hessian's diagonal blocks per parameter."""
-    full = hessian_matrix(model, loss_fn, X, y)
+    return parameter_blocks(hessian_matrix(model, loss_fn, X, y), model)
+
+
+def parameter_blocks(matrix: Tensor, model: nn.Module) -> dict[str, Tensor]:
+    """``{name: [p.numel(), p.numel()]}``: the diagonal blocks of a ``[D, D]`` matrix over
+    the flat trainable parameters."""
     sizes = [p.numel() for p in trainable(model).values()]
     starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
     return {
-        name: full[start:stop, start:stop]
+        name: matrix[start:stop, start:stop]
         for name, start, stop in zip(trainable(model), starts[:-1], starts[1:])
     }
 

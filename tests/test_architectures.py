@@ -8,7 +8,6 @@ the shared problems' tests check the structures and routes in detail.
 from __future__ import annotations
 
 import pytest
-import torch
 
 import curvhooks
 from curvhooks import (
@@ -24,6 +23,7 @@ from curvhooks import (
     Variance,
 )
 from tests import reference
+from tests.checks import check_first_order, check_ggn
 from tests.problems import ARCHITECTURES, assert_close, run_with
 
 CASES = [(problem, loss) for problem in ARCHITECTURES for loss in problem.losses]
@@ -48,29 +48,17 @@ def case(request):
 
 def test_first_order(case):
     _, model, loss_fn, X, y, expected = case
+    model.zero_grad(set_to_none=True)
     results = run_with(
         model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()
     )
-    for name, grads in expected["grads"].items():
-        assert_close(results[name]["grad_batch"], grads)
-        assert_close(results[name]["batch_l2"], grads.flatten(1).square().sum(1))
-        assert_close(results[name]["sum_grad_squared"], grads.square().sum(0))
-        assert_close(results[name]["variance"], grads.var(0, unbiased=False))
+    check_first_order(model, results, expected["grads"])
 
 
 def test_ggn_extensions_and_jacobian(case):
     _, model, loss_fn, X, y, expected = case
     results = run_with(model, loss_fn, X, y, SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
-    names = list(reference.trainable(model))
-    factor = torch.cat([results[n]["sqrt_ggn"].flatten(2) for n in names], 2).flatten(0, 1)
-    ggn = expected["ggn"]
-    assert_close(factor.T @ factor, ggn.sum(0))
-    diagonal = reference.split(ggn.sum(0).diagonal(), model)
-    per_sample = reference.split(ggn.diagonal(dim1=1, dim2=2), model)
-    for name in names:
-        assert_close(results[name]["diag_ggn"], diagonal[name])
-        assert_close(results[name]["diag_ggn_batch"], per_sample[name])
-        assert_close(results[name]["jacobian"], expected["jacobians"][name])
+    check_ggn(model, results, expected["ggn"], expected["jacobians"])
 
 
 def test_hessian_extensions(case):
@@ -82,10 +70,7 @@ def test_hessian_extensions(case):
             run_with(model, loss_fn, X, y, DiagHessian())
         return
     results = run_with(model, loss_fn, X, y, DiagHessian(), HessianBlock())
-    starts = torch.tensor([0, *(p.numel() for p in reference.trainable(model).values())])
-    bounds = starts.cumsum(0).tolist()
-    for name, start, stop in zip(reference.trainable(model), bounds[:-1], bounds[1:]):
-        block = expected["hessian"][start:stop, start:stop]
+    for name, block in reference.parameter_blocks(expected["hessian"], model).items():
         assert_close(results[name]["hessian_block"], block)
         assert_close(results[name]["diag_hessian"].flatten(), block.diagonal())
 

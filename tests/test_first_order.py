@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from curvhooks import BatchGrad, BatchL2Grad, SumGradSquared, Variance
-from tests.problems import CASE_IDS, CASES, assert_close, run_with
+from tests.checks import check_first_order
+from tests.problems import CASE_IDS, CASES, run_with
 from tests.reference import per_sample_grads
 
 
@@ -17,16 +18,7 @@ def test_first_order_extensions(problem, loss):
     results = run_with(
         model, loss_fn, X, y, BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance()
     )
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            assert results[name] == {}, "frozen parameters get no attributes"
-            continue
-        grads, result = expected[name], results[name]
-        assert_close(result["grad_batch"], grads)
-        assert_close(result["batch_l2"], grads.flatten(1).square().sum(1))
-        assert_close(result["sum_grad_squared"], grads.square().sum(0))
-        assert_close(result["variance"], grads.var(0, unbiased=False))
-        torch.testing.assert_close(result["grad_batch"].sum(0), param.grad, rtol=1e-10, atol=1e-12)
+    check_first_order(model, results, expected)
 
 
 @pytest.mark.parametrize("problem, loss", CASES[:1] + CASES[-4:], ids=CASE_IDS[:1] + CASE_IDS[-4:])

@@ -51,6 +51,7 @@ from curvhooks import (
     Variance,
 )
 from tests import reference
+from tests.checks import check_first_order, check_ggn
 from tests.problems import LOSSES, assert_close, run_with
 
 if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
@@ -756,43 +757,6 @@ def architectures(draw: st.DrawFn) -> Architecture:
 
 
 # ------------------------------------------------------------------------------ the checks
-def _flat_factor(results: dict, names: list[str]) -> Tensor:
-    """The parameters' ``sqrt_ggn`` side by side: ``[V * N, D]``."""
-    factors = [results[name]["sqrt_ggn"] for name in names]
-    return torch.cat([f.flatten(2) for f in factors], dim=2).flatten(0, 1)
-
-
-def check_first_order(model: nn.Module, results: dict, expected: dict[str, Tensor]) -> None:
-    """Per-sample gradients and their reductions against ``vmap(grad)``."""
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            assert results[name] == {}, f"frozen {name} got attributes"
-            continue
-        grads, found = expected[name], results[name]
-        assert_close(found["grad_batch"], grads)
-        assert_close(found["batch_l2"], grads.flatten(1).square().sum(1))
-        assert_close(found["sum_grad_squared"], grads.square().sum(0))
-        assert_close(found["variance"], grads.var(0, unbiased=False))
-        assert_close(found["grad_batch"].sum(0), param.grad)
-
-
-def check_ggn_and_jacobian(
-    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, results: dict
-) -> None:
-    """``SqrtGGN`` (every block), ``DiagGGN``, ``BatchDiagGGN`` and ``Jacobian``."""
-    expected = reference.ggn_per_sample(model, loss_fn, X, y)
-    names = list(reference.trainable(model))
-    factor = _flat_factor(results, names)
-    assert_close(factor.T @ factor, expected.sum(0))
-    diagonal = reference.split(expected.sum(0).diagonal(), model)
-    per_sample = reference.split(expected.diagonal(dim1=1, dim2=2), model)
-    jacobians = reference.jacobians(model, X)
-    for name in names:
-        assert_close(results[name]["diag_ggn"], diagonal[name])
-        assert_close(results[name]["diag_ggn_batch"], per_sample[name])
-        assert_close(results[name]["jacobian"], jacobians[name])
-
-
 def check_hook_level(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> None:
     """First-order, GGN and Jacobian extensions in one backward pass."""
     expected = reference.per_sample_grads(model, loss_fn, X, y)
@@ -801,7 +765,8 @@ def check_hook_level(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor)
     second_order = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
     results = run_with(model, loss_fn, X, y, *first_order, *second_order)
     check_first_order(model, results, expected)
-    check_ggn_and_jacobian(model, loss_fn, X, y, results)
+    ggn = reference.ggn_per_sample(model, loss_fn, X, y)
+    check_ggn(model, results, ggn, reference.jacobians(model, X))
     model.zero_grad(set_to_none=True)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from curvhooks import BatchDiagGGN, DiagGGN, DiagHessian, HessianBlock, Jacobian, SqrtGGN
+from tests.checks import check_ggn
 from tests.problems import (
     CASE_IDS,
     CASES,
@@ -16,13 +17,7 @@ from tests.problems import (
     by_name,
     run_with,
 )
-from tests.reference import ggn_per_sample, jacobians, split, trainable
-
-
-def _flat_factor(results: dict, names: list[str]) -> torch.Tensor:
-    """Concatenate the parameters' ``sqrt_ggn`` into ``[V * N, D]``."""
-    factors = [results[name]["sqrt_ggn"] for name in names]
-    return torch.cat([f.flatten(2) for f in factors], dim=2).flatten(0, 1)
+from tests.reference import ggn_per_sample, jacobians, trainable
 
 
 @pytest.mark.parametrize("problem, loss", CASES, ids=CASE_IDS)
@@ -30,14 +25,8 @@ def test_exact_ggn_extensions(problem, loss):
     model, loss_fn, X, y = problem.make(loss)
     expected = ggn_per_sample(model, loss_fn, X, y)  # [N, D, D]
     results = run_with(model, loss_fn, X, y, SqrtGGN(), DiagGGN(), BatchDiagGGN())
-    names = list(trainable(model))
-    factor = _flat_factor(results, names)
-    assert_close(factor.T @ factor, expected.sum(0))  # every block, across parameters too
-    diagonal = split(expected.sum(0).diagonal(), model)
-    per_sample = split(expected.diagonal(dim1=1, dim2=2), model)
-    for name in names:
-        assert_close(results[name]["diag_ggn"], diagonal[name])
-        assert_close(results[name]["diag_ggn_batch"], per_sample[name])
+    check_ggn(model, results, expected)
+    for name in trainable(model):
         assert_close(results[name]["diag_ggn_batch"].sum(0), results[name]["diag_ggn"])
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     assert all(results[name] == {} for name in frozen)
