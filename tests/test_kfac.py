@@ -33,8 +33,13 @@ def _data(name: str, loss: str, batches: tuple[int, ...] = BATCHES):
     "name, loss, fisher, approx", CASES, ids=["-".join(case) for case in CASES]
 )
 def test_factors_over_unequal_batches(name, loss, fisher, approx):
+    """The factors, and the product with factors kept as thin roots (before ``factors``
+    forms them) against the formed matrix."""
     model, loss_fn, X, y, data = _data(name, loss)
     K = curvhooks.kfac(model, loss_fn, data, fisher=fisher, approx=approx)
+    v = torch.randn(K.shape[0], 3, dtype=X.dtype, generator=torch.Generator().manual_seed(0))
+    product = K @ v
+    assert_close(product, K.to_dense() @ v)
     for layer in _layers(model):
         B, A = reference.kronecker_factors(model, loss_fn, X, y, layer, fisher, approx)
         assert_close(K.factors[f"{layer}.weight"][0], B)

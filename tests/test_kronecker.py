@@ -6,15 +6,18 @@ import pytest
 import torch
 from torch import Tensor
 
-from curvhooks.dataset.kronecker import Kronecker, eigenbases
+from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases
+from curvhooks.extensions.gram import Gram, weighted_sum
 from tests.problems import assert_close
 
 SHAPES = {"weight": [3, 4], "conv": [2, 3, 2, 2], "bias": [3]}
 """Weights with O != I (3 x 4, 2 x 12), so that a transposed reshape or factor shows."""
 
-KINDS = ("kfac", "kfac_singular", "ekfac", "ekfac_bases")
-"""KFAC; KFAC with a rank-5 input factor [12, 12]; EKFAC in the factors' eigh basis; EKFAC
-in given random orthogonal bases."""
+KINDS = ("kfac", "kfac_singular", "kfac_thin", "ekfac", "ekfac_bases")
+"""KFAC; KFAC with a rank-5 input factor [12, 12]; KFAC with every factor of side n given as a
+``Gram`` of a root of n // 2 rows; EKFAC in the factors' eigh basis; EKFAC in given random
+orthogonal bases."""
+SINGULAR = ("kfac_singular", "kfac_thin")
 
 
 def _spd(size: int, generator: torch.Generator, rank: int | None = None) -> Tensor:
@@ -23,23 +26,37 @@ def _spd(size: int, generator: torch.Generator, rank: int | None = None) -> Tens
     return M @ M.T + (0.1 * torch.eye(size, dtype=torch.float64) if rank is None else 0)
 
 
+def _formed(factor: Factor) -> Tensor:
+    """A factor as a matrix, formed here from a ``Gram``'s root."""
+    return factor.root.T @ factor.root if isinstance(factor, Gram) else factor
+
+
 def _orthogonal(size: int, generator: torch.Generator) -> Tensor:
     M = torch.randn(size, size, generator=generator, dtype=torch.float64)
     return torch.linalg.qr(M).Q
 
 
+def _factor(side: int, generator: torch.Generator, kind: str, name: str, index: int) -> Factor:
+    if kind == "kfac_thin":
+        root = torch.randn(side // 2, side, generator=generator, dtype=torch.float64)
+        return Gram(root)
+    rank = 5 if kind == "kfac_singular" and name == "conv" and index == 1 else None
+    return _spd(side, generator, rank)
+
+
 def _problem(kind: str) -> tuple[Kronecker, Tensor, dict]:
-    """The operator, its dense ``[D, D]`` matrix built from ``torch.kron``, and its factors."""
+    """The operator, its dense ``[D, D]`` matrix built from ``torch.kron``, and its factors
+    (as given to the operator)."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.zeros(shape, dtype=torch.float64) for shape in SHAPES.values()]
     factors = {}
     for name, p in zip(SHAPES, params):
         sides = [p.shape[0]] + ([p[0].numel()] if p.dim() > 1 else [])
-        rank = [None, 5] if kind == "kfac_singular" and name == "conv" else [None, None]
-        factors[name] = tuple(_spd(side, generator, r) for side, r in zip(sides, rank))
+        factors[name] = tuple(_factor(s, generator, kind, name, i) for i, s in enumerate(sides))
     if kind.startswith("kfac"):
         K = Kronecker(factors, params, list(SHAPES))
-        blocks = [torch.kron(*f) if len(f) == 2 else f[0] for f in factors.values()]
+        dense = [tuple(map(_formed, f)) for f in factors.values()]
+        blocks = [torch.kron(*f) if len(f) == 2 else f[0] for f in dense]
         return K, torch.block_diag(*blocks), factors
     if kind == "ekfac":
         bases = {
@@ -88,16 +105,16 @@ def test_inverse(kind, damping):
 
 
 @pytest.mark.parametrize("zero_output_factor", [False, True], ids=["pi", "fallback"])
-@pytest.mark.parametrize("kind", ["kfac", "kfac_singular"])
+@pytest.mark.parametrize("kind", ["kfac", "kfac_singular", "kfac_thin"])
 def test_inverse_heuristic(kind, zero_output_factor):
     """π-damping written out; a zero ``B`` (mean eigenvalue 0) falls back to plain damping."""
     _, _, factors = _problem(kind)
     if zero_output_factor:
-        factors["weight"] = (torch.zeros_like(factors["weight"][0]), factors["weight"][1])
+        factors["weight"] = (torch.zeros(3, 3, dtype=torch.float64), factors["weight"][1])
     K = Kronecker(factors, [torch.zeros(s) for s in SHAPES.values()], list(SHAPES))
     damping = 0.1
     blocks = []
-    for B, *rest in factors.values():
+    for B, *rest in (tuple(map(_formed, f)) for f in factors.values()):
         shift_b = shift_a = damping
         if rest and B.trace() > 0:
             pi = ((rest[0].trace() / rest[0].shape[0]) / (B.trace() / B.shape[0])).sqrt()
@@ -124,12 +141,39 @@ REDUCTIONS = {
 
 @pytest.mark.parametrize(
     "kind, reduction",
-    [(k, r) for k in KINDS for r in REDUCTIONS if (k, r) != ("kfac_singular", "logdet")],
+    [(k, r) for k in KINDS for r in REDUCTIONS if k not in SINGULAR or r != "logdet"],
 )
 def test_reductions(kind, reduction):
-    """The singular problem's log-determinant (-inf, or round-off) is left out."""
+    """The singular problems' log-determinants (-inf, or round-off) are left out."""
     K, dense, _ = _problem(kind)
     assert_close(getattr(K, reduction)(), REDUCTIONS[reduction](dense))
+
+
+def test_thin_factors_formed_once():
+    """``factors`` forms the ``Gram`` factors, and the operator then uses the formed ones."""
+    K, dense, given = _problem("kfac_thin")
+    formed = K.factors
+    assert not any(isinstance(f, Gram) for fs in formed.values() for f in fs)
+    for name, fs in given.items():
+        for got, factor in zip(formed[name], fs):
+            assert_close(got, _formed(factor))
+    v = _vectors(dense.shape[0], 3)
+    assert_close(K @ v, dense @ v)
+
+
+@pytest.mark.parametrize("rows", [(1, 2), (3, 3)], ids=["stays-thin", "formed"])
+@pytest.mark.parametrize("first_formed", [False, True], ids=["gram", "tensor"])
+def test_weighted_sum(rows, first_formed):
+    """``keep * total + add * part`` for factors of side 6: two roots of 1 and 2 rows stay a
+    thin ``Gram`` (3 <= 6 / 2), of 3 and 3 rows are formed, as is anything with a tensor."""
+    generator = torch.Generator().manual_seed(0)
+    roots = [torch.randn(r, 6, generator=generator, dtype=torch.float64) for r in rows]
+    total = roots[0].T @ roots[0] if first_formed else Gram(roots[0])
+    expected = 0.3 * _formed(total) + 2.0 * roots[1].T @ roots[1]
+    result = weighted_sum(total, Gram(roots[1]), 0.3, 2.0)
+    assert isinstance(result, Gram) == (rows == (1, 2) and not first_formed)
+    assert_close(_formed(result), expected)
+    assert_close(_formed(weighted_sum(None, Gram(roots[1]), 0.3, 2.0)), 2.0 * roots[1].T @ roots[1])
 
 
 def test_eigenbases_diagonalize():

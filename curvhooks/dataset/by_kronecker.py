@@ -24,6 +24,7 @@ from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
+from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
 from curvhooks.hooks import check_eval_mode, results_preserved
 
@@ -85,7 +86,7 @@ def kfac(
     """
     model = unwrap(model)
     kind = _stack_kind(fisher, mc_samples)
-    factors_of = KroneckerExtension(kind, approx)  # checks approx
+    factors_of = KroneckerExtension(kind, approx, thin=True)  # checks approx
     if eigen_correction and fisher == "forward-only":
         raise ValueError(
             "eigen_correction needs the per-sample gradients, which fisher='forward-only' "
@@ -100,10 +101,11 @@ def kfac(
     with _seeded(seed, model):
         factors = passes.accumulate(factors_of, _factor_shapes)
         if fisher == "forward-only":
-            factors = {name: (torch.eye(len(f[0])).to(f[0]), *f[1:]) for name, f in factors.items()}
+            identities = {name: _identity(p) for name, p in zip(names, plan.params)}
+            factors = {name: (identities[name], *f[1:]) for name, f in factors.items()}
         corrected, bases = None, None
         if eigen_correction:
-            bases = {name: eigenbases(f) for name, f in factors.items()}
+            bases = {name: eigenbases(tuple(map(formed, f))) for name, f in factors.items()}
             by_id = {id(p): bases[name] for name, p in zip(names, plan.params)}
             correction = EigenCorrection(kind, by_id)
             corrected = {n: f[0] for n, f in passes.accumulate(correction, _eigen_shapes).items()}
@@ -143,9 +145,10 @@ class _Passes:
         says) over the data: a part that is a mean over samples weighted by each batch's
         sample count, the others as the whole-dataset loss's curvature (``DatasetSum``).
 
-        The first batch's results are taken over in place (a dense input factor can take a
-        gigabyte, not worth a second one, nor a pass over it on one batch); a process without
-        batches joins the reduction with zeros."""
+        Kronecker factors may come as ``Gram`` roots, stacked over batches while they stay
+        thin. The first batch's results are taken over in place (a dense input factor can take
+        a gigabyte, not worth a second one, nor a pass over it on one batch); a process
+        without batches joins the reduction with zeros."""
         total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         sums: dict[tuple[str, int], Tensor] = {}
         means: dict[tuple[str, int], Tensor] = {}  # averages over the samples so far
@@ -164,14 +167,13 @@ class _Passes:
                     parts = self._parts(name, param, extension)
                     for index, (part, (_, is_mean)) in enumerate(zip(parts, shapes(param))):
                         key = (name, index)
-                        if is_mean and key in means:
-                            means[key].mul_(1 - share).add_(part, alpha=share)
-                        elif is_mean:
-                            means[key] = part
-                        elif key in sums:
-                            sums[key].add_(part, alpha=weight)
+                        if is_mean:
+                            means[key] = weighted_sum(means.get(key), part, 1 - share, share)
                         else:
-                            sums[key] = part.mul_(weight)
+                            sums[key] = weighted_sum(sums.get(key), part, 1, weight)
+        if total.group is not None:  # the reduction over processes needs formed tensors
+            sums = {key: formed(factor) for key, factor in sums.items()}
+            means = {key: formed(factor) for key, factor in means.items()}
         for name, param in zip(self.names, self.params):
             for index, (shape, is_mean) in enumerate(shapes(param)):
                 store = means if is_mean else sums
@@ -193,6 +195,11 @@ class _Passes:
                 "leave it out with params="
             )
         return result if isinstance(result, tuple) else (result,)
+
+
+def _identity(param: nn.Parameter) -> Tensor:
+    """``B = I`` ``[O, O]`` for ``param`` ``[O, ...]``, of its dtype and device."""
+    return torch.eye(param.shape[0], dtype=param.dtype, device=param.device)
 
 
 def _stack_kind(fisher: str, mc_samples: int) -> StackKind:

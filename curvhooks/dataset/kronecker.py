@@ -16,6 +16,11 @@ import math
 import torch
 from torch import Tensor
 
+from curvhooks.extensions.gram import Gram, formed
+
+Factor = Tensor | Gram
+"""A Kronecker factor, formed or kept as the root of its Gram matrix."""
+
 
 def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The eigenvectors of each Kronecker factor, by ``torch.linalg.eigh``.
@@ -33,21 +38,35 @@ def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(torch.linalg.eigh(factor).eigenvectors for factor in factors)
 
 
-def _kron_apply(mats: tuple[Tensor, ...], x: Tensor) -> Tensor:
+def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) -> Tensor:
     """``kron(*mats) @ x`` for ``x`` ``[O * I, k]`` (or ``[O, k]`` for one matrix), as
-    ``M P N^T`` column by column, without forming the Kronecker product."""
+    ``M P N^T`` for each column's ``P`` ``[O, I]``, without forming the Kronecker product;
+    written into ``out`` (``[O * I, k]``) if given.
+
+    ``M`` acts by one matrix product over ``O``, ``N`` by one over ``I`` (through its thin
+    root if it is a ``Gram``: ``P R^T R``)."""
+    out = torch.empty_like(x) if out is None else out
     if len(mats) == 1:
-        return mats[0] @ x
+        return out.copy_(mats[0] @ x)
     left, right = mats
-    columns = x.reshape(left.shape[1], right.shape[1], x.shape[-1])
-    return torch.einsum("ab,bik,ji->ajk", left, columns, right).reshape(-1, x.shape[-1])
+    size, inputs, k = left.shape[0], right.shape[0], x.shape[-1]
+    columns = x.reshape(size, inputs, k)
+    if isinstance(right, Gram):
+        projected = torch.einsum("ri,oik->ork", right.root, columns)
+        mixed = (left @ projected.reshape(size, -1)).view(projected.shape)
+        result = torch.einsum("ri,ork->oik", right.root, mixed)
+    else:
+        mixed = (left @ columns.reshape(size, -1)).view(columns.shape)
+        result = torch.einsum("ji,oik->ojk", right, mixed)
+    out.view(size, inputs, k).copy_(result)
+    return out
 
 
-def _eigen_apply(bases: tuple[Tensor, ...], values: Tensor, x: Tensor) -> Tensor:
-    """``Q diag(values.flatten()) Q^T @ x`` with ``Q = kron(*bases)``: rotate into the
-    eigenbasis, scale, rotate back."""
+def _eigen_apply(bases: tuple[Tensor, ...], values: Tensor, x: Tensor, out: Tensor) -> Tensor:
+    """``Q diag(values.flatten()) Q^T @ x`` with ``Q = kron(*bases)``, into ``out``: rotate
+    into the eigenbasis, scale, rotate back."""
     rotated = _kron_apply(tuple(basis.T for basis in bases), x)
-    return _kron_apply(bases, values.reshape(-1, 1) * rotated)
+    return _kron_apply(bases, rotated.mul_(values.reshape(-1, 1)), out)
 
 
 def _eigen_dense(bases: tuple[Tensor, ...], values: Tensor) -> Tensor:
@@ -67,11 +86,12 @@ def _check_damping(damping: float) -> None:
 
 class _BlockDiagonal:
     """A block-diagonal ``[D, D]`` operator over the flattened, concatenated parameters;
-    subclasses say how block ``index`` multiplies ``[n, k]`` and how it is formed."""
+    subclasses say how block ``index`` multiplies ``[n, k]`` (into ``out``) and how it is
+    formed."""
 
     _sizes: list[int]
 
-    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
+    def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         raise NotImplementedError
 
     def _block_dense(self, index: int) -> Tensor:
@@ -101,9 +121,12 @@ class _BlockDiagonal:
             raise ValueError(
                 f"expected a vector [{size}] or a matrix [{size}, k], got {list(v.shape)}."
             )
-        columns = v.reshape(size, -1).split(self._sizes)
-        result = [self._block_matmul(index, x) for index, x in enumerate(columns)]
-        return torch.cat(result).reshape(v.shape)
+        columns = v.reshape(size, -1)
+        result = torch.empty_like(columns)
+        pieces = zip(columns.split(self._sizes), result.split(self._sizes))
+        for index, (x, out) in enumerate(pieces):
+            self._block_matmul(index, x, out)
+        return result.reshape(v.shape)
 
     def to_dense(self) -> Tensor:
         """The ``[D, D]`` block-diagonal matrix, formed block by block."""
@@ -116,7 +139,9 @@ class Kronecker(_BlockDiagonal):
     Args:
         factors: Parameter name -> ``(B, A)`` for a parameter ``[O, *rest]`` with at least
             two dimensions (``A`` ``[I, I]``, ``I = prod(rest)``), ``(B,)`` for a 1-D one;
-            symmetric positive semi-definite, all of one dtype and device (the operator's).
+            symmetric positive semi-definite, all of one dtype and device (the operator's);
+            each a tensor or a ``Gram`` of its root (formed only where needed: products use
+            the root).
         params: The parameters, in the order of the operator's rows (only shapes are used).
         names: ``names[k]`` is the name of ``params[k]``, its key in the dicts.
         corrected: EKFAC: name -> eigenvalues ``E`` in the eigenbasis of the factors,
@@ -137,7 +162,7 @@ class Kronecker(_BlockDiagonal):
 
     def __init__(
         self,
-        factors: dict[str, tuple[Tensor, ...]],
+        factors: dict[str, tuple[Factor, ...]],
         params: list[Tensor],
         names: list[str],
         corrected: dict[str, Tensor] | None = None,
@@ -154,7 +179,7 @@ class Kronecker(_BlockDiagonal):
             _check_keys("eigenbases", eigenbases, names)
         self.params = list(params)
         self.names = list(names)
-        self.factors = {name: tuple(factors[name]) for name in names}
+        self._factors = {name: tuple(factors[name]) for name in names}
         self.corrected = None if corrected is None else {n: corrected[n] for n in names}
         self._sizes = [param.numel() for param in params]
         self._bases = {} if eigenbases is None else {n: tuple(eigenbases[n]) for n in names}
@@ -169,7 +194,7 @@ class Kronecker(_BlockDiagonal):
         rest = math.prod(param.shape[1:])
         sides = (param.shape[0],) if param.dim() == 1 else (param.shape[0], rest)
         shapes = [[side, side] for side in sides]
-        got = [list(factor.shape) for factor in self.factors[name]]
+        got = [list(factor.shape) for factor in self._factors[name]]
         if got != shapes:
             raise ValueError(f"factors of {name!r} {list(param.shape)}: expected {shapes}, {got=}.")
         if name in self._bases and [list(q.shape) for q in self._bases[name]] != shapes:
@@ -177,6 +202,15 @@ class Kronecker(_BlockDiagonal):
         if self.corrected is not None and list(self.corrected[name].shape) != list(sides):
             got = list(self.corrected[name].shape)
             raise ValueError(f"corrected of {name!r}: expected {list(sides)}, {got=}.")
+
+    @property
+    def factors(self) -> dict[str, tuple[Tensor, ...]]:
+        """Parameter name -> ``(B, A)`` or ``(B,)``, formed (those kept as thin roots are
+        formed here, once)."""
+        for name, factors in self._factors.items():
+            if any(isinstance(factor, Gram) for factor in factors):
+                self._factors[name] = tuple(map(formed, factors))
+        return self._factors
 
     def _eigen(self, name: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The eigenbasis of ``name``'s block (given, or the factors' eigenvectors) and the
@@ -187,11 +221,12 @@ class Kronecker(_BlockDiagonal):
             self._values[name] = tuple(d.eigenvalues.clamp(min=0) for d in decompositions)
         return self._bases[name], self._values.get(name, ())
 
-    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
+    def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         name = self.names[index]
         if self.corrected is None:
-            return _kron_apply(self.factors[name], x)
-        return _eigen_apply(self._eigen(name)[0], self.corrected[name], x)
+            _kron_apply(self._factors[name], x, out)
+        else:
+            _eigen_apply(self._eigen(name)[0], self.corrected[name], x, out)
 
     def _block_dense(self, index: int) -> Tensor:
         name = self.names[index]
@@ -240,7 +275,7 @@ class Kronecker(_BlockDiagonal):
             elif not heuristic:
                 scale = 1 / (torch.outer(*values) + damping)
             else:
-                shift_b, shift_a = _pi_shifts(self.factors[name], damping)
+                shift_b, shift_a = _pi_shifts(self._factors[name], damping)
                 scale = 1 / torch.outer(values[0] + shift_b, values[1] + shift_a)
             bases.append(basis)
             scales.append(scale)
@@ -250,7 +285,7 @@ class Kronecker(_BlockDiagonal):
         """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``)."""
         if self.corrected is not None:
             return sum(values.sum() for values in self.corrected.values())
-        return sum(math.prod(f.trace() for f in factors) for factors in self.factors.values())
+        return sum(math.prod(f.trace() for f in factors) for factors in self._factors.values())
 
     def logdet(self) -> Tensor:
         """``log det(K)`` (0-dim): ``Σ I logdet(B) + O logdet(A)`` over blocks from the
@@ -269,7 +304,7 @@ class Kronecker(_BlockDiagonal):
         if self.corrected is not None:
             return sum(values.square().sum() for values in self.corrected.values()).sqrt()
         squares = (
-            math.prod(f.square().sum() for f in factors) for factors in self.factors.values()
+            math.prod(_squared_norm(f) for f in factors) for factors in self._factors.values()
         )
         return sum(squares).sqrt()
 
@@ -279,7 +314,7 @@ class Kronecker(_BlockDiagonal):
         parts = []
         for name in self.names:
             if self.corrected is None:
-                diagonals = [factor.diagonal() for factor in self.factors[name]]
+                diagonals = [factor.diagonal() for factor in self._factors[name]]
                 parts.append(diagonals[0] if len(diagonals) == 1 else torch.outer(*diagonals))
                 continue
             bases = self._eigen(name)[0]
@@ -303,14 +338,19 @@ class KroneckerInverse(_BlockDiagonal):
         self.scales = scales
         self._sizes = [scale.numel() for scale in scales]
 
-    def _block_matmul(self, index: int, x: Tensor) -> Tensor:
-        return _eigen_apply(self.bases[index], self.scales[index], x)
+    def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
+        _eigen_apply(self.bases[index], self.scales[index], x, out)
 
     def _block_dense(self, index: int) -> Tensor:
         return _eigen_dense(self.bases[index], self.scales[index])
 
 
-def _pi_shifts(factors: tuple[Tensor, Tensor], damping: float) -> tuple[Tensor, Tensor]:
+def _squared_norm(factor: Factor) -> Tensor:
+    """The squared Frobenius norm of a factor (0-dim)."""
+    return factor.squared_norm() if isinstance(factor, Gram) else factor.square().sum()
+
+
+def _pi_shifts(factors: tuple[Factor, Factor], damping: float) -> tuple[Tensor, Tensor]:
     """π-damping's shifts of ``B`` and ``A``: ``sqrt(damping) / π`` and ``sqrt(damping) π``
     with ``π = sqrt((tr(A) / I) / (tr(B) / O))``; ``damping`` for both unless both mean
     traces are positive."""

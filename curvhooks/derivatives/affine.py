@@ -141,22 +141,23 @@ class AffineDerivatives(ModuleDerivatives):
 
     has_kronecker_factors = True
 
-    def input_covariance(self, io: ModuleIO, approx: str) -> Tensor:
+    def input_root(self, io: ModuleIO, approx: str) -> Tensor:
         # Groups are averaged over first, as curvlinops does (each group's input meets its own
         # block of the weight, which one Kronecker factor cannot tell apart).
-        key = f"input_covariance_{approx}"
+        key = f"input_root_{approx}"
         if key not in io.cache:
-            x = self._unfolded(io).mean(1)  # [N, I, T]
+            unfolded = self._unfolded(io)  # [N, G, I, T]
+            x = unfolded[:, 0] if unfolded.shape[1] == 1 else unfolded.mean(1)  # [N, I, T]
             x = x.mean(-1, keepdim=True) if approx == "reduce" else x
-            rows = x.transpose(-1, -2).reshape(-1, x.shape[1])  # one row per (n, t)
-            io.cache[key] = (rows.T @ rows).div_(len(rows))
+            rows = x.new_empty(x.shape[0], x.shape[2], x.shape[1])  # one row per (n, t)
+            torch.mul(x.transpose(-1, -2), (x.shape[0] * x.shape[2]) ** -0.5, out=rows)
+            io.cache[key] = rows.view(-1, x.shape[1])
         return io.cache[key]
 
-    def output_covariance(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
+    def output_root(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
         stacked = self.to_positions(io, mat).flatten(2, 3)  # [V, N, O, T]
         stacked = stacked.sum(-1, keepdim=True) if approx == "reduce" else stacked
-        rows = stacked.transpose(-1, -2).reshape(-1, stacked.shape[2])  # one per (v, n, t)
-        return rows.T @ rows
+        return stacked.transpose(-1, -2).reshape(-1, stacked.shape[2])  # one per (v, n, t)
 
     def _gram_is_cheaper(self, io: ModuleIO, mat: Tensor) -> bool:
         """Whether Gram matrices over positions cost fewer operations than the products."""

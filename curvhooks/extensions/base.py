@@ -16,6 +16,7 @@ from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
+from curvhooks.extensions.gram import Gram
 from curvhooks.extensions.stacks import GGN_EXACT, MonteCarloStack, Stack, StackKind
 
 RESULT_ATTRIBUTES: set[str] = set()
@@ -53,17 +54,19 @@ class Target:
         """Squared norms of the per-sample products, summed over the stack: ``[N]``."""
         return self.derivatives.param_sq_norm(self.io, self.name, mat)
 
-    def kronecker(self, mat: Tensor, approx: str) -> tuple[Tensor, ...]:
+    def kronecker(self, mat: Tensor, approx: str, thin: bool = False) -> tuple:
         """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
-        for a bias (``ModuleDerivatives.output_covariance``, ``input_covariance``); B is
-        shared by weight and bias, computed once per stack."""
-        cached = self.io.cache.get("output_covariance")
-        if cached is None or cached[0] is not mat or cached[1] != approx:
-            covariance = self.derivatives.output_covariance(self.io, mat, approx)
-            self.io.cache["output_covariance"] = cached = (mat, approx, covariance)
-        if self.name == "bias":  # a copy: the weight's result holds B too
-            return (cached[2].clone(),)
-        return cached[2], self.derivatives.input_covariance(self.io, approx)
+        for a bias, each formed from its root (``ModuleDerivatives.output_root``,
+        ``input_root``), or with ``thin`` kept as a ``Gram`` of its root where that is thin.
+        B is shared by weight and bias, computed once per stack (the bias gets a copy)."""
+        key = ("output_factor", approx, thin)
+        cached = self.io.cache.get(key)
+        if cached is None or cached[0] is not mat:
+            root = self.derivatives.output_root(self.io, mat, approx)
+            self.io.cache[key] = cached = (mat, Gram.of(root, thin))
+        if self.name == "bias":
+            return (Gram.copy(cached[1]),)
+        return cached[1], Gram.of(self.derivatives.input_root(self.io, approx), thin)
 
 
 class SummedTarget:
@@ -107,7 +110,7 @@ class SummedTarget:
     def sq_norm(self, mat: Tensor) -> Tensor:
         return self._products[id(mat)].square().flatten(2).sum((0, 2))
 
-    def kronecker(self, mat: Tensor, approx: str) -> tuple[Tensor, ...]:
+    def kronecker(self, mat: Tensor, approx: str, thin: bool = False) -> tuple:
         raise UnsupportedError(
             "KFAC of a parameter used by several calls (a module called twice, tied weights) "
             "is not supported: its uses have different inputs; use the GGN extensions, or "

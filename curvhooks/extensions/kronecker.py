@@ -4,8 +4,8 @@
 A weight ``[O, *rest]`` gets ``(B, A)`` with ``torch.kron(B, A)`` approximating its GGN block
 (``p.flatten()`` order); a bias gets ``(B,)``. ``A`` is the mean over samples and positions
 of the unfolded inputs' outer products, ``B`` the sum of the stack's outer products at the
-output over vectors, samples and positions (``ModuleDerivatives.input_covariance`` and
-``output_covariance``): the factors and scaling of curvlinops' ``KFACLinearOperator``
+output over vectors, samples and positions (formed from ``ModuleDerivatives.input_root``
+and ``output_root``): the factors and scaling of curvlinops' ``KFACLinearOperator``
 (``separate_weight_and_bias=True``) for the loss of the backward pass.
 """
 
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives
 from curvhooks.extensions.base import Extension, Target, check_mc_samples
+from curvhooks.extensions.gram import Gram, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, MonteCarloStack, StackKind
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -38,22 +39,24 @@ class OnKroneckerModules(Extension):
 
 class KroneckerExtension(OnKroneckerModules):
     """Kronecker factors from a stack of ``kind``, with weight sharing treated by ``approx``
-    (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023)."""
+    (``"expand"`` or ``"reduce"``, Eschenhagen et al. 2023); with ``thin``, each factor whose
+    root is thin stays a ``Gram`` of it (for ``curvhooks.kfac``)."""
 
     attribute = "kronecker"
 
-    def __init__(self, kind: StackKind, approx: str = "expand") -> None:
+    def __init__(self, kind: StackKind, approx: str = "expand", thin: bool = False) -> None:
         if approx not in APPROXIMATIONS:
             raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
         super().__init__(kind)
         self.approx = approx
+        self.thin = thin
 
-    def compute(self, target: Target, mat: Tensor, previous: object = None) -> tuple[Tensor, ...]:
-        return target.kronecker(mat, self.approx)
+    def compute(self, target: Target, mat: Tensor, previous: object = None) -> tuple:
+        return target.kronecker(mat, self.approx, self.thin)
 
-    def combine(self, result: tuple[Tensor, ...], other: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def combine(self, result: tuple, other: tuple) -> tuple:
         """Parts of a stack add to B; A does not depend on the stack."""
-        return (result[0] + other[0], *result[1:])
+        return (weighted_sum(Gram.copy(result[0]), other[0], 1, 1), *result[1:])
 
 
 class KFLR(KroneckerExtension):
