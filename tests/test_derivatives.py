@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vjp
 
+import curvhooks.derivatives.affine
 import curvhooks.derivatives.conv
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO, module_derivatives
 from tests.problems import assert_close, eval_batchnorm, random_affine
@@ -152,15 +153,19 @@ def test_unfolded_input_of_any_memory_layout(key):
 @pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
 @pytest.mark.parametrize("num_vectors", [1, NUM_VECTORS])
 def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
-    """Above ``SMALL`` and ``UNFOLD_LIMIT`` (here: always), stacks pass the transposed
-    convolution and products of one vector come from a grouped convolution."""
+    """Above ``SMALL``, ``UNFOLD_LIMIT`` and ``FEW_VECTORS`` (here: always), stacks pass the
+    transposed convolution, products of one vector come from a grouped convolution, and
+    squared products of several from the folded stack."""
     monkeypatch.setattr(curvhooks.derivatives.conv, "SMALL", 0)
     monkeypatch.setattr(curvhooks.derivatives.conv, "UNFOLD_LIMIT", -1)
+    monkeypatch.setattr(curvhooks.derivatives.affine, "FEW_VECTORS", 0)
     derivatives, io, mat, pullback = _setting(key, num_vectors)
     pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
     per_sample = derivatives.param_jac_t_mat_prod(io, "weight", mat)
     assert_close(per_sample, _per_sample_pullback(pullback, mat, "weight"))
+    squares = derivatives.param_sq_sum(io, "weight", mat, per_sample=True)
+    assert_close(squares, per_sample.square().sum(0))
 
 
 @pytest.mark.parametrize("key", MODULES)
@@ -185,6 +190,18 @@ def test_jacobian_transpose_products(key):
         assert_close(
             generic.param_sq_norm(derivatives, io, name, mat), squares.flatten(2).sum((0, 2))
         )
+
+
+@pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("maxpool")])
+def test_max_pooling_takes_autograds_indices(key):
+    """2-D and 3-D max pooling take the indices autograd saved at the forward pass (1-D
+    pooling's node saves none: it recomputes them); the push is the same either way."""
+    derivatives, io, mat, pullback = _setting(key)
+    x = io.input.clone().requires_grad_()
+    derivatives.take_saved(io, io.module(x))
+    assert ("indices" in io.cache) == (x.dim() > 3)
+    pushed = derivatives.jac_t_mat_prod(io, mat.clone())
+    assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
 
 
 def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor:

@@ -38,6 +38,18 @@ class MaxPoolDerivatives(ModuleDerivatives):
             return "return_indices=True returns a tuple; call F.max_pool*d for the indices"
         return None
 
+    def take_saved(self, io: ModuleIO, output: Tensor) -> None:
+        """The indices autograd keeps for 2-D and 3-D max pooling (``_saved_result1`` of
+        ``MaxPool2DWithIndicesBackward0``), checked for shape and type."""
+        indices = getattr(output.grad_fn, "_saved_result1", None)
+        if (
+            isinstance(indices, Tensor)
+            and indices.dtype == torch.int64
+            and indices.shape == output.shape
+            and "MaxPool" in output.grad_fn.name()
+        ):
+            io.cache["indices"] = indices.flatten(2)
+
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         indices = self._indices(io)  # [N, C, prod(out spatial)] into the input's spatial entries
         num_vectors, batch, channels = mat.shape[:3]
@@ -48,7 +60,8 @@ class MaxPoolDerivatives(ModuleDerivatives):
         return pushed.view(num_vectors, *io.input_shape)
 
     def _indices(self, io: ModuleIO) -> Tensor:
-        """The winning input entry of every output entry, computed once per call."""
+        """The winning input entry of every output entry: autograd's (``take_saved``), or
+        computed once per call."""
         if "indices" not in io.cache:
             module = io.module
             pool = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}[io.input.dim()]

@@ -276,15 +276,19 @@ class extend:
         output: Tensor,
     ) -> ModuleIO:
         """What the call keeps: the input for parameter products and derivatives that need
-        it, the output for derivatives that need it, and both shapes."""
+        it, the output for derivatives that need it, both shapes, and what the derivatives
+        take from autograd's saved tensors."""
         keeps = self._records_leaves and derivatives is not None
-        return ModuleIO(
+        io = ModuleIO(
             module=module,
             input=inp.detach() if params or (keeps and derivatives.needs_input) else None,
             output=output.detach() if keeps and derivatives.needs_output else None,
             input_shape=inp.shape,
             output_shape=output.shape,
         )
+        if keeps:
+            derivatives.take_saved(io, output)
+        return io
 
     def _start_stacks(self, loss_fn: nn.Module, args: tuple, loss: Tensor) -> None:
         """Check the loss and its input, start the stacks at the model output and pick the
