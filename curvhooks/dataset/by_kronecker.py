@@ -8,6 +8,7 @@ second pass for the eigenvalues in the factors' eigenbasis. The result is a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ def kfac(
             factors = {name: (identities[name], *f[1:]) for name, f in factors.items()}
         corrected, bases = None, None
         if eigen_correction:
-            bases = {name: eigenbases(tuple(map(formed, f))) for name, f in factors.items()}
+            factors = {name: tuple(map(formed, f)) for name, f in factors.items()}
+            bases = {name: eigenbases(f) for name, f in factors.items()}
             by_id = {id(p): bases[name] for name, p in zip(names, plan.params)}
             correction = EigenCorrection(kind, by_id)
             corrected = {n: f[0] for n, f in passes.accumulate(correction, _eigen_shapes).items()}
@@ -118,13 +120,14 @@ Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
 
 def _factor_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
     """``B`` (weighted as the loss), and for a weight ``A`` (a mean over samples)."""
-    size, inputs = param.shape[0], param[0].numel()
+    size, inputs = param.shape[0], math.prod(param.shape[1:])
     return [((size, size), False)] + ([((inputs, inputs), True)] if param.dim() > 1 else [])
 
 
 def _eigen_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
     """EKFAC's eigenvalues ``[O, I]`` or ``[O]``, weighted as the loss."""
-    return [((param.shape[0], param[0].numel()) if param.dim() > 1 else (param.shape[0],), False)]
+    sides = (param.shape[0], math.prod(param.shape[1:])) if param.dim() > 1 else (param.shape[0],)
+    return [(sides, False)]
 
 
 @dataclass

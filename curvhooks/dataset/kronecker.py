@@ -43,22 +43,22 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
     ``M P N^T`` for each column's ``P`` ``[O, I]``, without forming the Kronecker product;
     written into ``out`` (``[O * I, k]``) if given.
 
-    ``M`` acts by one matrix product over ``O``, ``N`` by one over ``I`` (through its thin
-    root if it is a ``Gram``: ``P R^T R``)."""
+    ``M`` acts by one matrix product over ``O``, ``N`` by batched products over ``I``
+    (through its thin root if it is a ``Gram``: ``P R^T R``), the last one written into
+    ``out``: no temporary as large as ``x`` (fresh memory costs page faults on the CPU)."""
     out = torch.empty_like(x) if out is None else out
     if len(mats) == 1:
         return out.copy_(mats[0] @ x)
     left, right = mats
     size, inputs, k = left.shape[0], right.shape[0], x.shape[-1]
-    columns = x.reshape(size, inputs, k)
+    columns, result = x.reshape(size, inputs, k), out.view(size, inputs, k)
     if isinstance(right, Gram):
-        projected = torch.einsum("ri,oik->ork", right.root, columns)
-        mixed = (left @ projected.reshape(size, -1)).view(projected.shape)
-        result = torch.einsum("ri,ork->oik", right.root, mixed)
+        projected = torch.matmul(right.root, columns)  # [O, r, k]
+        mixed = (left @ projected.view(size, -1)).view(projected.shape)
+        torch.matmul(right.root.T, mixed, out=result)
     else:
         mixed = (left @ columns.reshape(size, -1)).view(columns.shape)
-        result = torch.einsum("ji,oik->ojk", right, mixed)
-    out.view(size, inputs, k).copy_(result)
+        torch.matmul(right, mixed, out=result)
     return out
 
 
