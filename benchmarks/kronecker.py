@@ -130,7 +130,7 @@ def _peers_of(method: str) -> tuple[str, ...]:
 
 def main() -> None:
     args = problems_parser(list(SETTINGS), repeats=10).parse_args()
-    groups = (("curvhooks kfac", "curvlinops kfac"), ("curvhooks K", "backpack K"))
+    groups = (("curvhooks kfac", "curvlinops kfac", "hand-written"), ("curvhooks K", "backpack K"))
     doc = ("kronecker", "Kronecker factors (KFAC over a data set; KFLR, KFAC per step)")
     run_problems(args, __spec__.name, build_methods, _peers_of, list(SETTINGS), doc, groups)
 
