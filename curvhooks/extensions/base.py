@@ -74,19 +74,23 @@ class SummedTarget:
     modules): each stack's per-sample products, summed over the calls per sample and per
     vector before anything is squared, stand in for one call's products.
 
-    The stacks it is asked about are tokens ``[V, N]`` (``tokens``), one per summed part.
+    The stacks it is asked about are tokens ``[V, N]`` (``tokens``), one per summed part;
+    ``uses`` names the calls, for errors.
     """
 
-    def __init__(self, param: Tensor, summed: list[Tensor]) -> None:
+    def __init__(
+        self, param: Tensor, summed: list[Tensor], uses: str = "a shared parameter"
+    ) -> None:
         self.param = param
+        self.uses = uses
         self.tokens = tuple(p.new_empty(()).expand(*p.shape[:2]) for p in summed)
         self._products = {id(token): p for token, p in zip(self.tokens, summed)}
 
     @classmethod
-    def of(cls, param: Tensor, targets: list[Target], stacks: list[tuple[Tensor, ...]]):
-        """The summed target of ``targets`` (one per call) and their stacks, each a tuple of
-        parts with the same vectors in every call (an empty part in any call counts as
-        zeros)."""
+    def of(cls, param: Tensor, targets: list[Target], stacks: list[tuple[Tensor, ...]], uses: str):
+        """The summed target of ``targets`` (one per call, described by ``uses``) and their
+        stacks, each a tuple of parts with the same vectors in every call (an empty part in
+        any call counts as zeros)."""
         summed = []
         for index, part in enumerate(stacks[0]):
             pieces = [
@@ -94,7 +98,7 @@ class SummedTarget:
             ]
             empty = param.new_zeros(0, part.shape[1], *param.shape)
             summed.append(sum(pieces[1:], pieces[0]) if pieces else empty)
-        return cls(param, summed)
+        return cls(param, summed, uses)
 
     def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
         products = self._products[id(mat)]
@@ -112,9 +116,9 @@ class SummedTarget:
 
     def kronecker(self, mat: Tensor, approx: str, thin: bool = False) -> tuple:
         raise UnsupportedError(
-            "KFAC of a parameter used by several calls (a module called twice, tied weights) "
-            "is not supported: its uses have different inputs; use the GGN extensions, or "
-            "untie the weights"
+            f"KFAC of {self.uses} is not supported: a parameter used by several calls (a "
+            "module called twice, or weights tied between modules) meets a different input at "
+            "each; use the GGN extensions, or untie the weights"
         )
 
 

@@ -79,15 +79,20 @@ class Results:
     ) -> None:
         """Add the results of the ``shared`` parameters from one chunk of a stack of
         ``kind`` that arrived at several calls (the same vectors at each)."""
-        uses: dict[int, list[tuple[nn.Parameter, Target, tuple[Tensor, ...]]]] = {}
+        uses: dict[int, list[tuple[nn.Parameter, Target, tuple[Tensor, ...], str]]] = {}
         for call, stack in arrivals:
             for name, param in call.params:
                 if id(param) in shared:
                     target = Target(call.derivatives, call.io, name)
-                    uses.setdefault(id(param), []).append((param, target, kind.parts(stack)))
+                    use = (param, target, kind.parts(stack), f"{name} of {call.describe()}")
+                    uses.setdefault(id(param), []).append(use)
         for entries in uses.values():
             param = entries[0][0]
-            target = SummedTarget.of(param, [e[1] for e in entries], [e[2] for e in entries])
+            names = ", ".join(dict.fromkeys(entry[3] for entry in entries))
+            described = f"{names} ({len(entries)} calls)"
+            target = SummedTarget.of(
+                param, [e[1] for e in entries], [e[2] for e in entries], described
+            )
             token = kind.from_parts(target.tokens)
             for ext in extensions:
                 self._add_shared(param, ext, target, token)
