@@ -13,11 +13,11 @@ from tests.problems import assert_close
 SHAPES = {"weight": [3, 4], "conv": [2, 3, 2, 2], "bias": [3]}
 """Weights with O != I (3 x 4, 2 x 12), so that a transposed reshape or factor shows."""
 
-KINDS = ("kfac", "kfac_singular", "kfac_thin", "ekfac", "ekfac_bases")
+KINDS = ("kfac", "kfac_singular", "kfac_thin", "kfac_mixed", "ekfac", "ekfac_bases")
 """KFAC; KFAC with a rank-5 input factor [12, 12]; KFAC with every factor of side n given as a
-``Gram`` of a root of n // 2 rows; EKFAC in the factors' eigh basis; EKFAC in given random
-orthogonal bases."""
-SINGULAR = ("kfac_singular", "kfac_thin")
+``Gram`` of a root of n // 2 rows; KFAC with one ``Gram`` factor per weight (A of "weight",
+B of "conv"); EKFAC in the factors' eigh basis; EKFAC in given random orthogonal bases."""
+SINGULAR = ("kfac_singular", "kfac_thin", "kfac_mixed")
 
 
 def _spd(size: int, generator: torch.Generator, rank: int | None = None) -> Tensor:
@@ -37,7 +37,8 @@ def _orthogonal(size: int, generator: torch.Generator) -> Tensor:
 
 
 def _factor(side: int, generator: torch.Generator, kind: str, name: str, index: int) -> Factor:
-    if kind == "kfac_thin":
+    thin_here = {"weight": index == 1, "conv": index == 0, "bias": False}[name]
+    if kind == "kfac_thin" or (kind == "kfac_mixed" and thin_here):
         root = torch.randn(side // 2, side, generator=generator, dtype=torch.float64)
         return Gram(root)
     rank = 5 if kind == "kfac_singular" and name == "conv" and index == 1 else None
@@ -105,7 +106,7 @@ def test_inverse(kind, damping):
 
 
 @pytest.mark.parametrize("zero_output_factor", [False, True], ids=["pi", "fallback"])
-@pytest.mark.parametrize("kind", ["kfac", "kfac_singular", "kfac_thin"])
+@pytest.mark.parametrize("kind", ["kfac", "kfac_singular", "kfac_thin", "kfac_mixed"])
 def test_inverse_heuristic(kind, zero_output_factor):
     """π-damping written out; a zero ``B`` (mean eigenvalue 0) falls back to plain damping."""
     _, _, factors = _problem(kind)

@@ -43,23 +43,37 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
     ``M P N^T`` for each column's ``P`` ``[O, I]``, without forming the Kronecker product;
     written into ``out`` (``[O * I, k]``) if given.
 
-    ``M`` acts by one matrix product over ``O``, ``N`` by batched products over ``I``
-    (through its thin root if it is a ``Gram``: ``P R^T R``), the last one written into
-    ``out``: no temporary as large as ``x`` (fresh memory costs page faults on the CPU)."""
+    A thin ``Gram`` acts through its root ``R`` (``R^T (R P)``), projecting first: with ``M``
+    thin, ``P`` shrinks to ``[r, I]`` by one matrix product before ``N`` acts by batched
+    products over its r rows; else ``N`` acts on the O rows (before ``M`` if ``N`` is thin).
+    The last product writes into ``out``: no temporary as large as ``x`` (fresh memory costs
+    page faults on the CPU)."""
     out = torch.empty_like(x) if out is None else out
     if len(mats) == 1:
         return out.copy_(mats[0] @ x)
     left, right = mats
     size, inputs, k = left.shape[0], right.shape[0], x.shape[-1]
-    columns, result = x.reshape(size, inputs, k), out.view(size, inputs, k)
-    if isinstance(right, Gram):
+    columns = x.reshape(size, inputs, k)
+    if isinstance(left, Gram):
+        projected = (left.root @ columns.view(size, -1)).view(-1, inputs, k)  # [r, I, k]
+        mixed = _apply_on_rows(right, projected)
+        torch.matmul(left.root.T, mixed.view(len(mixed), -1), out=out.view(size, -1))
+    elif isinstance(right, Gram):
         projected = torch.matmul(right.root, columns)  # [O, r, k]
         mixed = (left @ projected.view(size, -1)).view(projected.shape)
-        torch.matmul(right.root.T, mixed, out=result)
+        torch.matmul(right.root.T, mixed, out=out.view(size, inputs, k))
     else:
-        mixed = (left @ columns.reshape(size, -1)).view(columns.shape)
-        torch.matmul(right, mixed, out=result)
+        mixed = (left @ columns.view(size, -1)).view(columns.shape)
+        torch.matmul(right, mixed, out=out.view(size, inputs, k))
     return out
+
+
+def _apply_on_rows(factor: Factor, rows: Tensor) -> Tensor:
+    """``factor @ rows[j]`` for each ``rows[j]`` ``[I, k]`` (a thin ``Gram`` through its
+    root)."""
+    if isinstance(factor, Gram):
+        return torch.matmul(factor.root.T, torch.matmul(factor.root, rows))
+    return torch.matmul(factor, rows)
 
 
 def _eigen_apply(bases: tuple[Tensor, ...], values: Tensor, x: Tensor, out: Tensor) -> Tensor:
