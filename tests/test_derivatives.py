@@ -203,6 +203,10 @@ def test_max_pooling_takes_autograds_indices(key):
     assert ("indices" in io.cache) == (x.dim() > 3)
     pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))
+    unbatched = io.input[0].clone().requires_grad_()  # [C, *spatial]: no batch to index
+    io.cache.clear()
+    derivatives.take_saved(io, io.module(unbatched))
+    assert "indices" not in io.cache
 
 
 def _per_sample_pullback(pullback, mat: torch.Tensor, name: str) -> torch.Tensor:

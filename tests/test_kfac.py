@@ -48,6 +48,26 @@ def test_factors_over_unequal_batches(name, loss, fisher, approx):
             assert_close(K.factors[f"{layer}.bias"][0], B)
 
 
+@pytest.mark.parametrize("batches", [(5, 4), (5, 30)], ids=["stays-thin", "formed-later"])
+def test_thin_output_factors(batches):
+    """A layer of 40 outputs under the empirical Fisher: its B has a row per sample, so it stays
+    a thin root over 9 samples (divided by the sample count at the end as a root) and is
+    formed by the second batch of 30; factors and products as the reference says."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 40)).double()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    X, y = torch.randn(sum(batches), 3, dtype=torch.float64), torch.randint(0, 40, (sum(batches),))
+    data = list(zip(X.split(batches), y.split(batches)))
+    K = curvhooks.kfac(model, loss_fn, data, fisher="empirical")
+    v = torch.randn(K.shape[0], 2, dtype=torch.float64)
+    product = K @ v
+    B, A = reference.kronecker_factors(model, loss_fn, X, y, "0", "empirical")
+    assert_close(product, torch.block_diag(torch.kron(B, A), B) @ v)
+    assert_close(K.factors["0.weight"][0], B)
+    assert_close(K.factors["0.weight"][1], A)
+    assert_close(K.factors["0.bias"][0], B)
+
+
 def test_forward_only_and_params():
     model, loss_fn, X, y, data = _data("mlp", "ce-mean")
     chosen = [model[2].weight, model[4].bias]

@@ -94,6 +94,24 @@ def test_matmul_and_to_dense(kind, columns):
     assert_close(K @ v, dense @ v)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_matmul_of_strided_columns_and_through_autograd(kind):
+    """``@`` takes any layout (a transposed matrix, a column slice) and passes gradients
+    back to ``v``, as does the inverse's."""
+    K, dense, _ = _problem(kind)
+    matrix = _vectors(dense.shape[0], 4)
+    for v in (matrix.T.contiguous().T, matrix[:, 1:3]):
+        assert_close(K @ v, dense @ v)
+    v = matrix.clone().requires_grad_()
+    weights = _vectors(dense.shape[0], 4)
+    ((K @ v) * weights).sum().backward()
+    assert_close(v.grad, dense.T @ weights)
+    v.grad = None
+    inverse = K.inverse(0.5)
+    ((inverse @ v) * weights).sum().backward()
+    assert_close(v.grad, inverse.to_dense().T @ weights)
+
+
 @pytest.mark.parametrize("damping", [0.1, 1.0])
 @pytest.mark.parametrize("kind", KINDS)
 def test_inverse(kind, damping):
@@ -163,17 +181,23 @@ def test_thin_factors_formed_once():
 
 
 @pytest.mark.parametrize("rows", [(1, 2), (3, 3)], ids=["stays-thin", "formed"])
-@pytest.mark.parametrize("first_formed", [False, True], ids=["gram", "tensor"])
-def test_weighted_sum(rows, first_formed):
+@pytest.mark.parametrize("total_formed", [False, True], ids=["gram", "tensor"])
+@pytest.mark.parametrize("part_formed", [False, True], ids=["gram", "tensor"])
+def test_weighted_sum(rows, total_formed, part_formed):
     """``keep * total + add * part`` for factors of side 6: two roots of 1 and 2 rows stay a
-    thin ``Gram`` (3 <= 6 / 2), of 3 and 3 rows are formed, as is anything with a tensor."""
+    thin ``Gram`` (3 <= 6 / 2), of 3 and 3 rows are formed, as is anything with a tensor; a
+    formed ``part`` is left as it was."""
     generator = torch.Generator().manual_seed(0)
     roots = [torch.randn(r, 6, generator=generator, dtype=torch.float64) for r in rows]
-    total = roots[0].T @ roots[0] if first_formed else Gram(roots[0])
-    expected = 0.3 * _formed(total) + 2.0 * roots[1].T @ roots[1]
-    result = weighted_sum(total, Gram(roots[1]), 0.3, 2.0)
-    assert isinstance(result, Gram) == (rows == (1, 2) and not first_formed)
+    total, part = (
+        r.T @ r if formed else Gram(r) for r, formed in zip(roots, (total_formed, part_formed))
+    )
+    expected = 0.3 * _formed(total) + 2.0 * _formed(part)
+    part_before = _formed(part).clone()
+    result = weighted_sum(total, part, 0.3, 2.0)
+    assert isinstance(result, Gram) == (rows == (1, 2) and not total_formed and not part_formed)
     assert_close(_formed(result), expected)
+    assert torch.equal(_formed(part), part_before)
     assert_close(_formed(weighted_sum(None, Gram(roots[1]), 0.3, 2.0)), 2.0 * roots[1].T @ roots[1])
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhooks.dataset.by_hooks import hook_context, only_these_require_grad
-from curvhooks.dataset.kronecker import Kronecker, eigenbases
+from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases
 from curvhooks.dataset.plan import Route, Structure, layout, model_device, unwrap
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
@@ -143,7 +143,7 @@ class _Passes:
     process_group: object
     batch_size_fn: Callable[[Any], int] | None = None
 
-    def accumulate(self, extension: Extension, shapes: Shapes) -> dict[str, tuple[Tensor, ...]]:
+    def accumulate(self, extension: Extension, shapes: Shapes) -> dict[str, tuple[Factor, ...]]:
         """Each parameter's result of ``extension`` (a tensor or a tuple, parts as ``shapes``
         says) over the data: a part that is a mean over samples weighted by each batch's
         sample count, the others as the whole-dataset loss's curvature (``DatasetSum``).
@@ -153,8 +153,8 @@ class _Passes:
         a gigabyte, not worth a second one, nor a pass over it on one batch); a process
         without batches joins the reduction with zeros."""
         total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
-        sums: dict[tuple[str, int], Tensor] = {}
-        means: dict[tuple[str, int], Tensor] = {}  # averages over the samples so far
+        sums: dict[tuple[str, int], Factor] = {}
+        means: dict[tuple[str, int], Factor] = {}  # averages over the samples so far
         samples = 0
         with (
             results_preserved(self.model),

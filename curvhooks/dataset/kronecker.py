@@ -46,8 +46,7 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
     A thin ``Gram`` acts through its root ``R`` (``R^T (R P)``), projecting first: with ``M``
     thin, ``P`` shrinks to ``[r, I]`` by one matrix product before ``N`` acts by batched
     products over its r rows; else ``N`` acts on the O rows (before ``M`` if ``N`` is thin).
-    The last product writes into ``out``: no temporary as large as ``x`` (fresh memory costs
-    page faults on the CPU)."""
+    The last product is written into ``out`` rather than copied there."""
     out = torch.empty_like(x) if out is None else out
     if len(mats) == 1:
         return out.copy_(mats[0] @ x)
@@ -57,15 +56,24 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
     if isinstance(left, Gram):
         projected = (left.root @ columns.view(size, -1)).view(-1, inputs, k)  # [r, I, k]
         mixed = _apply_on_rows(right, projected)
-        torch.matmul(left.root.T, mixed.view(len(mixed), -1), out=out.view(size, -1))
+        _matmul_into(left.root.T, mixed.view(len(mixed), -1), out.view(size, -1))
     elif isinstance(right, Gram):
         projected = torch.matmul(right.root, columns)  # [O, r, k]
         mixed = (left @ projected.view(size, -1)).view(projected.shape)
-        torch.matmul(right.root.T, mixed, out=out.view(size, inputs, k))
+        _matmul_into(right.root.T, mixed, out.view(size, inputs, k))
     else:
         mixed = (left @ columns.view(size, -1)).view(columns.shape)
-        torch.matmul(right, mixed, out=out.view(size, inputs, k))
+        _matmul_into(right, mixed, out.view(size, inputs, k))
     return out
+
+
+def _matmul_into(first: Tensor, second: Tensor, out: Tensor) -> None:
+    """Write ``first @ second`` into ``out``: by ``matmul(out=)``, or where autograd records
+    (which ``out=`` does not support) by copying the product."""
+    if torch.is_grad_enabled() and (first.requires_grad or second.requires_grad):
+        out.copy_(first @ second)
+    else:
+        torch.matmul(first, second, out=out)
 
 
 def _apply_on_rows(factor: Factor, rows: Tensor) -> Tensor:
@@ -135,11 +143,12 @@ class _BlockDiagonal:
             raise ValueError(
                 f"expected a vector [{size}] or a matrix [{size}, k], got {list(v.shape)}."
             )
-        columns = v.reshape(size, -1)
+        columns = v.reshape(size, -1).contiguous()
         result = torch.empty_like(columns)
-        pieces = zip(columns.split(self._sizes), result.split(self._sizes))
-        for index, (x, out) in enumerate(pieces):
-            self._block_matmul(index, x, out)
+        start = 0
+        for index, rows in enumerate(self._sizes):  # narrow views, which autograd may write
+            self._block_matmul(index, columns.narrow(0, start, rows), result.narrow(0, start, rows))
+            start += rows
         return result.reshape(v.shape)
 
     def to_dense(self) -> Tensor:

@@ -163,15 +163,12 @@ class AffineDerivatives(ModuleDerivatives):
     def input_root(self, io: ModuleIO, approx: str) -> Tensor:
         # Groups are averaged over first, as curvlinops does (each group's input meets its own
         # block of the weight, which one Kronecker factor cannot tell apart).
-        key = f"input_root_{approx}"
-        if key not in io.cache:
-            unfolded = self._unfolded(io)  # [N, G, I, T]
-            x = unfolded[:, 0] if unfolded.shape[1] == 1 else unfolded.mean(1)  # [N, I, T]
-            x = x.mean(-1, keepdim=True) if approx == "reduce" else x
-            rows = x.new_empty(x.shape[0], x.shape[2], x.shape[1])  # one row per (n, t)
-            torch.mul(x.transpose(-1, -2), (x.shape[0] * x.shape[2]) ** -0.5, out=rows)
-            io.cache[key] = rows.view(-1, x.shape[1])
-        return io.cache[key]
+        unfolded = self._unfolded(io)  # [N, G, I, T]
+        x = unfolded[:, 0] if unfolded.shape[1] == 1 else unfolded.mean(1)  # [N, I, T]
+        x = x.mean(-1, keepdim=True) if approx == "reduce" else x
+        rows = x.new_empty(x.shape[0], x.shape[2], x.shape[1])  # one row per (n, t)
+        torch.mul(x.transpose(-1, -2), (x.shape[0] * x.shape[2]) ** -0.5, out=rows)
+        return rows.view(-1, x.shape[1])
 
     def output_root(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
         stacked = self.to_positions(io, mat).flatten(2, 3)  # [V, N, O, T]

@@ -39,14 +39,18 @@ class MaxPoolDerivatives(ModuleDerivatives):
         return None
 
     def take_saved(self, io: ModuleIO, output: Tensor) -> None:
-        """The indices autograd keeps for 2-D and 3-D max pooling (``_saved_result1`` of
-        ``MaxPool2DWithIndicesBackward0``), checked for shape and type."""
-        indices = getattr(output.grad_fn, "_saved_result1", None)
+        """The indices autograd keeps for 2-D and 3-D max pooling of a batch (``_saved_result1``
+        of ``MaxPool2DWithIndicesBackward0``), checked for node, type and shape."""
+        node = output.grad_fn
+        if node is None or "MaxPool" not in node.name():
+            return
+        indices = getattr(node, "_saved_result1", None)
+        spatial = len(getattr(node, "_saved_kernel_size", ()))
         if (
             isinstance(indices, Tensor)
             and indices.dtype == torch.int64
             and indices.shape == output.shape
-            and "MaxPool" in output.grad_fn.name()
+            and indices.dim() == spatial + 2  # batched: not [C, *spatial]
         ):
             io.cache["indices"] = indices.flatten(2)
 

@@ -58,7 +58,8 @@ class Target:
         """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
         for a bias, each formed from its root (``ModuleDerivatives.output_root``,
         ``input_root``), or with ``thin`` kept as a ``Gram`` of its root where that is thin.
-        B is shared by weight and bias, computed once per stack (the bias gets a copy)."""
+        B is shared by weight and bias, computed once per stack (the bias gets a copy); A once
+        per module call."""
         key = ("output_factor", approx, thin)
         cached = self.io.cache.get(key)
         if cached is None or cached[0] is not mat:
@@ -66,7 +67,10 @@ class Target:
             self.io.cache[key] = cached = (mat, Gram.of(root, thin))
         if self.name == "bias":
             return (Gram.copy(cached[1]),)
-        return cached[1], Gram.of(self.derivatives.input_root(self.io, approx), thin)
+        key = ("input_factor", approx, thin)  # the same for every stack
+        if key not in self.io.cache:
+            self.io.cache[key] = Gram.of(self.derivatives.input_root(self.io, approx), thin)
+        return cached[1], self.io.cache[key]
 
 
 class SummedTarget:

@@ -72,15 +72,16 @@ def weighted_sum(
 ) -> Tensor | Gram:
     """``keep * total + add * part`` (``add * part`` if ``total`` is None), for weights
     ``>= 0``: two roots are stacked while the result stays thin; otherwise the sum is formed,
-    in place of ``total`` or ``part`` where one of them is formed already."""
+    in place of a formed ``total`` (``total`` is the caller's to change; ``part`` changes only
+    where ``total`` is None: it then becomes the total)."""
     if total is None and add == 1:
         return part
     if total is None:
         return Gram(part.root * add**0.5) if isinstance(part, Gram) else part.mul_(add)
     if isinstance(total, Gram) and isinstance(part, Gram):
         return Gram.of(torch.cat([total.root * keep**0.5, part.root * add**0.5]))
-    if isinstance(total, Gram):
-        return part.mul_(add).add_(total.formed(), alpha=keep)
+    if isinstance(total, Gram):  # not in place of part: it may be cached or shared
+        return total.formed().mul_(keep).add_(part, alpha=add)
     if keep != 1:
         total.mul_(keep)
     return total.add_(formed(part), alpha=add)
