@@ -40,7 +40,7 @@ class MaxPoolDerivatives(ModuleDerivatives):
 
     def take_saved(self, io: ModuleIO, output: Tensor) -> None:
         """The indices autograd keeps for 2-D and 3-D max pooling of a batch (``_saved_result1``
-        of ``MaxPool2DWithIndicesBackward0``), checked for node, type and shape."""
+        of ``MaxPool2DWithIndicesBackward0``), checked for node, type, device and shape."""
         node = output.grad_fn
         if node is None or "MaxPool" not in node.name():
             return
@@ -49,6 +49,7 @@ class MaxPoolDerivatives(ModuleDerivatives):
         if (
             isinstance(indices, Tensor)
             and indices.dtype == torch.int64
+            and indices.device == output.device  # not moved away by saved-tensor hooks
             and indices.shape == output.shape
             and indices.dim() == spatial + 2  # batched: not [C, *spatial]
         ):
