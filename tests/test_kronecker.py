@@ -168,6 +168,17 @@ def test_reductions(kind, reduction):
     assert_close(getattr(K, reduction)(), REDUCTIONS[reduction](dense))
 
 
+def test_thin_factors_inverse_and_logdet_without_forming():
+    """Exact damping and the log-determinant of thin factors come from the SVD of their roots:
+    nothing is formed; a thin factor is singular."""
+    K, dense, _ = _problem("kfac_thin")
+    inverse = K.inverse(0.1)
+    identity = torch.eye(dense.shape[0], dtype=torch.float64)
+    assert_close(inverse.to_dense(), torch.linalg.inv(dense + 0.1 * identity))
+    assert K.logdet() == -float("inf")
+    assert all(isinstance(f, Gram) for fs in K._factors.values() for f in fs)
+
+
 def test_thin_factors_formed_once():
     """``factors`` forms the ``Gram`` factors, and the operator then uses the formed ones."""
     K, dense, given = _problem("kfac_thin")

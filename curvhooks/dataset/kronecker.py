@@ -39,30 +39,31 @@ def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``kron(*mats) @ x`` for ``x`` ``[O * I, k]`` (or ``[O, k]`` for one matrix), as
-    ``M P N^T`` for each column's ``P`` ``[O, I]``, without forming the Kronecker product;
-    written into ``out`` (``[O * I, k]``) if given.
+    """``kron(*mats) @ x`` for ``x`` ``[O' * I', k]`` (or ``[O', k]`` for one matrix), as
+    ``M P N^T`` for each column's ``P`` ``[O', I']`` (``M`` ``[O, O']``, ``N`` ``[I, I']``),
+    without forming the Kronecker product; written into ``out`` (``[O * I, k]``) if given.
 
     A thin ``Gram`` acts through its root ``R`` (``R^T (R P)``), projecting first: with ``M``
     thin, ``P`` shrinks to ``[r, I]`` by one matrix product before ``N`` acts by batched
     products over its r rows; else ``N`` acts on the O rows (before ``M`` if ``N`` is thin).
     The last product is written into ``out`` rather than copied there."""
-    out = torch.empty_like(x) if out is None else out
+    k = x.shape[-1]
+    out = x.new_empty(math.prod(m.shape[0] for m in mats), k) if out is None else out
     if len(mats) == 1:
         return out.copy_(mats[0] @ x)
     left, right = mats
-    size, inputs, k = left.shape[0], right.shape[0], x.shape[-1]
-    columns = x.reshape(size, inputs, k)
+    (size, size_in), (inputs, inputs_in) = left.shape, right.shape
+    columns = x.reshape(size_in, inputs_in, k)
     if isinstance(left, Gram):
-        projected = (left.root @ columns.view(size, -1)).view(-1, inputs, k)  # [r, I, k]
+        projected = (left.root @ columns.view(size_in, -1)).view(-1, inputs_in, k)  # [r, I, k]
         mixed = _apply_on_rows(right, projected)
         _matmul_into(left.root.T, mixed.view(len(mixed), -1), out.view(size, -1))
     elif isinstance(right, Gram):
-        projected = torch.matmul(right.root, columns)  # [O, r, k]
-        mixed = (left @ projected.view(size, -1)).view(projected.shape)
+        projected = torch.matmul(right.root, columns)  # [O', r, k]
+        mixed = (left @ projected.view(size_in, -1)).view(size, -1, k)
         _matmul_into(right.root.T, mixed, out.view(size, inputs, k))
     else:
-        mixed = (left @ columns.view(size, -1)).view(columns.shape)
+        mixed = (left @ columns.view(size_in, -1)).view(size, inputs_in, k)
         _matmul_into(right, mixed, out.view(size, inputs, k))
     return out
 
@@ -84,17 +85,39 @@ def _apply_on_rows(factor: Factor, rows: Tensor) -> Tensor:
     return torch.matmul(factor, rows)
 
 
-def _eigen_apply(bases: tuple[Tensor, ...], values: Tensor, x: Tensor, out: Tensor) -> Tensor:
+def _eigen_apply(
+    bases: tuple[Tensor, ...], values: Tensor, x: Tensor, out: Tensor, rest: float | None = None
+) -> Tensor:
     """``Q diag(values.flatten()) Q^T @ x`` with ``Q = kron(*bases)``, into ``out``: rotate
-    into the eigenbasis, scale, rotate back."""
+    into the eigenbasis, scale, rotate back. Bases with fewer columns than rows span part of
+    the space only; ``rest`` is then the eigenvalue on the rest of it."""
     rotated = _kron_apply(tuple(basis.T for basis in bases), x)
-    return _kron_apply(bases, rotated.mul_(values.reshape(-1, 1)), out)
+    if rest is None:
+        return _kron_apply(bases, rotated.mul_(values.reshape(-1, 1)), out)
+    spanned = _kron_apply(bases, rotated.mul_((values - rest).reshape(-1, 1)))
+    return out.copy_(spanned.add_(x, alpha=rest))
 
 
-def _eigen_dense(bases: tuple[Tensor, ...], values: Tensor) -> Tensor:
-    """``Q diag(values.flatten()) Q^T`` with ``Q = kron(*bases)``, formed."""
-    basis = bases[0] if len(bases) == 1 else torch.kron(*bases)
-    return (basis * values.flatten()) @ basis.T
+def _eigen_dense(bases: tuple[Tensor, ...], values: Tensor, rest: float | None = None) -> Tensor:
+    """``Q diag(values.flatten()) Q^T`` (plus ``rest`` on the rest of the space, see
+    ``_eigen_apply``) with ``Q = kron(*bases)``, formed."""
+    basis = bases[0] if len(bases) == 1 else torch.kron(*(b.contiguous() for b in bases))
+    if rest is None:
+        return (basis * values.flatten()) @ basis.T
+    identity = torch.eye(len(basis), dtype=basis.dtype, device=basis.device)
+    return (basis * (values - rest).flatten()) @ basis.T + rest * identity
+
+
+def _decomposition(factor: Factor) -> tuple[Tensor, Tensor]:
+    """Eigenvectors (columns) and eigenvalues clamped at 0 of a factor; of a thin ``Gram``
+    those of its nonzero part only (``[n, r]``, ``[r]``, from a QR decomposition of its root
+    and the SVD of the ``[r, r]`` triangle): the rest of the space has eigenvalue 0."""
+    if isinstance(factor, Gram):  # R^T = Q T, so R^T R = Q T T^T Q^T, and T = U S W^T
+        orthonormal, triangle = torch.linalg.qr(factor.root.T)  # (LAPACK's SVD of a wide R
+        left, singular, _ = torch.linalg.svd(triangle)  # can take minutes at 32 x 16384)
+        return orthonormal @ left, singular.square()
+    decomposition = torch.linalg.eigh(factor)
+    return decomposition.eigenvectors, decomposition.eigenvalues.clamp(min=0)
 
 
 def _check_damping(damping: float) -> None:
@@ -207,6 +230,7 @@ class Kronecker(_BlockDiagonal):
         self._sizes = [param.numel() for param in params]
         self._bases = {} if eigenbases is None else {n: tuple(eigenbases[n]) for n in names}
         self._values: dict[str, tuple[Tensor, ...]] = {}
+        self._spectra: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         for name, param in zip(names, params):
             self._check_block(name, param)
 
@@ -230,19 +254,33 @@ class Kronecker(_BlockDiagonal):
     def factors(self) -> dict[str, tuple[Tensor, ...]]:
         """Parameter name -> ``(B, A)`` or ``(B,)``, formed (those kept as thin roots are
         formed here, once)."""
-        for name, factors in self._factors.items():
-            if any(isinstance(factor, Gram) for factor in factors):
-                self._factors[name] = tuple(map(formed, factors))
-        return self._factors
+        return {name: self._formed(name) for name in self.names}
+
+    def _formed(self, name: str) -> tuple[Tensor, ...]:
+        """``name``'s factors, formed once where kept as thin roots."""
+        if any(isinstance(factor, Gram) for factor in self._factors[name]):
+            self._factors[name] = tuple(map(formed, self._factors[name]))
+        return self._factors[name]
 
     def _eigen(self, name: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The eigenbasis of ``name``'s block (given, or the factors' eigenvectors) and the
         factors' eigenvalues clamped at 0 (none where the basis was given); computed once."""
         if name not in self._bases:
-            decompositions = [torch.linalg.eigh(factor) for factor in self.factors[name]]
-            self._bases[name] = tuple(d.eigenvectors for d in decompositions)
-            self._values[name] = tuple(d.eigenvalues.clamp(min=0) for d in decompositions)
+            decompositions = [_decomposition(factor) for factor in self._formed(name)]
+            self._bases[name] = tuple(basis for basis, _ in decompositions)
+            self._values[name] = tuple(values for _, values in decompositions)
         return self._bases[name], self._values.get(name, ())
+
+    def _spectrum(self, name: str) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """KFAC: ``_eigen`` where the factors are formed; a factor kept as a thin root gives
+        only the eigenvectors of its nonzero eigenvalues (see ``_decomposition``), and stays
+        thin. Computed once."""
+        if name in self._bases or not any(isinstance(f, Gram) for f in self._factors[name]):
+            return self._eigen(name)
+        if name not in self._spectra:
+            decompositions = [_decomposition(factor) for factor in self._factors[name]]
+            self._spectra[name] = tuple(zip(*decompositions))
+        return self._spectra[name]
 
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         name = self.names[index]
@@ -254,7 +292,7 @@ class Kronecker(_BlockDiagonal):
     def _block_dense(self, index: int) -> Tensor:
         name = self.names[index]
         if self.corrected is None:
-            factors = self.factors[name]
+            factors = self._formed(name)
             return factors[0] if len(factors) == 1 else torch.kron(*factors)
         return _eigen_dense(self._eigen(name)[0], self.corrected[name])
 
@@ -288,9 +326,10 @@ class Kronecker(_BlockDiagonal):
                 "heuristic (π) damping applies to KFAC factors only, not to EKFAC's corrected "
                 "eigenvalues; use heuristic=False."
             )
-        bases, scales = [], []
+        bases, scales, rests = [], [], []
         for name in self.names:
-            basis, values = self._eigen(name)
+            exact_kfac = self.corrected is None and not heuristic
+            basis, values = self._spectrum(name) if exact_kfac else self._eigen(name)
             if self.corrected is not None:
                 scale = 1 / (self.corrected[name] + damping)
             elif len(values) == 1:
@@ -300,9 +339,11 @@ class Kronecker(_BlockDiagonal):
             else:
                 shift_b, shift_a = _pi_shifts(self._factors[name], damping)
                 scale = 1 / torch.outer(values[0] + shift_b, values[1] + shift_a)
+            thin = any(q.shape[1] < q.shape[0] for q in basis)
             bases.append(basis)
             scales.append(scale)
-        return KroneckerInverse(bases, scales)
+            rests.append(1 / damping if thin else None)
+        return KroneckerInverse(bases, scales, rests)
 
     def trace(self) -> Tensor:
         """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``)."""
@@ -316,9 +357,11 @@ class Kronecker(_BlockDiagonal):
         if self.corrected is not None:
             return sum(values.log().sum() for values in self.corrected.values())
         total = 0
-        for name, size in zip(self.names, self._sizes):
-            for values in self._eigen(name)[1]:
-                total = total + size // values.numel() * values.log().sum()
+        for name, param in zip(self.names, self.params):
+            for values, side in zip(self._spectrum(name)[1], _sides(param)):
+                if values.numel() < side:  # a thin factor: singular
+                    return values.new_tensor(-math.inf).sum()
+                total = total + param.numel() // side * values.log().sum()
         return total
 
     def frobenius_norm(self) -> Tensor:
@@ -349,23 +392,40 @@ class Kronecker(_BlockDiagonal):
 
 class KroneckerInverse(_BlockDiagonal):
     """A block-diagonal operator with blocks ``Q diag(s.flatten()) Q^T``, ``Q = Q_B ⊗ Q_A``
-    (or ``Q_B``): the damped inverse of a :class:`Kronecker` (see ``Kronecker.inverse``).
+    (or ``Q_B``), plus ``rest`` times the projection onto the complement of ``Q``'s columns
+    where ``Q`` has fewer columns than rows: the damped inverse of a :class:`Kronecker` (see
+    ``Kronecker.inverse``).
 
     Args:
-        bases: Per parameter, ``(Q_B, Q_A)`` or ``(Q_B,)``, orthogonal ``[O, O]``, ``[I, I]``.
-        scales: Per parameter, the inverse's eigenvalues ``s``, ``[O, I]`` or ``[O]``.
+        bases: Per parameter, ``(Q_B, Q_A)`` or ``(Q_B,)``, orthonormal columns: ``[O, O]``,
+            ``[I, I]`` or fewer columns.
+        scales: Per parameter, the inverse's eigenvalues ``s`` on ``Q``'s columns, one per
+            column of each basis: ``[., .]`` or ``[.]``.
+        rests: Per parameter, the eigenvalue on the rest of the space, or ``None`` where the
+            bases are square (default: all ``None``).
     """
 
-    def __init__(self, bases: list[tuple[Tensor, ...]], scales: list[Tensor]) -> None:
+    def __init__(
+        self,
+        bases: list[tuple[Tensor, ...]],
+        scales: list[Tensor],
+        rests: list[float | None] | None = None,
+    ) -> None:
         self.bases = bases
         self.scales = scales
-        self._sizes = [scale.numel() for scale in scales]
+        self.rests = [None] * len(scales) if rests is None else rests
+        self._sizes = [math.prod(basis.shape[0] for basis in block) for block in bases]
 
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
-        _eigen_apply(self.bases[index], self.scales[index], x, out)
+        _eigen_apply(self.bases[index], self.scales[index], x, out, self.rests[index])
 
     def _block_dense(self, index: int) -> Tensor:
-        return _eigen_dense(self.bases[index], self.scales[index])
+        return _eigen_dense(self.bases[index], self.scales[index], self.rests[index])
+
+
+def _sides(param: Tensor) -> tuple[int, ...]:
+    """The sides of a parameter's Kronecker factors: ``(O, I)``, or ``(O,)`` for 1-D."""
+    return (param.shape[0],) if param.dim() == 1 else (param.shape[0], param[0].numel())
 
 
 def _squared_norm(factor: Factor) -> Tensor:
