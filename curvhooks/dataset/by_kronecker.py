@@ -8,7 +8,6 @@ second pass for the eigenvalues in the factors' eigenbasis. The result is a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhooks.dataset.by_hooks import hook_context, only_these_require_grad
-from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases
+from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases, factor_sides
 from curvhooks.dataset.plan import Route, Structure, layout, model_device, unwrap
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
@@ -120,14 +119,12 @@ Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
 
 def _factor_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
     """``B`` (weighted as the loss), and for a weight ``A`` (a mean over samples)."""
-    size, inputs = param.shape[0], math.prod(param.shape[1:])
-    return [((size, size), False)] + ([((inputs, inputs), True)] if param.dim() > 1 else [])
+    return [((side, side), index == 1) for index, side in enumerate(factor_sides(param))]
 
 
 def _eigen_shapes(param: nn.Parameter) -> list[tuple[tuple[int, ...], bool]]:
     """EKFAC's eigenvalues ``[O, I]`` or ``[O]``, weighted as the loss."""
-    sides = (param.shape[0], math.prod(param.shape[1:])) if param.dim() > 1 else (param.shape[0],)
-    return [(sides, False)]
+    return [(factor_sides(param), False)]
 
 
 @dataclass

@@ -22,6 +22,12 @@ Factor = Tensor | Gram
 """A Kronecker factor, formed or kept as the root of its Gram matrix."""
 
 
+def factor_sides(param: Tensor) -> tuple[int, ...]:
+    """The sides of a parameter's Kronecker factors: ``(O, I)`` for ``[O, *rest]`` (``I =
+    prod(rest)``), ``(O,)`` for a 1-D one."""
+    return (param.shape[0],) if param.dim() == 1 else (param.shape[0], math.prod(param.shape[1:]))
+
+
 def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     """The eigenvectors of each Kronecker factor, by ``torch.linalg.eigh``.
 
@@ -56,7 +62,7 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
     columns = x.reshape(size_in, inputs_in, k)
     if isinstance(left, Gram):
         projected = (left.root @ columns.view(size_in, -1)).view(-1, inputs_in, k)  # [r, I, k]
-        mixed = _apply_on_rows(right, projected)
+        mixed = right @ projected  # a Gram through its root
         _matmul_into(left.root.T, mixed.view(len(mixed), -1), out.view(size, -1))
     elif isinstance(right, Gram):
         projected = torch.matmul(right.root, columns)  # [O', r, k]
@@ -75,14 +81,6 @@ def _matmul_into(first: Tensor, second: Tensor, out: Tensor) -> None:
         out.copy_(first @ second)
     else:
         torch.matmul(first, second, out=out)
-
-
-def _apply_on_rows(factor: Factor, rows: Tensor) -> Tensor:
-    """``factor @ rows[j]`` for each ``rows[j]`` ``[I, k]`` (a thin ``Gram`` through its
-    root)."""
-    if isinstance(factor, Gram):
-        return torch.matmul(factor.root.T, torch.matmul(factor.root, rows))
-    return torch.matmul(factor, rows)
 
 
 def _eigen_apply(
@@ -238,8 +236,7 @@ class Kronecker(_BlockDiagonal):
         """Raise unless the factors (and corrected eigenvalues, bases) fit ``param``."""
         if param.dim() == 0:
             raise ValueError(f"{name!r} is a scalar; Kronecker blocks need 1-D or more.")
-        rest = math.prod(param.shape[1:])
-        sides = (param.shape[0],) if param.dim() == 1 else (param.shape[0], rest)
+        sides = factor_sides(param)
         shapes = [[side, side] for side in sides]
         got = [list(factor.shape) for factor in self._factors[name]]
         if got != shapes:
@@ -358,7 +355,7 @@ class Kronecker(_BlockDiagonal):
             return sum(values.log().sum() for values in self.corrected.values())
         total = 0
         for name, param in zip(self.names, self.params):
-            for values, side in zip(self._spectrum(name)[1], _sides(param)):
+            for values, side in zip(self._spectrum(name)[1], factor_sides(param)):
                 if values.numel() < side:  # a thin factor: singular
                     return values.new_tensor(-math.inf).sum()
                 total = total + param.numel() // side * values.log().sum()
@@ -421,11 +418,6 @@ class KroneckerInverse(_BlockDiagonal):
 
     def _block_dense(self, index: int) -> Tensor:
         return _eigen_dense(self.bases[index], self.scales[index], self.rests[index])
-
-
-def _sides(param: Tensor) -> tuple[int, ...]:
-    """The sides of a parameter's Kronecker factors: ``(O, I)``, or ``(O,)`` for 1-D."""
-    return (param.shape[0],) if param.dim() == 1 else (param.shape[0], param[0].numel())
 
 
 def _squared_norm(factor: Factor) -> Tensor:
