@@ -532,6 +532,32 @@ PROBLEMS: list[Problem] = [
         (6,),
     ),
     Problem(
+        "batchnorm3d-chain",
+        lambda: nn.Sequential(
+            eval_batchnorm(nn.BatchNorm3d(3)),
+            nn.Linear(2, 3),
+            eval_batchnorm(nn.BatchNorm3d(3)),
+            nn.ReLU(),
+            eval_batchnorm(nn.BatchNorm3d(3)),
+            nn.Flatten(),
+        ),
+        (3, 4, 1, 2),
+    ),
+    Problem(
+        "zero-pad-2d-3d",
+        lambda: nn.Sequential(
+            nn.Linear(6, 24),
+            nn.Unflatten(1, (2, 3, 4)),
+            nn.ZeroPad2d((1, 0, -1, 1)),
+            nn.Sigmoid(),
+            nn.Unflatten(1, (1, 2)),
+            nn.ZeroPad3d((0, 1, 1, 0, -1, 0)),
+            nn.Flatten(),
+            nn.Linear(24, 3),
+        ),
+        (6,),
+    ),
+    Problem(
         "cnn-batchnorm",
         lambda: nn.Sequential(
             nn.Conv2d(2, 3, 3, stride=2),

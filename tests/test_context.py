@@ -365,3 +365,45 @@ def test_unsupported_skip_leaves_those_parameters_out():
     assert_close(found, ggn(model, loss_fn, X, y)[kept][:, kept])
     with pytest.raises(ValueError, match="unsupported must be"):
         curvhooks.extend(model, loss_fn, BatchGrad(), unsupported="ignore")
+
+
+class ZeroHessianLoss(curvhooks.derivatives.LossDerivatives):
+    """``NLLLoss`` on raw scores, ``-sum_n f_n[y_n]``: linear in the output, so its square
+    roots have no vectors."""
+
+    def scale(self, loss_fn, output):
+        return 1 / len(output) if loss_fn.reduction == "mean" else 1.0
+
+    def sqrt_hessian(self, loss_fn, output, target):
+        return output.new_zeros(0, *output.shape)
+
+    sqrt_hessian_rows = sqrt_hessian
+
+
+@pytest.mark.parametrize("route", ["chain", "graph"])
+def test_a_loss_with_zero_hessian_gives_zero_results(route, monkeypatch):
+    """An empty stack (no vectors) gives zero GGN results of the right shapes on both routes;
+    the Hessian is then the activations' curvature alone."""
+    monkeypatch.setitem(curvhooks.derivatives.LOSS_DERIVATIVES, nn.NLLLoss, ZeroHessianLoss())
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).double()
+    loss_fn = nn.NLLLoss()
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    extensions = SqrtGGN(), DiagGGN(), BatchDiagGGN(), DiagHessian(), curvhooks.KFLR()
+    results = run_with(model, loss_fn, X, y, *extensions, route=route)
+    hessian = split(reference.hessian_matrix(model, loss_fn, X, y).diagonal(), model)
+    for name, param in model.named_parameters():
+        found = results[name]
+        assert found["sqrt_ggn"].shape == (0, 6, *param.shape)
+        assert_close(found["diag_ggn"], torch.zeros_like(param))
+        assert_close(found["diag_ggn_batch"], torch.zeros(6, *param.shape, dtype=param.dtype))
+        assert_close(found["diag_hessian"], hessian[name])
+        assert found["kflr"][0].abs().sum() == 0
+    assert hessian["0.weight"].abs().sum() > 0
+
+
+def test_an_empty_batch_is_refused():
+    model, loss_fn, _, _ = MLP.make("ce-sum")
+    X, y = torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    with curvhooks.extend(model, loss_fn, DiagGGN()):
+        with pytest.raises(ValueError, match="the batch is empty"):
+            loss_fn(model(X), y)

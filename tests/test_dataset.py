@@ -418,3 +418,45 @@ def test_auto_route_takes_autograd_where_the_hooks_cannot_serve():
     assert_close(curvhooks.empirical_fisher(model, loss_fn, data), expected)
     with pytest.raises(curvhooks.UnsupportedError, match="MultiheadAttention"):
         curvhooks.ggn(model, loss_fn, data, route="hooks")
+
+
+class Recurrent(nn.Module):
+    """A two-layer recurrent classifier on its last step."""
+
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(3, 4, num_layers=2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_recurrent_models_by_autograd(cell):
+    """vmap cannot batch a recurrent layer's forward pass over samples: the per-sample
+    Jacobians are then taken a sample at a time."""
+    torch.manual_seed(0)
+    model, loss_fn = Recurrent(cell).double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 4, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    data = [(X[:3], y[:3]), (X[3:], y[3:])]
+    assert_close(curvhooks.ggn(model, loss_fn, data), reference.ggn(model, loss_fn, X, y))
+    gradients = []
+    for n in range(len(X)):  # torch.func's vmap(grad) cannot batch the recurrence either
+        loss = loss_fn(model(X[n : n + 1]), y[n : n + 1]) / len(X)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        gradients.append(torch.cat([g.flatten() for g in grads]))
+    gradients = torch.stack(gradients)
+    found = curvhooks.empirical_fisher(model, loss_fn, data)
+    assert_close(found, gradients.T @ gradients * len(X))
+
+
+def test_batchnorm_without_running_statistics_is_rejected_on_every_route():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    model = nn.Sequential(*model, nn.Linear(4, 2)).double().eval()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    for function in (curvhooks.ggn, curvhooks.empirical_fisher, curvhooks.hessian):
+        with pytest.raises(ValueError, match="'1' .* track_running_stats=False"):
+            function(model, nn.CrossEntropyLoss(), (X, y))
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        curvhooks.extend(model, nn.CrossEntropyLoss(), curvhooks.BatchGrad()).__enter__()

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vjp, vmap
 
+from curvhooks._compat import math_attention
 from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
-from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.dataset.weighting import DatasetSum, map_tensors
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
 from curvhooks.errors import UnsupportedError
 
@@ -49,10 +50,11 @@ def autograd_hessian(
     stages = _stages(model)
     if device.type == "cuda" and plan.structure is Structure.FULL and plan.dim <= chunk_size:
         stages = [model]  # one call per batch costs less there than one per stage
-    for X, y, weight, _ in total.batches(data, device, progress):
-        stage_inputs = _stage_inputs(stages, X)
-        for task in _tasks(plan, stages):
-            _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
+    with math_attention():  # second derivatives through F.scaled_dot_product_attention
+        for X, y, weight, _ in total.batches(data, device, progress):
+            stage_inputs = _stage_inputs(stages, X)
+            for task in _tasks(plan, stages):
+                _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
     total.finish({Kind.HESSIAN: result})
     return result
 
@@ -247,14 +249,20 @@ def _per_sample_jacobians(
     fixed = {id(p): p.detach() for p in model.parameters()}
 
     def sample_output(values: tuple[Tensor, ...], x: object) -> Tensor:
-        batched = torch.utils._pytree.tree_map(lambda t: t[None], x)
+        batched = map_tensors(lambda tensor: tensor[None], x)
         with parameters_replaced(model, {**fixed, **dict(zip(map(id, params), values))}):
             return model(batched)[0]
 
     with torch.no_grad():
         output = model(X)
-    jacobians = vmap(jacrev(sample_output), in_dims=(None, 0))(points, X)
-    return output, list(jacobians)
+    try:
+        return output, list(vmap(jacrev(sample_output), in_dims=(None, 0))(points, X))
+    except RuntimeError:  # a model vmap cannot batch (nn.GRU, nn.LSTM): a sample at a time
+        per_sample = [
+            jacrev(sample_output)(points, map_tensors(lambda tensor, n=n: tensor[n], X))
+            for n in range(len(output))
+        ]
+        return output, [torch.stack(parts) for parts in zip(*per_sample)]
 
 
 def _output_gradients(loss_fn: nn.Module, output: Tensor, y: Tensor) -> Tensor:

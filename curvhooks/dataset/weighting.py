@@ -153,16 +153,21 @@ def _progress_line(source: Iterable) -> Iterator:
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:
     """``inputs`` with every tensor in it moved to ``device``, containers rebuilt alike."""
+    return map_tensors(lambda tensor: tensor.to(device), inputs)
+
+
+def map_tensors(function: Callable[[Tensor], Tensor], inputs: Inputs) -> Inputs:
+    """``inputs`` with ``function`` applied to every tensor in it, containers rebuilt alike."""
     if isinstance(inputs, Tensor):
-        return inputs.to(device)
+        return function(inputs)
     if isinstance(inputs, Mapping):
-        moved = {key: to_device(value, device) for key, value in inputs.items()}
-        return moved if type(inputs) is dict else _rebuilt(inputs, moved)
+        mapped = {key: map_tensors(function, value) for key, value in inputs.items()}
+        return mapped if type(inputs) is dict else _rebuilt(inputs, mapped)
     if isinstance(inputs, (list, tuple)):
-        moved = [to_device(value, device) for value in inputs]
+        mapped = [map_tensors(function, value) for value in inputs]
         if hasattr(inputs, "_fields"):  # a named tuple
-            return type(inputs)(*moved)
-        return type(inputs)(moved)
+            return type(inputs)(*mapped)
+        return type(inputs)(mapped)
     return inputs
 
 

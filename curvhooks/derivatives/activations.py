@@ -34,10 +34,8 @@ class ElementwiseDerivatives(ModuleDerivatives):
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
         return None if self.piecewise_linear else self.second_derivative(io) * grad_output
 
-    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
-        # Match the stack's memory layout (e.g. channels-last), so the product runs vectorised.
-        derivative = torch.empty_like(mat[0]).copy_(self.derivative(io))
-        return mat.mul_(derivative)
+    def jacobian_diagonal(self, io: ModuleIO) -> Tensor:
+        return self.derivative(io)
 
 
 class FromOutput(ElementwiseDerivatives):

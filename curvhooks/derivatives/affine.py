@@ -114,8 +114,8 @@ class AffineDerivatives(ModuleDerivatives):
         # At one position a product is an outer product (the bias's: the stack itself), and its
         # square the outer product of the squares.
         mat_sq, x_sq = self._squares_at_one_position(io, mat)
-        if name == "bias":
-            result = mat_sq if per_sample else mat_sq.sum(0)
+        if name == "bias":  # mat_sq is cached: hand out a copy
+            result = mat_sq.clone() if per_sample else mat_sq.sum(0)
         else:
             result = torch.einsum("ngo,ngi->ngoi" if per_sample else "ngo,ngi->goi", mat_sq, x_sq)
         return result.reshape(-1, *shape) if per_sample else result.reshape(shape)

@@ -42,9 +42,16 @@ class ModuleIO:
 class ModuleDerivatives:
     """The Jacobians of one module type, applied to stacks of vectors.
 
-    Subclasses implement ``jac_t_mat_prod``; those with parameters also implement
-    ``param_jac_t_mat_prod``. The squared reductions below have generic implementations that
-    build the per-sample products; subclasses override them where a cheaper contraction exists.
+    Subclasses implement ``jac_t_mat_prod`` (or ``jacobian_diagonal`` where the Jacobian is
+    diagonal); those with parameters also implement ``param_jac_t_mat_prod``. The squared
+    reductions below have generic implementations that build the per-sample products;
+    subclasses override them where a cheaper contraction exists.
+
+    Contract: a method never writes into a tensor it did not create (the stack, the recorded
+    input and output, the cache's tensors, the module's parameters), except an ``out=`` the
+    caller passes. What a parameter method returns belongs to the caller: it shares memory
+    with nothing the derivatives keep, so the caller may change it in place.
+    ``jac_t_mat_prod`` and the roots may return the stack itself or a view of it.
     """
 
     needs_input: bool = False
@@ -66,11 +73,20 @@ class ModuleDerivatives:
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         """Push a stack ``[V, N, *out]`` from the output to the input: ``[V, N, *in]``.
 
-        ``mat`` is consumed: implementations may overwrite it (the hook machinery pushes a
-        stack on only after every extension has read it), which saves allocating and
-        page-faulting a fresh stack at every activation.
+        By default from ``jacobian_diagonal``, into a fresh tensor.
         """
-        raise NotImplementedError
+        diagonal = self.jacobian_diagonal(io)
+        if diagonal is None:
+            raise NotImplementedError
+        return scale_entries(mat, diagonal, out=torch.empty_like(mat))
+
+    def jacobian_diagonal(self, io: ModuleIO) -> Tensor | None:
+        """For a module whose input and output have one shape and whose Jacobian is diagonal
+        (an element-wise activation, a per-channel scaling): that diagonal, broadcastable
+        against a stack ``[V, N, *in]``; ``None`` otherwise. The owner of a stack may then
+        push it in place (``scale_entries(stack, diagonal, out=stack)``), which saves
+        allocating and page-faulting a fresh stack at every activation."""
+        return None
 
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
         """For a module whose own curvature is diagonal (an element-wise activation): the
@@ -135,6 +151,15 @@ class ModuleDerivatives:
         (``"expand"``), or over vectors and samples of the stack summed over positions
         (``"reduce"``)."""
         raise NotImplementedError
+
+
+def scale_entries(mat: Tensor, diagonal: Tensor, out: Tensor) -> Tensor:
+    """``mat * diagonal`` written into ``out`` (which may be ``mat``). A per-sample
+    ``diagonal`` ``[N, *in]`` is first laid out like one vector of ``mat`` (channels-last,
+    say), so that the product runs vectorised."""
+    if diagonal.shape == mat.shape[1:] and diagonal.stride() != mat[0].stride():
+        diagonal = torch.empty_like(mat[0]).copy_(diagonal)
+    return torch.mul(mat, diagonal, out=out)
 
 
 def diagonal_stack(diagonal: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ eps)``, an affine map of the input (no curvature of its own) and of the paramete
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 
@@ -15,19 +15,11 @@ class BatchNormDerivatives(ModuleDerivatives):
 
     needs_input = True
 
-    def unsupported_reason(self, module: nn.Module) -> str | None:
-        if not module.track_running_stats or module.running_var is None:
-            return (
-                "track_running_stats=False normalises by the batch's statistics even in eval "
-                "mode, so samples are not independent; use track_running_stats=True"
-            )
-        return None
-
-    def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
+    def jacobian_diagonal(self, io: ModuleIO) -> Tensor:
         scale = (io.module.running_var + io.module.eps).rsqrt()
         if io.module.weight is not None:
             scale = scale * io.module.weight.detach()
-        return mat.mul_(self._per_channel(scale, mat.dim() - 2))
+        return self._per_channel(scale, len(io.input_shape) - 1)
 
     def param_jac_t_mat_prod(
         self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from curvhooks._compat import saved
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 
 
@@ -44,8 +45,8 @@ class MaxPoolDerivatives(ModuleDerivatives):
         node = output.grad_fn
         if node is None or "MaxPool" not in node.name():
             return
-        indices = getattr(node, "_saved_result1", None)
-        spatial = len(getattr(node, "_saved_kernel_size", ()))
+        indices = saved(node, "result1")
+        spatial = len(saved(node, "kernel_size") or ())
         if (
             isinstance(indices, Tensor)
             and indices.dtype == torch.int64

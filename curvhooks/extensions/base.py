@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvhooks._compat import storage_users
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.gram import Gram
@@ -39,20 +40,34 @@ class Target:
 
     def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
         """Per-sample products ``[V, N, *p.shape]``, written into ``out`` if given."""
+        if not len(mat):
+            return self._zeros(0, mat.shape[1]) if out is None else out
         return self.derivatives.param_jac_t_mat_prod(self.io, self.name, mat, out=out)
 
     def summed(self, mat: Tensor) -> Tensor:
         """The products summed over the stack and the batch: ``p.shape``."""
+        if not len(mat):
+            return self._zeros()
         return self.derivatives.param_jac_t_mat_prod_summed(self.io, self.name, mat)
 
     def sq_sum(self, mat: Tensor, per_sample: bool) -> Tensor:
         """Squared products summed over the stack (``[N, *p.shape]``) and, unless
         ``per_sample``, over the batch (``p.shape``)."""
+        if not len(mat):
+            return self._zeros(mat.shape[1]) if per_sample else self._zeros()
         return self.derivatives.param_sq_sum(self.io, self.name, mat, per_sample)
 
     def sq_norm(self, mat: Tensor) -> Tensor:
         """Squared norms of the per-sample products, summed over the stack: ``[N]``."""
+        if not len(mat):
+            return mat.new_zeros(mat.shape[1])
         return self.derivatives.param_sq_norm(self.io, self.name, mat)
+
+    def _zeros(self, *leading: int) -> Tensor:
+        """Zeros ``[*leading, *p.shape]``: the reductions of an empty stack (no vectors, as
+        a loss with a zero Hessian starts)."""
+        param = self.param
+        return torch.zeros(*leading, *param.shape, dtype=param.dtype, device=param.device)
 
     def kronecker(self, mat: Tensor, approx: str, thin: bool = False) -> tuple:
         """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
@@ -63,7 +78,11 @@ class Target:
         key = ("output_factor", approx, thin)
         cached = self.io.cache.get(key)
         if cached is None or cached[0] is not mat:
-            root = self.derivatives.output_root(self.io, mat, approx)
+            root = (
+                self.derivatives.output_root(self.io, mat, approx)
+                if len(mat)
+                else mat.new_zeros(0, self.param.shape[0])
+            )
             self.io.cache[key] = cached = (mat, Gram.of(root, thin))
         if self.name == "bias":
             return (Gram.copy(cached[1]),)
@@ -106,7 +125,7 @@ class SummedTarget:
 
     def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
         products = self._products[id(mat)]
-        return products if out is None else out.copy_(products)
+        return products.clone() if out is None else out.copy_(products)
 
     def summed(self, mat: Tensor) -> Tensor:
         return self._products[id(mat)].sum((0, 1))
@@ -202,17 +221,11 @@ def result_buffer(previous: Tensor | None, shape: tuple[int, ...], like: Tensor)
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
 def is_unreferenced(tensor: Tensor, references: int) -> bool:
     """Whether ``tensor`` has exactly ``references`` Python references (counted by the
     caller, not counting this call's argument) and no view shares its memory. ``False``
     where this PyTorch cannot count a storage's users (results are then never reused)."""
-    return (
-        _storage_use_count is not None
-        and tensor._base is None
-        and sys.getrefcount(tensor) - 2 <= references
-        # Storage users: `tensor` and the temporary storage object.
-        and _storage_use_count(tensor.untyped_storage()._cdata) <= 2
-    )
+    if tensor._base is not None or sys.getrefcount(tensor) - 2 > references:
+        return False
+    users = storage_users(tensor)
+    return users is not None and users <= 2  # `tensor` and the temporary storage object

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from curvhooks.derivatives import LossDerivatives, ModuleDerivatives, ModuleIO
+from curvhooks.derivatives.base import scale_entries
 
 Stack = Tensor | tuple[Tensor, Tensor]
 """A stack ``[V, N, *shape]``, or for ``HessianStack`` a pair (positive, negative)."""
@@ -56,13 +57,20 @@ class StackKind:
         """Inverse of ``parts``."""
         return parts[0]
 
-    def push(self, derivatives: ModuleDerivatives, io: ModuleIO, stack: Stack) -> Stack:
-        """Push the stack from a module's output to its input (analytic route)."""
+    def push(
+        self, derivatives: ModuleDerivatives, io: ModuleIO, stack: Stack, in_place: bool = False
+    ) -> Stack:
+        """Push the stack from a module's output to its input (analytic route); with
+        ``in_place``, where the module's Jacobian is diagonal, by overwriting the stack (for
+        its owner, once nothing else refers to it)."""
+        diagonal = derivatives.jacobian_diagonal(io) if in_place else None
         return self.from_parts(
             tuple(
-                derivatives.jac_t_mat_prod(io, part)
-                if len(part)
-                else part.new_zeros(0, *io.input_shape)
+                part.new_zeros(0, *io.input_shape)
+                if not len(part)
+                else derivatives.jac_t_mat_prod(io, part)
+                if diagonal is None
+                else scale_entries(part, diagonal, out=part)
                 for part in self.parts(stack)
             )
         )

@@ -17,14 +17,9 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from curvhooks._compat import GradientEdge
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.extensions.stacks import Stack
-
-try:
-    from torch.autograd.graph import GradientEdge, get_gradient_edge
-except ImportError:  # torch < 2.2: no graph route (chains still work)
-    GradientEdge = object  # type: ignore[assignment,misc]
-    get_gradient_edge = None
 
 
 @dataclass(eq=False)
@@ -133,13 +128,6 @@ class CallRecord:
         self._outputs.clear()
         self.shared = set()
         self._used = set()
-
-
-def gradient_edge(tensor: Tensor) -> GradientEdge | None:
-    """Where ``tensor`` enters the autograd graph now, or ``None`` if it needs no gradient."""
-    if get_gradient_edge is None or not tensor.requires_grad:
-        return None
-    return get_gradient_edge(tensor)
 
 
 def gradient_anchor(output: Tensor) -> Tensor:

@@ -25,6 +25,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from curvhooks._compat import (
+    BATCH_NORMS,
+    DROPOUTS,
+    at_backward_end,
+    gradient_edge,
+    has_gradient_edges,
+    is_transformed,
+)
 from curvhooks.derivatives import (
     LOSS_DERIVATIVES,
     MODULE_DERIVATIVES,
@@ -39,14 +47,7 @@ from curvhooks.derivatives import (
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import Stack, StackKind
-from curvhooks.hooks.calls import (
-    Call,
-    CallRecord,
-    describe,
-    get_gradient_edge,
-    gradient_anchor,
-    gradient_edge,
-)
+from curvhooks.hooks.calls import Call, CallRecord, describe, gradient_anchor
 from curvhooks.hooks.graph import (
     check_hessian_glue,
     check_shared_uses_independent,
@@ -233,7 +234,7 @@ class extend:
             return
         if output is args[0] and output._version == input_version:
             return  # handed its input on untouched (Identity, Dropout in eval): nothing to do
-        if _is_transformed(output):
+        if is_transformed(output):
             raise UnsupportedError(
                 f"module {describe(path, module)} ran inside a torch.func transform (vmap, grad, "
                 "...) in the model's forward; curvhooks cannot follow its calls there. Call the "
@@ -303,6 +304,11 @@ class extend:
                 "so call loss_fn(model(X), y) directly (move any extra operation into the "
                 "model's forward)"
             )
+        if not len(output):
+            raise ValueError(
+                "the batch is empty (0 samples): there is no curvature to compute; leave "
+                "empty batches out"
+            )
         derivatives = self._check_loss(output, target)
         stacks = {
             kind.key: kind.start(loss_fn, derivatives, output, target) for kind in self._kinds
@@ -339,7 +345,7 @@ class extend:
                 f"({supported_names(MODULE_DERIVATIVES)}) from the input to the loss; "
                 "use route='auto' or 'graph'"
             )
-        if chain is None and get_gradient_edge is None:
+        if chain is None and not has_gradient_edges():
             raise UnsupportedError(
                 f"{_names(self._second_order)} on a model that is not a chain of supported "
                 "modules need torch.autograd.graph.get_gradient_edge (PyTorch >= 2.4)"
@@ -403,7 +409,7 @@ class extend:
         if self._record.shared and not self._finish_queued:
             self._finish_queued = True
             finish = partial(self._results.finish_shared, self._first_order)
-            torch.autograd.Variable._execution_engine.queue_callback(finish)
+            at_backward_end(finish, needed_by="a parameter used by several calls")
 
     def _backward_extensions(self, call: Call, grad_output: Tensor | None) -> None:
         """Every extension's results at ``call``; the stacks it passes on."""
@@ -435,7 +441,8 @@ class extend:
 
     def _push(self, kind: StackKind, call: Call, stack: Stack, grad_output: Tensor | None) -> Stack:
         """Push a stack to the call's input, with the module's own curvature if any (chain)."""
-        pushed = kind.push(call.derivatives, call.io, stack)
+        # The route owns the stack; results may refer to it only at a call with parameters.
+        pushed = kind.push(call.derivatives, call.io, stack, in_place=not call.params)
         curvature = kind.module_curvature(call.derivatives, call.io, grad_output)
         return pushed if curvature is None else kind.join(pushed, curvature)
 
@@ -573,14 +580,22 @@ def _check_supported(
 
 
 def check_eval_mode(model: nn.Module) -> None:
-    """Reject modules whose output depends on the batch or on randomness in training mode."""
-    batch_dependent = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    """Reject modules whose output depends on the batch or on randomness: BatchNorm and
+    Dropout in training mode, BatchNorm without running statistics in any mode."""
+    batch_dependent = BATCH_NORMS + DROPOUTS
     for path, module in model.named_modules():
         if module.training and isinstance(module, batch_dependent):
             raise ValueError(
-                f"module {path!r} ({type(module).__name__}) is in training mode, where its "
-                "output depends on the batch or on randomness, so the curvature is not that of "
-                "a fixed function; call model.eval() first"
+                f"module {describe(path, module)} is in training mode, where its output "
+                "depends on the batch or on randomness, so the curvature is not that of a "
+                "fixed function; call model.eval() first"
+            )
+        if isinstance(module, BATCH_NORMS) and module.running_var is None:
+            raise ValueError(
+                f"module {describe(path, module)} has track_running_stats=False: it "
+                "normalises by the batch's statistics even in eval mode, so samples are not "
+                "independent and the curvature is not that of a fixed function; use "
+                "track_running_stats=True"
             )
 
 
@@ -609,12 +624,6 @@ def _overwrites_needed_input(module: nn.Module, derivatives: ModuleDerivatives |
     return bool(getattr(module, "inplace", False)) and bool(
         derivatives is not None and derivatives.needs_input
     )
-
-
-def _is_transformed(tensor: Tensor) -> bool:
-    """Whether ``tensor`` lives inside a ``torch.func`` transform (a wrapped tensor)."""
-    is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(is_wrapped is not None and is_wrapped(tensor))
 
 
 def _trainable_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from curvhooks._compat import GradientEdge
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.stacks import Stack, StackKind
-from curvhooks.hooks.calls import Call, GradientEdge
+from curvhooks.hooks.calls import Call
 
 _LINEAR = """
     Add Sub Neg View UnsafeView Reshape ReshapeAlias Alias Cat Stack Permute Transpose T Slice
@@ -91,6 +92,9 @@ def push_to_calls(
     stack is a sum over its vectors, so each can be reduced on arrival and freed.
     """
     parts = kind.parts(stack)
+    if not any(map(len, parts)):  # no vectors (a loss with a zero Hessian): zero results
+        yield [(call, _as_stack(kind, 0, parts[0], len(parts), call)) for call in targets]
+        return
     for index, part in enumerate(parts):
         for chunk in part.split(_chunk_size(part, targets)) if len(part) else ():
             pushed = batched_vjp(start, chunk, targets)
@@ -143,7 +147,7 @@ def check_hessian_glue(start: GradientEdge, calls: list[Call], needed_by: str) -
 
 
 def _check_operation(node: object, needed_by: str) -> None:
-    name = type(node).__name__
+    name = node.name().rsplit("::", 1)[-1]  # "torch::autograd::AccumulateGrad"
     if name == "AccumulateGrad" or re.sub(r"Backward\d*$", "", name) in LINEAR_OPERATIONS:
         return
     factors = BILINEAR_OPERATIONS.get(name)
