@@ -113,8 +113,7 @@ Parameters with `requires_grad=False` get no attributes and cost nothing.
 
 def first_order(derivatives: ModuleDerivatives) -> str:
     """Whether the derivatives give per-sample parameter products."""
-    products = type(derivatives).param_jac_t_mat_prod
-    return "no parameters" if products is ModuleDerivatives.param_jac_t_mat_prod else "yes"
+    return "yes" if derivatives.serves_parameters else "no parameters"
 
 
 def second_derivative(derivatives: ModuleDerivatives) -> str:

@@ -49,9 +49,10 @@ def test_exit_leaves_the_model_as_before():
     with curvhooks.extend(model, loss_fn, BatchGrad(), SqrtGGN()) as context:
         assert _hook_count(model) > 0 and _hook_count(loss_fn) > 0
         loss_fn(model(X), y).backward()
-        assert all(call.io.input is None and not call.stacks for call in context._record.calls)
+        record = context._backward.recorder.record
+        assert all(call.io.input is None and not call.stacks for call in record.calls)
     assert _hook_count(model) == 0 and _hook_count(loss_fn) == 0
-    assert context._record.calls == [] and context._record._outputs == {}
+    assert record.calls == [] and record._outputs == {}
     # torch.func works on the model afterwards
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -114,23 +115,29 @@ def test_results_are_reused_across_contexts_unless_referenced():
 
 @pytest.mark.parametrize("problem, loss", CASES[::4], ids=CASE_IDS[::4])
 def test_run_batch_and_the_chain_backward_match_loss_backward(problem, loss):
-    """``run_batch`` (autograd's backward pass, and the hooks' own on a chain) writes what
-    ``loss.backward()`` writes, without touching ``p.grad``."""
-    from curvhooks.hooks import ChainBackward
+    """``run_batch`` (autograd's backward pass, and the hooks' own on a chain) gives what
+    ``loss.backward()`` writes, without touching ``p.grad`` or the parameters' attributes."""
+    from curvhooks.hooks import BatchResults, hooked
 
     extensions = (BatchGrad(), SqrtGGN()) + ((DiagHessian(),) if not problem.hessian_glue else ())
     model, loss_fn, X, y = problem.make(loss)
     expected = run_with(model, loss_fn, X, y, *extensions)
-    for context in (curvhooks.extend, ChainBackward) if problem.is_chain else (curvhooks.extend,):
+    curvhooks.hooks.sinks.ParameterAttributes().take(model)  # clear the attributes
+    params = [p for p in model.parameters() if p.requires_grad]
+    for route in ("auto", "graph") if problem.is_chain else ("auto",):
         for p in model.parameters():
             p.grad = None
-        with context(model, loss_fn, *extensions) as hooks:
-            output = hooks.run_batch(X, y)
-            assert_close(output, model(X))
-            for name, p in model.named_parameters():
-                assert p.grad is None
-                for attribute, value in expected[name].items():
-                    assert_close(getattr(p, attribute), value)
+        batch = BatchResults()
+        with hooked(model, loss_fn, extensions, batch, route, params) as hooks:
+            assert isinstance(hooks, curvhooks.hooks.ChainBackward) == (
+                route == "auto" and problem.is_chain
+            )
+            output = hooks.run_batch(X, y, params)
+        assert_close(output, model(X))
+        for name, p in model.named_parameters():
+            assert p.grad is None and not hasattr(p, "grad_batch")
+            for attribute, value in expected[name].items():
+                assert_close(batch.get(p, attribute), value)
 
 
 def test_float32_results_match_float64():

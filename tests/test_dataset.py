@@ -460,3 +460,70 @@ def test_batchnorm_without_running_statistics_is_rejected_on_every_route():
             function(model, nn.CrossEntropyLoss(), (X, y))
     with pytest.raises(ValueError, match="track_running_stats=True"):
         curvhooks.extend(model, nn.CrossEntropyLoss(), curvhooks.BatchGrad()).__enter__()
+
+
+def _model_state(model: nn.Module) -> dict:
+    """Everything a dataset function could change on a model: the parameters' attributes,
+    flags, values and gradients, and every module's hooks."""
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
+    hook_dicts += ("_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+    return {
+        "params": [
+            (dict(p.__dict__), p.requires_grad, p.detach().clone(), p.grad, p._backward_hooks)
+            for p in model.parameters()
+        ],
+        "hooks": [
+            {name: dict(getattr(m, name, {})) for name in hook_dicts} for m in model.modules()
+        ],
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def _assert_same_state(found: dict, expected: dict) -> None:
+    assert found["hooks"] == expected["hooks"] and found["training"] == expected["training"]
+    for now, before in zip(found["params"], expected["params"], strict=True):
+        assert now[0].keys() == before[0].keys()
+        assert all(now[0][key] is before[0][key] for key in before[0])
+        assert now[1] == before[1] and torch.equal(now[2], before[2])
+        assert now[3] is before[3] and now[4] == before[4]
+
+
+DATASET_CALLS = {
+    "ggn": (curvhooks.ggn, {}),
+    "ggn-params-subset": (curvhooks.ggn, {"params": "last"}),
+    "kfac-params-subset": (curvhooks.kfac, {"params": "last"}),
+    "ggn-graph-layer": (curvhooks.ggn, {"structure": "layer", "route": "graph"}),
+    "ggn-autograd": (curvhooks.ggn, {"route": "autograd"}),
+    "empirical-fisher-diag": (curvhooks.empirical_fisher, {"structure": "diag"}),
+    "hessian": (curvhooks.hessian, {}),
+    "hessian-hooks-param": (curvhooks.hessian, {"structure": "param"}),
+    "matrices": (curvhooks.matrices, {}),
+    "kfac": (curvhooks.kfac, {"eigen_correction": True}),
+    "kfac-empirical": (curvhooks.kfac, {"fisher": "empirical"}),
+}
+"""Dataset functions and arguments; ``params="last"``: the last trainable parameter."""
+
+
+@pytest.mark.parametrize("call", DATASET_CALLS)
+@pytest.mark.parametrize("name", ["frozen-params", "conv-residual"])
+def test_dataset_functions_leave_the_model_as_they_found_it(name, call):
+    """No attribute, ``requires_grad`` flag (also during the call), value, gradient or hook
+    of the user's model changes; a result attribute the user holds stays as it was."""
+    model, loss_fn, X, y, loader = _data(by_name(name), "ce-mean")
+    first = next(model.parameters())
+    first.grad_batch = torch.ones(1)  # a result of the user's, from an earlier context
+    first.grad = torch.zeros_like(first)
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    during = []
+    for module in model.modules():
+        module.register_forward_pre_hook(
+            lambda module, args: during.append([p.requires_grad for p in params])
+        )
+    before = _model_state(model)
+    function, options = DATASET_CALLS[call]
+    if options.get("params") == "last":
+        options = {"params": [p for p in params if p.requires_grad][-1:]}
+    function(model, loss_fn, loader, **options)
+    _assert_same_state(_model_state(model), before)
+    assert during and all(seen == flags for seen in during)

@@ -29,7 +29,7 @@ from curvhooks.extensions import (
     SqrtGGN,
     SumGradSquared,
 )
-from curvhooks.hooks import ChainBackward, extend, results_preserved, supports_chain
+from curvhooks.hooks import BatchResults, hooked
 
 FACTORS: dict[Kind, tuple[type[Extension], type[Extension]]] = {
     Kind.GGN: (DiagGGN, SqrtGGN),
@@ -61,13 +61,13 @@ def hook_matrices(
     diag = plan.structure is Structure.DIAG
     extensions = {kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1]() for kind in kinds}
     results = {kind: plan.new_result() for kind in kinds}
-    with (
-        results_preserved(model),  # the user's own results stay as they were
-        only_these_require_grad(model, plan.params),
-        hook_context(model, loss_fn, route, unsupported)(*extensions.values()) as hooks,
-    ):
+    batch = BatchResults()
+    with hooked(
+        model, loss_fn, tuple(extensions.values()), batch, route_of(route), plan.params, unsupported
+    ) as hooks:
         for X, y, weight, _ in total.batches(data, model_device(model), progress):
-            output = hooks.run_batch(X, y)
+            batch.new_batch()
+            output = hooks.run_batch(X, y, plan.params)
             for kind, extension in extensions.items():
                 if kind is Kind.EMPIRICAL_FISHER:
                     # grad_batch[n] = s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once.
@@ -77,7 +77,7 @@ def hook_matrices(
                 accumulate(
                     results[kind],
                     plan,
-                    _attribute_of(plan, extension.attribute),
+                    _results_of(batch, plan.params, extension.attribute),
                     kind_weight,
                     from_factors=kind in FACTORS,
                 )
@@ -106,34 +106,11 @@ def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):
     return derivatives
 
 
-def hook_context(model: nn.Module, loss_fn: nn.Module, route: Route, unsupported: str):
-    """The context for ``route``: the hooks' own backward pass on a chain of supported
-    modules (unless the graph route is asked for), autograd's elsewhere."""
-    if route is not Route.GRAPH and supports_chain(model, loss_fn):
-        return lambda *extensions: ChainBackward(model, loss_fn, *extensions)
-    options = {"route": "auto" if route is Route.HOOKS else route.value}
-    return lambda *extensions: extend(
-        model, loss_fn, *extensions, unsupported=unsupported, **options
-    )
+def _results_of(batch: BatchResults, params: list[nn.Parameter], attribute: str):
+    """Parameter ``i``'s result ``attribute`` in the batch; ``None`` where it has none."""
+    return lambda index: batch.get(params[index], attribute)
 
 
-def _attribute_of(plan: Layout, attribute: str):
-    """Parameter ``i``'s result ``attribute``, or ``None`` where it has none."""
-    return lambda index: getattr(plan.params[index], attribute, None)
-
-
-class only_these_require_grad:
-    """Temporarily stop the other parameters from requiring grad, so that no work is spent
-    on them; restores every flag on exit."""
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]) -> None:
-        selected = {id(p) for p in params}
-        self._others = [p for p in model.parameters() if p.requires_grad and id(p) not in selected]
-
-    def __enter__(self) -> None:
-        for param in self._others:
-            param.requires_grad_(False)
-
-    def __exit__(self, *exc_info: object) -> None:
-        for param in self._others:
-            param.requires_grad_(True)
+def route_of(route: Route) -> str:
+    """The hooks' route for a dataset route among ``HOOKS``, ``CHAIN`` and ``GRAPH``."""
+    return "auto" if route is Route.HOOKS else route.value

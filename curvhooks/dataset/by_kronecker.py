@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvhooks.dataset.by_hooks import hook_context, only_these_require_grad
 from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases, factor_sides
-from curvhooks.dataset.plan import Route, Structure, layout, model_device, unwrap
+from curvhooks.dataset.plan import Structure, layout, model_device, unwrap
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
@@ -26,7 +25,7 @@ from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
-from curvhooks.hooks import check_eval_mode, results_preserved
+from curvhooks.hooks import BatchResults, check_eval_mode, hooked
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 
@@ -153,18 +152,16 @@ class _Passes:
         sums: dict[tuple[str, int], Factor] = {}
         means: dict[tuple[str, int], Factor] = {}  # averages over the samples so far
         samples = 0
-        with (
-            results_preserved(self.model),
-            only_these_require_grad(self.model, self.params),
-            hook_context(self.model, self.loss_fn, Route.HOOKS, "raise")(extension) as hooks,
-        ):
+        batch = BatchResults()
+        with hooked(self.model, self.loss_fn, (extension,), batch, "auto", self.params) as hooks:
             device = model_device(self.model)
             for X, y, weight, size in total.batches(self.data, device, self.progress):
-                hooks.run_batch(X, y)
+                batch.new_batch()
+                hooks.run_batch(X, y, self.params)
                 share = size / (samples + size)
                 samples += size
                 for name, param in zip(self.names, self.params):
-                    parts = self._parts(name, param, extension)
+                    parts = _parts(name, batch.get(param, extension.attribute))
                     for index, (part, (_, is_mean)) in enumerate(zip(parts, shapes(param))):
                         key = (name, index)
                         if is_mean:
@@ -186,15 +183,15 @@ class _Passes:
             for name, param in zip(self.names, self.params)
         }
 
-    @staticmethod
-    def _parts(name: str, param: nn.Parameter, extension: Extension) -> tuple[Tensor, ...]:
-        result = getattr(param, extension.attribute, None)
-        if result is None:
-            raise ValueError(
-                f"parameter {name} does not reach the loss, so it has no Kronecker factors; "
-                "leave it out with params="
-            )
-        return result if isinstance(result, tuple) else (result,)
+
+def _parts(name: str, result: object) -> tuple[Tensor, ...]:
+    """A parameter's result as a tuple of parts; raises where it has none."""
+    if result is None:
+        raise ValueError(
+            f"parameter {name} does not reach the loss, so it has no Kronecker factors; "
+            "leave it out with params="
+        )
+    return result if isinstance(result, tuple) else (result,)
 
 
 def _identity(param: nn.Parameter) -> Tensor:

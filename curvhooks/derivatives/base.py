@@ -115,6 +115,11 @@ class ModuleDerivatives:
         """
         raise NotImplementedError
 
+    @property
+    def serves_parameters(self) -> bool:
+        """Whether the module type has parameters (``param_jac_t_mat_prod`` is defined)."""
+        return type(self).param_jac_t_mat_prod is not ModuleDerivatives.param_jac_t_mat_prod
+
     def param_jac_t_mat_prod_summed(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         """``param_jac_t_mat_prod`` summed over the stack and the batch: ``p.shape``."""
         return self.param_jac_t_mat_prod(io, name, mat).sum((0, 1))

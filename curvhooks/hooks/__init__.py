@@ -1,24 +1,29 @@
-"""The hook machinery: the record of calls (``calls``), the graph route (``graph``), the
-results on the parameters (``results``), the context that wires them (``context``), and the
-dataset functions' own backward pass along a chain (``chain``)."""
+"""The hook machinery: what a context computes (``plan``), the record of calls (``calls``,
+``recorder``), the routes the stacks take (``routes``, with autograd's pushes in ``graph``),
+the results and where they go (``reducer``, ``sinks``), the two ways a backward pass meets the
+hooks (``backward``) and the user's context (``context``)."""
 
-from curvhooks.hooks.chain import ChainBackward, supports_chain
-from curvhooks.hooks.context import (
+from curvhooks.hooks.backward import AutogradBackward, ChainBackward, hooked, supports_chain
+from curvhooks.hooks.context import extend
+from curvhooks.hooks.plan import (
     ROUTES,
+    HookPlan,
     check_eval_mode,
-    extend,
     supported_params,
     unsupported_module,
 )
-from curvhooks.hooks.results import clear_results, results_preserved
+from curvhooks.hooks.sinks import BatchResults, ParameterAttributes
 
 __all__ = [
     "ROUTES",
+    "AutogradBackward",
+    "BatchResults",
     "ChainBackward",
+    "HookPlan",
+    "ParameterAttributes",
     "check_eval_mode",
-    "clear_results",
     "extend",
-    "results_preserved",
+    "hooked",
     "supported_params",
     "supports_chain",
     "unsupported_module",

@@ -1,53 +1,36 @@
-"""Results on the parameters: writing them, reusing unreferenced ones, clearing them.
+"""``Reducer``: each extension's result from the stacks that reach a call, handed to a sink.
 
-An extension's result is any object (a tensor, or a tuple of Kronecker factors); it is set as
-the extension's attribute on each trainable parameter. Clearing covers every attribute of
-every extension class defined (``RESULT_ATTRIBUTES``), the user's own included.
+A parameter used by one call of the pass gets its results from that call's stacks. A
+parameter used by several calls (``shared``) gets them from the calls' per-sample products
+summed per sample and per vector (``SummedTarget``); its output gradients arrive at different
+times and are summed as they come, and ``finish_shared`` hands its results to the sink once
+the backward pass is over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 from torch import Tensor, nn
 
-from curvhooks.extensions import RESULT_ATTRIBUTES, Extension
-from curvhooks.extensions.base import SummedTarget, Target, is_unreferenced
+from curvhooks.extensions import Extension
+from curvhooks.extensions.base import SummedTarget, Target
 from curvhooks.extensions.stacks import Stack, StackKind
 from curvhooks.hooks.calls import Call
+from curvhooks.hooks.sinks import Sink
 
 
-class Results:
-    """Writes the extensions' results, reusing the memory of earlier results nobody holds.
+class Reducer:
+    """Reduces stacks into results and hands them to ``sink``."""
 
-    A parameter used by one call of the pass gets its results from that call's stacks. A
-    parameter used by several calls (``shared``) gets them from the calls' per-sample
-    products summed per sample and per vector (``SummedTarget``); its output gradients arrive
-    at different times and are summed as they come, and ``finish_shared`` writes its results
-    once the backward pass is over.
-    """
-
-    def __init__(self) -> None:
-        self._spare: dict[tuple[int, str], Tensor] = {}
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
         self._gradients: dict[int, tuple[nn.Parameter, Tensor]] = {}
         self._shared: dict[tuple[int, str], tuple[nn.Parameter, object]] = {}
-
-    def take(self, model: nn.Module) -> None:
-        """Remove every result attribute from the model's parameters; keep those nobody else
-        references, to write into later."""
-        self._spare = {}
-        for param in model.parameters():
-            for attribute in tuple(RESULT_ATTRIBUTES):
-                result = param.__dict__.pop(attribute, None)
-                if isinstance(result, Tensor) and is_unreferenced(result, references=1):
-                    self._spare[(id(param), attribute)] = result
 
     def write(
         self, call: Call, extensions: list[Extension], stacks: list[Stack], shared: set[int]
     ) -> None:
-        """Set each extension's result, from its stack, on each trainable parameter of the
-        call that is not ``shared`` (ids)."""
+        """Hand each extension's result, from its stack, to the sink for each parameter of
+        the call that is not ``shared`` (ids)."""
         self.reduce(call, extensions, stacks, shared)
         self.commit(call)
 
@@ -69,6 +52,13 @@ class Results:
             target = Target(call.derivatives, call.io, name)
             for ext, stack in serving:
                 self._add(call.results, (name, ext.attribute), param, ext, target, stack)
+
+    def commit(self, call: Call) -> None:
+        """Hand the call's results of this pass to the sink."""
+        params = dict(call.params)
+        for (name, attribute), result in call.results.items():
+            self.sink.put(params[name], attribute, result)
+        call.results = {}
 
     def reduce_shared(
         self,
@@ -110,13 +100,16 @@ class Results:
 
     def finish_shared(self, first_order: list[Extension]) -> None:
         """Compute the shared parameters' first-order results from their summed gradients,
-        then set every shared result on its parameter."""
+        then hand every shared result to the sink."""
         for param, products in self._gradients.values():
             target = SummedTarget(param, [products])
             for ext in first_order:
                 self._add_shared(param, ext, target, target.tokens[0])
         for (_, attribute), (param, result) in self._shared.items():
-            setattr(param, attribute, result)
+            self.sink.put(param, attribute, result)
+        self.clear()
+
+    def clear(self) -> None:
         self._gradients.clear()
         self._shared.clear()
 
@@ -124,7 +117,7 @@ class Results:
         key = (id(param), ext.attribute)
         entry = self._shared.get(key)
         if entry is None:
-            result = ext.compute(target, stack, self._previous(param, ext.attribute))
+            result = ext.compute(target, stack, self.sink.previous(param, ext.attribute))
         else:
             result = ext.combine(entry[1], ext.compute(target, stack))
         self._shared[key] = (param, result)
@@ -134,49 +127,4 @@ class Results:
         if key in store:
             store[key] = ext.combine(store[key], ext.compute(target, stack))
         else:
-            store[key] = ext.compute(target, stack, self._previous(param, ext.attribute))
-
-    def commit(self, call: Call) -> None:
-        """Set the call's results of this pass on its parameters."""
-        params = dict(call.params)
-        for (name, attribute), result in call.results.items():
-            setattr(params[name], attribute, result)
-        call.results = {}
-
-    def _previous(self, param: nn.Parameter, attribute: str) -> Tensor | None:
-        """The previous result on ``param`` if nobody else references it: the live attribute
-        (a context held open over several passes) or one set aside on entry."""
-        live = param.__dict__.get(attribute)
-        if isinstance(live, Tensor):
-            return live if is_unreferenced(live, references=2) else None  # __dict__, `live`
-        return self._spare.pop((id(param), attribute), None)
-
-    def clear(self) -> None:
-        self._spare.clear()
-        self._gradients.clear()
-        self._shared.clear()
-
-
-def clear_results(model: nn.Module) -> None:
-    """Remove every curvhooks result attribute from the model's parameters."""
-    for param in model.parameters():
-        for attribute in tuple(RESULT_ATTRIBUTES):
-            param.__dict__.pop(attribute, None)
-
-
-@contextmanager
-def results_preserved(model: nn.Module) -> Iterator[None]:
-    """Set the result attributes on the model's parameters aside for the block, then remove
-    whatever results the block left and put the earlier ones back."""
-    saved = [
-        (param, attribute, param.__dict__.pop(attribute))
-        for param in model.parameters()
-        for attribute in tuple(RESULT_ATTRIBUTES)
-        if attribute in param.__dict__
-    ]
-    try:
-        yield
-    finally:
-        clear_results(model)
-        for param, attribute, result in saved:
-            setattr(param, attribute, result)
+            store[key] = ext.compute(target, stack, self.sink.previous(param, ext.attribute))

@@ -1,0 +1,315 @@
+"""What a context hooks and computes, checked once on construction: the arguments, the
+modules to hook with their derivatives and served parameters, and the checks of modules and
+losses that every route and every dataset function shares."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from curvhooks._compat import BATCH_NORMS, DROPOUTS
+from curvhooks.derivatives import (
+    LOSS_DERIVATIVES,
+    MODULE_DERIVATIVES,
+    SUPPORTED_REDUCTIONS,
+    LossDerivatives,
+    ModuleDerivatives,
+    loss_derivatives,
+    module_derivatives,
+    supported_names,
+)
+from curvhooks.errors import UnsupportedError
+from curvhooks.extensions import Extension
+from curvhooks.extensions.stacks import StackKind
+from curvhooks.hooks.calls import describe
+
+ROUTES = ("auto", "chain", "graph")
+"""How stacks travel: ``"chain"`` (analytic pushes along a chain of supported modules),
+``"graph"`` (autograd, any graph), ``"auto"`` (the chain where the calls form one)."""
+
+Params = list[tuple[str, nn.Parameter]]
+
+
+@dataclass(frozen=True)
+class HookedModule:
+    """A module to hook: its path, its derivatives (``None`` if unsupported, for a module
+    recorded only to find chains) and the parameters it serves results to."""
+
+    path: str
+    module: nn.Module
+    derivatives: ModuleDerivatives | None
+    params: Params
+
+
+@dataclass(frozen=True)
+class HookPlan:
+    """The checked request of a context.
+
+    Attributes:
+        model: The model.
+        loss_fn: The loss module.
+        first_order: The extensions that reduce the output gradient.
+        second_order: The extensions that reduce a propagated stack.
+        kinds: The stack kinds of ``second_order``, each once.
+        modules: The modules to hook.
+        route: One of ``ROUTES``.
+        unsupported: ``"raise"`` or ``"skip"``.
+    """
+
+    model: nn.Module
+    loss_fn: nn.Module
+    first_order: tuple[Extension, ...]
+    second_order: tuple[Extension, ...]
+    kinds: tuple[StackKind, ...]
+    modules: tuple[HookedModule, ...]
+    route: str
+    unsupported: str
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        extensions: tuple[Extension, ...],
+        unsupported: str = "raise",
+        route: str = "auto",
+        params: Iterable[nn.Parameter] | None = None,
+        records_leaves: bool = False,
+    ) -> HookPlan:
+        """Check the arguments and the modules; ``params`` limits the parameters served
+        (default: all that require grad); ``records_leaves`` records every leaf module (to
+        push along a chain), else only those with parameters and, for second order, the
+        leaves."""
+        check_arguments(model, loss_fn, extensions, route, unsupported)
+        second_order = tuple(ext for ext in extensions if ext.stack_kind() is not None)
+        kinds = {ext.stack_kind().key: ext.stack_kind() for ext in second_order}
+        selected = None if params is None else _selected(model, params)
+        modules = _modules_to_hook(
+            model, extensions, unsupported, selected, records_leaves or bool(second_order)
+        )
+        return cls(
+            model,
+            loss_fn,
+            tuple(ext for ext in extensions if ext.stack_kind() is None),
+            second_order,
+            tuple(kinds.values()),
+            modules,
+            route,
+            unsupported,
+        )
+
+    def extensions_of(self, kind: StackKind) -> list[Extension]:
+        """The second-order extensions that reduce stacks of ``kind``."""
+        return [ext for ext in self.second_order if ext.stack_kind().key == kind.key]
+
+    @property
+    def has_module_curvature(self) -> bool:
+        """Whether some stack takes the curvature of nonlinear modules (the Hessian's)."""
+        return any(kind.has_module_curvature for kind in self.kinds)
+
+    def served(self) -> list[nn.Parameter]:
+        """The parameters that get results, in the order of the hooked modules."""
+        return [param for hooked in self.modules for _, param in hooked.params]
+
+    def check_loss(self, output: Tensor, target: Tensor) -> LossDerivatives | None:
+        """The loss's derivatives where a stack starts from the loss's Hessian; raises for
+        an unsupported loss or call."""
+        needed_by = [e for e in self.second_order if e.stack_kind().needs_loss_hessian]
+        if not needed_by:
+            return None
+        return check_loss(self.loss_fn, output, target, names(needed_by))
+
+
+def _selected(model: nn.Module, params: Iterable[nn.Parameter]) -> set[int]:
+    """The ids of ``params``; raises unless they are parameters of ``model``."""
+    owned = {id(p) for p in model.parameters()}
+    selected = {id(p) for p in params}
+    if not selected <= owned:
+        raise ValueError("params must be parameters of the model")
+    return selected
+
+
+def names(extensions: Iterable[Extension]) -> str:
+    """The extensions, for messages: ``"DiagGGN(), BatchGrad()"``."""
+    return ", ".join(map(repr, extensions))
+
+
+def check_arguments(
+    model: nn.Module, loss_fn: nn.Module, extensions: tuple, route: str, unsupported: str
+) -> None:
+    """Raise ``TypeError``/``ValueError`` for arguments that cannot work, saying what to do."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(loss_fn, nn.Module):
+        raise TypeError(
+            f"loss_fn must be a loss module such as torch.nn.CrossEntropyLoss(), "
+            f"got {type(loss_fn).__name__}"
+        )
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in SUPPORTED_REDUCTIONS:
+        raise ValueError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported: curvhooks "
+            f"needs a scalar loss; use reduction='mean' or reduction='sum'"
+        )
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if unsupported not in ("raise", "skip"):
+        raise ValueError(f"unsupported must be 'raise' or 'skip', got {unsupported!r}")
+    for ext in extensions:
+        if isinstance(ext, type) and issubclass(ext, Extension):
+            raise TypeError(f"pass extension instances: {ext.__name__}(), not {ext.__name__}")
+        if not isinstance(ext, Extension):
+            raise TypeError(f"extensions must be instances from curvhooks.extensions, got {ext!r}")
+    attributes = [ext.attribute for ext in extensions]
+    for attribute in set(attributes):
+        if attributes.count(attribute) > 1:
+            clash = [ext for ext in extensions if ext.attribute == attribute]
+            raise ValueError(f"{names(clash)} all write p.{attribute}; pass each extension once")
+
+
+def _modules_to_hook(
+    model: nn.Module,
+    extensions: tuple[Extension, ...],
+    unsupported: str,
+    selected: set[int] | None,
+    records_leaves: bool,
+) -> tuple[HookedModule, ...]:
+    """The modules to hook; raises for a module with served parameters that curvhooks cannot
+    handle, or with ``unsupported="skip"`` leaves it out (one warning names them)."""
+    check_eval_mode(model)
+    hooked, skipped = [], []
+    for path, module in model.named_modules():
+        params = trainable_params(module, selected)
+        is_leaf = next(module.children(), None) is None
+        if not (params or (is_leaf and records_leaves)):
+            continue
+        derivatives = module_derivatives(module)
+        if params and unsupported == "skip" and unsupported_module(module):
+            skipped.append(describe(path, module))
+            continue
+        if params and unsupported == "skip":  # extensions that refuse it leave it out alone
+            skipped += [
+                f"{describe(path, module)} by {ext!r}"
+                for ext in extensions
+                if ext.unsupported_reason(derivatives) is not None
+            ]
+        elif params:
+            _check_supported(path, module, derivatives, extensions)
+        hooked.append(HookedModule(path, module, derivatives, params))
+    if skipped:
+        warn_skipped(skipped)
+    return tuple(hooked)
+
+
+def warn_skipped(described: list[str]) -> None:
+    """The one warning of ``unsupported="skip"``, naming what gets no results."""
+    warnings.warn(
+        f"curvhooks skips the parameters of unsupported modules {', '.join(described)} "
+        "(unsupported='skip'): they get no results",
+        stacklevel=4,
+    )
+
+
+def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:
+    """The module's own parameters that require gradients (among ``selected`` ids), by
+    name."""
+    return [
+        (name, param)
+        for name, param in module.named_parameters(recurse=False)
+        if param.requires_grad and (selected is None or id(param) in selected)
+    ]
+
+
+def unsupported_module(module: nn.Module) -> bool:
+    """Whether curvhooks lacks derivatives for ``module`` or for its arguments."""
+    derivatives = module_derivatives(module)
+    return derivatives is None or derivatives.unsupported_reason(module) is not None
+
+
+def supported_params(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` less those of modules curvhooks does not
+    support (one warning names those modules)."""
+    skipped = [
+        (path, module)
+        for path, module in model.named_modules()
+        if trainable_params(module) and unsupported_module(module)
+    ]
+    if skipped:
+        warn_skipped([describe(path, module) for path, module in skipped])
+    left_out = {id(p) for _, module in skipped for p in module.parameters(recurse=False)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in left_out]
+
+
+_SKIP_OR_EXCLUDE = (
+    "pass unsupported='skip' to leave its parameters out (one warning names them), or "
+    "exclude them (requires_grad_(False), or params= at dataset level)"
+)
+
+
+def _with_parameters() -> str:
+    """The supported module classes that hold parameters, for messages."""
+    table = {cls: d for cls, d in MODULE_DERIVATIVES.items() if d.serves_parameters}
+    return supported_names(table)
+
+
+def _check_supported(
+    path: str, module: nn.Module, derivatives: ModuleDerivatives | None, needed_by: tuple
+) -> None:
+    if derivatives is None:
+        raise UnsupportedError(
+            f"module {describe(path, module)} is not supported by {names(needed_by)}; "
+            f"supported modules with parameters: {_with_parameters()} (any graph of them, with "
+            f"torch functions and parameter-free modules between); {_SKIP_OR_EXCLUDE}"
+        )
+    reason = derivatives.unsupported_reason(module)
+    if reason is not None:
+        raise UnsupportedError(
+            f"module {describe(path, module)} is not supported by {names(needed_by)}: {reason}"
+        )
+    for extension in needed_by:
+        reason = extension.unsupported_reason(derivatives)
+        if reason is not None:
+            raise UnsupportedError(
+                f"module {describe(path, module)} is not supported by {extension!r}: {reason}; "
+                f"{_SKIP_OR_EXCLUDE}"
+            )
+
+
+def check_loss(
+    loss_fn: nn.Module, output: Tensor, target: Tensor, needed_by: str
+) -> LossDerivatives:
+    """The derivatives of ``loss_fn`` called on ``output`` and ``target``; raises
+    ``UnsupportedError`` naming what ``needed_by`` cannot use."""
+    derivatives = loss_derivatives(loss_fn)
+    loss_name = type(loss_fn).__name__
+    if derivatives is None:
+        raise UnsupportedError(
+            f"loss {loss_name} is not supported by {needed_by}; "
+            f"supported losses: {supported_names(LOSS_DERIVATIVES)}"
+        )
+    reason = derivatives.unsupported_reason(loss_fn, output, target)
+    if reason is not None:
+        raise UnsupportedError(f"loss {loss_name} is not supported by {needed_by}: {reason}")
+    return derivatives
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Reject modules whose output depends on the batch or on randomness: BatchNorm and
+    Dropout in training mode, BatchNorm without running statistics in any mode."""
+    for path, module in model.named_modules():
+        if module.training and isinstance(module, BATCH_NORMS + DROPOUTS):
+            raise ValueError(
+                f"module {describe(path, module)} is in training mode, where its output "
+                "depends on the batch or on randomness, so the curvature is not that of a "
+                "fixed function; call model.eval() first"
+            )
+        if isinstance(module, BATCH_NORMS) and module.running_var is None:
+            raise ValueError(
+                f"module {describe(path, module)} has track_running_stats=False: it "
+                "normalises by the batch's statistics even in eval mode, so samples are not "
+                "independent and the curvature is not that of a fixed function; use "
+                "track_running_stats=True"
+            )
