@@ -414,3 +414,24 @@ def test_an_empty_batch_is_refused():
     with curvhooks.extend(model, loss_fn, DiagGGN()):
         with pytest.raises(ValueError, match="the batch is empty"):
             loss_fn(model(X), y)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv-residual"])
+def test_params_limits_the_results_to_those_parameters(name):
+    model, loss_fn, X, y = by_name(name).make("ce-mean")
+    extensions = BatchGrad(), DiagGGN(), DiagHessian()
+    expected = run_with(model, loss_fn, X, y, *extensions)
+    chosen = [model.get_parameter(n) for n in list(expected)[1:3]]
+    with curvhooks.extend(model, loss_fn, *extensions, params=chosen):
+        loss_fn(model(X), y).backward()
+    for param_name, results in expected.items():
+        param = model.get_parameter(param_name)
+        served = any(param is p for p in chosen)
+        for attribute, value in results.items():
+            assert hasattr(param, attribute) == served
+            if served:
+                assert_close(getattr(param, attribute), value)
+    with pytest.raises(ValueError, match="params must be parameters of the model"):
+        curvhooks.extend(
+            model, loss_fn, BatchGrad(), params=[nn.Parameter(torch.ones(1))]
+        ).__enter__()

@@ -52,7 +52,6 @@ def hook_matrices(
     total: DatasetSum,
     route: Route,
     progress: bool,
-    unsupported: str = "raise",
 ) -> dict[Kind, Tensor]:
     """GGN, empirical Fisher and (structures ``PARAM``, ``DIAG``) Hessian, as ``kinds``
     asks, sharing one backward pass per batch; ``route`` is ``HOOKS``, ``CHAIN`` or
@@ -63,7 +62,7 @@ def hook_matrices(
     results = {kind: plan.new_result() for kind in kinds}
     batch = BatchResults()
     with hooked(
-        model, loss_fn, tuple(extensions.values()), batch, route_of(route), plan.params, unsupported
+        model, loss_fn, tuple(extensions.values()), batch, route_of(route), plan.params
     ) as hooks:
         for X, y, weight, _ in total.batches(data, model_device(model), progress):
             batch.new_batch()

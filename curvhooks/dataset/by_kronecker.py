@@ -18,14 +18,21 @@ from torch import Tensor, nn
 
 from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases, factor_sides
 from curvhooks.dataset.plan import Structure, layout, model_device, unwrap
-from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.dataset.weighting import DatasetSum, peek, to_device
 from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
-from curvhooks.hooks import BatchResults, check_eval_mode, hooked
+from curvhooks.hooks import (
+    BatchResults,
+    check_eval_mode,
+    hooked,
+    supports_chain,
+    used_outside_message,
+    uses_outside_modules,
+)
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 
@@ -91,9 +98,10 @@ def kfac(
             "eigen_correction needs the per-sample gradients, which fisher='forward-only' "
             "does without; pick another fisher type or eigen_correction=False"
         )
-    plan = layout(model, params, Structure.PARAM, max_memory=2**62)
     check_eval_mode(model)
+    plan = layout(model, params, Structure.PARAM, max_memory=2**62)
     names = _names_of(model, plan.params)
+    data = _check_uses_inside_modules(model, loss_fn, data, plan.params)
     passes = _Passes(
         model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
     )
@@ -192,6 +200,22 @@ def _parts(name: str, result: object) -> tuple[Tensor, ...]:
             "leave it out with params="
         )
     return result if isinstance(result, tuple) else (result,)
+
+
+def _check_uses_inside_modules(
+    model: nn.Module, loss_fn: nn.Module, data: object, params: list[nn.Parameter]
+) -> object:
+    """Raise where a forward pass on the first batch uses one of ``params`` outside its
+    module's calls; returns the data whole (``weighting.peek``)."""
+    first, data = peek(data)
+    if first is None or supports_chain(model, loss_fn):
+        return data
+    X = to_device(first[0], model_device(model))
+    outside = uses_outside_modules(model, loss_fn, X, params)
+    if outside:
+        fix = "leave it out with params="
+        raise UnsupportedError(used_outside_message(list(outside.values()), fix))
+    return data
 
 
 def _identity(param: nn.Parameter) -> Tensor:

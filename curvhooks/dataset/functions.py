@@ -17,11 +17,23 @@ from curvhooks.dataset.plan import (
     Structure,
     check_same_layout,
     layout,
+    model_device,
     parse,
+    selected_params,
     unwrap,
 )
-from curvhooks.dataset.weighting import DatasetSum
-from curvhooks.hooks import check_eval_mode, supported_params, supports_chain, unsupported_module
+from curvhooks.dataset.weighting import DatasetSum, peek, to_device
+from curvhooks.errors import UnsupportedError
+from curvhooks.hooks import (
+    USED_OUTSIDE,
+    check_eval_mode,
+    supported_params,
+    supports_chain,
+    unsupported_module,
+    used_outside_message,
+    uses_outside_modules,
+    warn_skipped,
+)
 
 Data = Iterable | tuple[Any, Tensor]
 HOOK_ROUTES = (Route.AUTO, Route.HOOKS, Route.CHAIN, Route.GRAPH)
@@ -197,11 +209,18 @@ def matrices(
     asked = _parse_kinds(kinds)
     structure = parse(Structure, structure, "structure")
     route = parse(Route, route, "route")
+    check_eval_mode(model)
     if unsupported == "skip" and params is None:
         params = supported_params(model)
+    params = selected_params(model, params)
+    by_autograd = [k for k in asked if _by_autograd(k, model, loss_fn, params, structure, route)]
+    needs_check = not (supports_chain(model, loss_fn) or _has_unsupported_owner(model, params))
+    if len(by_autograd) < len(asked) and needs_check:  # else the hooks see every use
+        data, params, by_hooks = _serve_uses_outside(
+            model, loss_fn, data, params, route, unsupported
+        )
+        by_autograd = by_autograd if by_hooks else asked
     plan = layout(model, params, structure, max_memory)
-    check_eval_mode(model)
-    by_autograd = [kind for kind in asked if _by_autograd(kind, model, loss_fn, plan, route)]
     hooked = tuple(kind for kind in asked if kind not in by_autograd)
     factor_kinds = tuple(kind for kind in by_autograd if kind is not Kind.HESSIAN)
     results = {}
@@ -219,9 +238,7 @@ def matrices(
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         hook_route = Route.HOOKS if route is Route.AUTO else route
         results.update(
-            hook_matrices(
-                model, loss_fn, data, hooked, plan, total, hook_route, progress, unsupported
-            )
+            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
         )
     return {kind.value: results[kind] for kind in asked}
 
@@ -234,21 +251,59 @@ def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
 
 
 def _by_autograd(
-    kind: Kind, model: nn.Module, loss_fn: nn.Module, plan: Layout, route: Route
+    kind: Kind,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    params: list[nn.Parameter],
+    structure: Structure,
+    route: Route,
 ) -> bool:
     """Whether ``kind`` takes the autograd route: asked for, or on ``AUTO`` where the hooks
-    cannot serve (a module holding a selected parameter is unsupported) or, for the Hessian,
+    cannot serve (a module holding one of ``params`` is unsupported) or, for the Hessian,
     where they would not give the structure on a chain."""
     if route is not Route.AUTO:
         return route is Route.AUTOGRAD
-    owners = [
-        m for m in model.modules() if any(id(p) in plan.ids for p in m.parameters(recurse=False))
-    ]
-    if any(unsupported_module(module) for module in owners):
+    if _has_unsupported_owner(model, params):
         return True
     return kind is Kind.HESSIAN and (
-        plan.structure not in HESSIAN_STRUCTURES or not supports_chain(model, loss_fn)
+        structure not in HESSIAN_STRUCTURES or not supports_chain(model, loss_fn)
     )
+
+
+def _has_unsupported_owner(model: nn.Module, params: list[nn.Parameter]) -> bool:
+    """Whether a module holding one of ``params`` is unsupported (the hooks raise for it)."""
+    ids = {id(p) for p in params}
+    owners = [m for m in model.modules() if any(id(p) in ids for p in m.parameters(False))]
+    return any(unsupported_module(module) for module in owners)
+
+
+def _serve_uses_outside(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    params: list[nn.Parameter],
+    route: Route,
+    unsupported: str,
+) -> tuple[Data, list[nn.Parameter], bool]:
+    """Find, by a forward pass on the first batch, the parameters the model uses outside
+    their modules' calls (``nn.MultiheadAttention``'s ``out_proj``, say), which the hooks
+    cannot serve. Returns the data (a one-shot iterator made whole again), the parameters
+    (less those, with ``unsupported="skip"``: one warning names them) and whether the hooks
+    can serve them (else ``AUTO`` takes autograd; another hooks route raises)."""
+    first, data = peek(data)
+    if first is None:
+        return data, params, True
+    X = to_device(first[0], model_device(model))
+    outside = uses_outside_modules(model, loss_fn, X, params)
+    if not outside:
+        return data, params, True
+    if unsupported == "skip":
+        warn_skipped(list(outside.values()), USED_OUTSIDE)
+        return data, [p for p in params if id(p) not in outside], True
+    if route is Route.AUTO:
+        return data, params, False
+    fix = "use route='auto' or 'autograd', unsupported='skip', or params= without it"
+    raise UnsupportedError(used_outside_message(list(outside.values()), fix))
 
 
 def _dataset_sum(

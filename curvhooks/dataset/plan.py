@@ -97,7 +97,7 @@ def layout(
     model: nn.Module, params: list[nn.Parameter] | None, structure: Structure, max_memory: int
 ) -> Layout:
     """Lay out the rows and blocks of the result; check it fits ``max_memory``."""
-    params = _selected_params(model, params)
+    params = selected_params(model, params)
     offsets = [0]
     for param in params:
         offsets.append(offsets[-1] + param.numel())
@@ -106,7 +106,8 @@ def layout(
     return result
 
 
-def _selected_params(model: nn.Module, params: list[nn.Parameter] | None) -> list[nn.Parameter]:
+def selected_params(model: nn.Module, params: list[nn.Parameter] | None) -> list[nn.Parameter]:
+    """``params`` (default: those that require grad) checked to be the model's, once each."""
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)
@@ -160,7 +161,7 @@ def layer_sizes(model: nn.Module, params: list[nn.Parameter] | None = None) -> l
     to D, the side of the dataset-level matrices.
     """
     model = unwrap(model)
-    selected = {id(p) for p in _selected_params(model, params)}
+    selected = {id(p) for p in selected_params(model, params)}
     return [
         sum(p.numel() for p in child.parameters() if id(p) in selected)
         for child in model.children()

@@ -12,6 +12,7 @@ processes.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -125,12 +126,28 @@ def batches(
 ) -> Iterator[tuple[Inputs, Tensor, int]]:
     """``(X, y, N)`` for each batch of ``data`` on ``device``; ``data`` may be one pair. N is
     ``batch_size_fn(X)`` if given, else ``y.shape[0]``."""
-    single = isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
-    source = [data] if single else data
+    source = [data] if _is_single_pair(data) else data
     for batch in _with_progress(source) if progress else source:
         X, y = _unpack(batch)
         size = _batch_size(X, y, batch_size_fn)
         yield to_device(X, device), y.to(device), size
+
+
+def peek(data: Iterable | tuple[Inputs, Tensor]) -> tuple[tuple[Inputs, Tensor] | None, object]:
+    """The first ``(X, y)`` batch of ``data`` (``None`` if there is none), and data that still
+    yields every batch: ``data`` itself, or for a one-shot iterator one that yields the first
+    batch again."""
+    if _is_single_pair(data):
+        return _unpack(data), data
+    iterator = iter(data)
+    first = next(iterator, None)
+    if iterator is data:
+        data = itertools.chain([first], iterator) if first is not None else iter(())
+    return (None if first is None else _unpack(first)), data
+
+
+def _is_single_pair(data: object) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)
 
 
 def _with_progress(source: Iterable) -> Iterator:

@@ -25,8 +25,16 @@ from curvhooks.derivatives import loss_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import HESSIAN, Stack
-from curvhooks.hooks.calls import Call
-from curvhooks.hooks.plan import HookPlan, names, unsupported_module
+from curvhooks.hooks.calls import Call, tensors_in
+from curvhooks.hooks.graph import uses_outside_calls
+from curvhooks.hooks.plan import (
+    USED_OUTSIDE,
+    HookPlan,
+    names,
+    unsupported_module,
+    used_outside_message,
+    warn_skipped,
+)
 from curvhooks.hooks.recorder import Recorder
 from curvhooks.hooks.reducer import Reducer
 from curvhooks.hooks.routes import ChainRoute, GraphRoute, Route, chain_of
@@ -50,11 +58,15 @@ class AutogradBackward:
         self._finishing = 0
         """The id of the pass whose shared results are queued for the end of its backward."""
         self._nested = False
+        self._served = plan.served()
+        self._left_out: set[int] = set()
+        """Parameters used outside their modules' calls, left out (``unsupported="skip"``)."""
         self._handles: list[RemovableHandle] = []
 
     def attach(self) -> None:
         """Register the hooks."""
-        self.recorder.attach()
+        self.recorder.attach()  # its model hooks first: ``_check_uses`` reads the record
+        self._handles.append(self.plan.model.register_forward_hook(self._check_uses))
         if self.plan.second_order:
             self._handles.append(self.plan.loss_fn.register_forward_hook(self._start))
 
@@ -76,6 +88,24 @@ class AutogradBackward:
             if loss.requires_grad:
                 torch.autograd.grad(loss, params, allow_unused=True)
         return output
+
+    def _check_uses(self, model: nn.Module, args: tuple, output: Any) -> None:
+        """After the model's forward pass: raise for a served parameter that the model uses
+        outside its module's calls, or with ``unsupported="skip"`` leave it out (one warning
+        names it)."""
+        record = self.recorder.record
+        outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
+        outside = uses_outside_calls(outputs, record.calls, set(self._served)) - self._left_out
+        described = [self._served[key] for key in outside]
+        if outside and self.plan.unsupported == "raise":
+            fix = "pass unsupported='skip' to leave it out (one warning names it), or params="
+            raise UnsupportedError(used_outside_message(described, fix + " without it"))
+        if outside:
+            warn_skipped(described, USED_OUTSIDE)
+            self._left_out |= outside
+        if self._left_out:
+            for call in record.calls:
+                call.params = [(n, p) for n, p in call.params if id(p) not in self._left_out]
 
     def _start(self, loss_fn: nn.Module, args: tuple, loss: Tensor) -> None:
         """The loss ran forward: check it and its input, start the stacks at the model output
@@ -279,22 +309,45 @@ def hooked(
     sink: Sink,
     route: str,
     params: list[nn.Parameter],
-    unsupported: str = "raise",
 ) -> Iterator[AutogradBackward | ChainBackward]:
     """The hooks of the dataset functions for ``params``, attached for the block; results go
-    to ``sink``, never onto the model. ``route``: ``"chain"`` or ``"auto"`` take the hooks'
-    own backward pass on a chain of supported modules (``supports_chain``), autograd's
-    elsewhere; ``"graph"`` always autograd's."""
+    to ``sink``, never onto the model; every one of ``params`` must be served (a module that
+    cannot serve one raises). ``route``: ``"chain"`` or ``"auto"`` take the hooks' own
+    backward pass on a chain of supported modules (``supports_chain``), autograd's elsewhere;
+    ``"graph"`` always autograd's."""
     if route != "graph" and supports_chain(model, loss_fn):
         plan = HookPlan.of(
             model, loss_fn, extensions, route="chain", params=params, records_leaves=True
         )
         backward = ChainBackward(plan, sink)
     else:
-        plan = HookPlan.of(model, loss_fn, extensions, unsupported, route, params)
+        plan = HookPlan.of(model, loss_fn, extensions, route=route, params=params)
         backward = AutogradBackward(plan, sink)
     backward.attach()
     try:
         yield backward
     finally:
         backward.detach()
+
+
+def uses_outside_modules(
+    model: nn.Module, loss_fn: nn.Module, X: Any, params: list[nn.Parameter]
+) -> dict[int, str]:
+    """The ``params`` of supported modules that one forward pass on ``X`` uses outside their
+    modules' calls (``graph.uses_outside_calls``), by id, described: the hooks cannot serve
+    them."""
+    plan = HookPlan.of_supported(model, loss_fn, params)
+    served = plan.served()
+    recorder = Recorder(plan, hook_of=lambda call: _ignore_gradient, keeps_leaves=False)
+    recorder.attach()
+    try:
+        with torch.enable_grad():
+            outputs = [t for t in tensors_in(model(X)) if t.grad_fn is not None]
+        outside = uses_outside_calls(outputs, recorder.record.calls, set(served))
+    finally:
+        recorder.detach()
+    return {key: served[key] for key in outside}
+
+
+def _ignore_gradient(grad: Tensor) -> None:
+    return None

@@ -12,6 +12,7 @@ chain; ``CallRecord.chain`` says whether they do.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -149,3 +150,14 @@ def gradient_anchor(output: Tensor) -> Tensor:
 
 def describe(path: str, module: nn.Module) -> str:
     return f"{path or '(the model itself)'!r} ({type(module).__name__})"
+
+
+def tensors_in(value: object) -> list[Tensor]:
+    """The tensors in ``value``, inside tuples, lists and mappings (a model's output)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in tensors_in(item)]
+    return []

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from curvhooks._compat import GradientEdge
+from curvhooks._compat import GradientEdge, has_gradient_edges
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.stacks import Stack, StackKind
 from curvhooks.hooks.calls import Call
@@ -204,3 +204,37 @@ def _reaches(node: object, goals: set) -> bool:
         seen.add(current)
         todo.extend(next_node for next_node, _ in current.next_functions)
     return False
+
+
+def uses_outside_calls(outputs: list[Tensor], calls: list[Call], served: set[int]) -> set[int]:
+    """The ``served`` parameters (ids) that ``outputs`` depend on through an operation outside
+    the recorded calls with parameters: a parameter used by its parent's forward, say
+    (``nn.MultiheadAttention`` uses ``out_proj.weight`` so). The hooks see module calls
+    only, so such a parameter's results would miss that use.
+
+    The walk goes down the autograd graph from the outputs; a call with parameters is passed
+    over from its output edge to its input edge (its own parameters are its to serve).
+    Without ``get_gradient_edge`` (an older PyTorch) calls have no edges: nothing is found.
+    """
+    if not has_gradient_edges():
+        return set()
+    jumps = {
+        call.output_edge.node: call.input_edge
+        for call in calls
+        if call.params and call.output_edge is not None
+    }
+    found: set[int] = set()
+    seen, todo = set(), [output.grad_fn for output in outputs]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in jumps:
+            todo.append(None if jumps[node] is None else jumps[node].node)
+            continue
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's parameter
+        if variable is not None and id(variable) in served:
+            found.add(id(variable))
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found

@@ -110,9 +110,27 @@ class HookPlan:
         """Whether some stack takes the curvature of nonlinear modules (the Hessian's)."""
         return any(kind.has_module_curvature for kind in self.kinds)
 
-    def served(self) -> list[nn.Parameter]:
-        """The parameters that get results, in the order of the hooked modules."""
-        return [param for hooked in self.modules for _, param in hooked.params]
+    def served(self) -> dict[int, str]:
+        """The parameters that get results, by id, each described for messages."""
+        return {
+            id(param): f"{hooked.path}.{name}".lstrip(".")
+            + f" of {describe(hooked.path, hooked.module)}"
+            for hooked in self.modules
+            for name, param in hooked.params
+        }
+
+    @classmethod
+    def of_supported(
+        cls, model: nn.Module, loss_fn: nn.Module, params: Iterable[nn.Parameter]
+    ) -> HookPlan:
+        """A plan without extensions that hooks the supported modules holding ``params``."""
+        selected = _selected(model, params)
+        modules = [
+            HookedModule(path, module, module_derivatives(module), served)
+            for path, module in model.named_modules()
+            if (served := trainable_params(module, selected)) and not unsupported_module(module)
+        ]
+        return cls(model, loss_fn, (), (), (), tuple(modules), "auto", "raise")
 
     def check_loss(self, output: Tensor, target: Tensor) -> LossDerivatives | None:
         """The loss's derivatives where a stack starts from the loss's Hessian; raises for
@@ -130,6 +148,14 @@ def _selected(model: nn.Module, params: Iterable[nn.Parameter]) -> set[int]:
     if not selected <= owned:
         raise ValueError("params must be parameters of the model")
     return selected
+
+
+def used_outside_message(described: list[str], fix: str) -> str:
+    """Why parameters used outside their modules' calls get no results, and ``fix``."""
+    return (
+        f"{'; '.join(described)}: used outside a call of its module (its parent's forward uses "
+        f"it directly, say), so the hooks would miss that use; {fix}"
+    )
 
 
 def names(extensions: Iterable[Extension]) -> str:
@@ -204,13 +230,15 @@ def _modules_to_hook(
     return tuple(hooked)
 
 
-def warn_skipped(described: list[str]) -> None:
+def warn_skipped(described: list[str], what: str = "the parameters of unsupported modules") -> None:
     """The one warning of ``unsupported="skip"``, naming what gets no results."""
     warnings.warn(
-        f"curvhooks skips the parameters of unsupported modules {', '.join(described)} "
-        "(unsupported='skip'): they get no results",
+        f"curvhooks skips {what} {', '.join(described)} (unsupported='skip'): they get no results",
         stacklevel=4,
     )
+
+
+USED_OUTSIDE = "parameters used outside their modules' calls"
 
 
 def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:

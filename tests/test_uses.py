@@ -1,0 +1,110 @@
+"""Uses of a parameter the hooks cannot see as its module's call (a parent's forward using a
+child's weight directly, as ``nn.MultiheadAttention`` uses ``out_proj``): refused with a clear
+error, left out with ``unsupported="skip"``, or exact by autograd; never zeros."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import curvhooks
+from curvhooks import BatchGrad, DiagGGN, SqrtGGN
+from tests import reference
+from tests.problems import assert_close, run_with
+
+
+class UsesChildWeight(nn.Module):
+    """Calls ``inner``, and uses ``inner.weight`` once more outside that call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(x)) + F.linear(x, self.inner.weight))
+
+
+class Encoder(nn.Module):
+    """A ``TransformerEncoderLayer`` (its attention uses ``out_proj`` functionally), a mean
+    over positions and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(1))
+
+
+def _problem(model_class, *input_shape):
+    torch.manual_seed(0)
+    model = model_class().double().eval()
+    X = torch.randn(5, *input_shape, dtype=torch.float64)
+    return model, nn.CrossEntropyLoss(), X, torch.randint(0, 3, (5,))
+
+
+def _kept(model: nn.Module, left_out: set[str]) -> torch.Tensor:
+    """The rows of the flat trainable parameters less ``left_out``."""
+    pieces, start = [], 0
+    for name, param in model.named_parameters():
+        if name not in left_out:
+            pieces.append(torch.arange(start, start + param.numel()))
+        start += param.numel()
+    return torch.cat(pieces)
+
+
+def test_extend_refuses_or_skips_a_parameter_used_outside_its_call():
+    model, loss_fn, X, y = _problem(UsesChildWeight, 4)
+    with pytest.raises(
+        curvhooks.UnsupportedError, match=r"inner.weight of 'inner' \(Linear\).*used outside a call"
+    ):
+        run_with(model, loss_fn, X, y, BatchGrad())
+    grads = reference.per_sample_grads(model, loss_fn, X, y)
+    diagonal = reference.split(reference.ggn(model, loss_fn, X, y).diagonal(), model)
+    with pytest.warns(UserWarning, match="used outside their modules' calls inner.weight"):
+        with curvhooks.extend(model, loss_fn, BatchGrad(), DiagGGN(), unsupported="skip"):
+            loss_fn(model(X), y).backward()
+            loss_fn(model(X), y).backward()  # warned once per context
+    assert not hasattr(model.inner.weight, "grad_batch")
+    assert not hasattr(model.inner.weight, "diag_ggn")
+    for name in ("inner.bias", "head.weight", "head.bias"):
+        assert_close(model.get_parameter(name).grad_batch, grads[name])
+        assert_close(model.get_parameter(name).diag_ggn, diagonal[name])
+
+
+@pytest.mark.parametrize("function", [curvhooks.ggn, curvhooks.empirical_fisher])
+def test_dataset_functions_take_autograd_skip_or_refuse(function):
+    model, loss_fn, X, y = _problem(UsesChildWeight, 4)
+    reference_function = {curvhooks.ggn: reference.ggn}.get(function, reference.empirical_fisher)
+    expected = reference_function(model, loss_fn, X, y)
+    data = iter([(X[:3], y[:3]), (X[3:], y[3:])])  # one-shot: the first batch is peeked
+    assert_close(function(model, loss_fn, data), expected)  # autograd serves it
+    with pytest.warns(UserWarning, match="inner.weight"):
+        found = function(model, loss_fn, (X, y), structure="diag", unsupported="skip")
+    kept = _kept(model, {"inner.weight"})
+    assert_close(found, expected.diagonal()[kept])
+    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*route='auto'"):
+        function(model, loss_fn, (X, y), route="hooks")
+    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*params="):
+        curvhooks.kfac(model, loss_fn, (X, y))
+
+
+def test_transformer_encoder_layer_with_skip_leaves_attention_out():
+    """``nn.MultiheadAttention`` is unsupported, and its ``out_proj`` is used inside its
+    forward: both are left out, every other parameter exact."""
+    model, loss_fn, X, y = _problem(Encoder, 3, 4)
+    attention = {n for n, _ in model.named_parameters() if ".self_attn." in n}
+    assert any("out_proj" in name for name in attention)
+    with pytest.warns(UserWarning, match="out_proj.weight"):
+        found = curvhooks.ggn(model, loss_fn, (X, y), structure="diag", unsupported="skip")
+    expected = reference.ggn(model, loss_fn, X, y).diagonal()
+    assert_close(found, expected[_kept(model, attention)])
+    with pytest.warns(UserWarning, match="out_proj.weight"):
+        with curvhooks.extend(model, loss_fn, SqrtGGN(), unsupported="skip"):
+            loss_fn(model(X), y).backward()
+    served = [n for n, p in model.named_parameters() if hasattr(p, "sqrt_ggn")]
+    assert set(served) == {n for n, _ in model.named_parameters()} - attention
