@@ -15,7 +15,6 @@ from pathlib import Path
 from torch import nn
 
 from curvhooks.derivatives import LOSS_DERIVATIVES, MODULE_DERIVATIVES, ModuleDerivatives
-from curvhooks.derivatives.activations import ElementwiseDerivatives
 from curvhooks.derivatives.normalization import NormalizationDerivatives
 
 PAGE = Path(__file__).resolve().parent / "supported.md"
@@ -118,11 +117,11 @@ def first_order(derivatives: ModuleDerivatives) -> str:
 
 def second_derivative(derivatives: ModuleDerivatives) -> str:
     """The curvature the module adds in its input."""
+    if not derivatives.has_curvature:
+        return "yes: none needed (linear or piecewise linear)"
     if isinstance(derivatives, NormalizationDerivatives):
         return "yes: dense blocks per normalised group"
-    if isinstance(derivatives, ElementwiseDerivatives) and not derivatives.piecewise_linear:
-        return "yes: element-wise second derivative"
-    return "yes: none needed (linear or piecewise linear)"
+    return "yes: element-wise second derivative"
 
 
 def kronecker(derivatives: ModuleDerivatives) -> str:

@@ -214,6 +214,39 @@ class TiedEmbedding(nn.Module):
         return self.output(self.act(self.embed(tokens).mean(1)))
 
 
+class PositionEmbedding(nn.Module):
+    """Token embeddings plus a position embedding called on ids ``[1, T]`` and broadcast
+    over the batch (as Hugging Face's BERT and GPT-2 do), then Tanh, a head and a mean over
+    positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(7, 4)
+        self.positions = nn.Embedding(5, 4)
+        self.tanh = nn.Tanh()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = torch.arange(x.shape[1], device=x.device)[None]
+        return self.head(self.tanh(self.tokens(x) + self.positions(ids))).mean(1)
+
+
+class SharedConstant(nn.Module):
+    """A module applied to a constant ``[1, 2]`` shared by the batch, added to each
+    sample's features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Linear(4, 3)
+        self.offset = nn.Linear(2, 3)
+        self.register_buffer("constant", torch.randn(1, 2))
+        self.sigmoid = nn.Sigmoid()
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.sigmoid(self.features(x) + self.offset(self.constant)))
+
+
 class Siamese(nn.Module):
     """One encoder called twice, side by side, on two views of the input."""
 
@@ -684,6 +717,8 @@ GRAPH_PROBLEMS: list[Problem] = [
     ),
     Problem("tied-weights", TiedWeights, (5,), hessian_glue="cannot sum", is_chain=False),
     Problem("siamese", Siamese, (6,), is_chain=False),
+    Problem("position-embedding", PositionEmbedding, (5,), is_chain=False, vocabulary=7),
+    Problem("shared-constant", SharedConstant, (4,), is_chain=False),
     Problem(
         "unrolled-recurrence",
         _unrolled_recurrence,

@@ -1,6 +1,9 @@
-"""Uses of a parameter the hooks cannot see as its module's call (a parent's forward using a
-child's weight directly, as ``nn.MultiheadAttention`` uses ``out_proj``): refused with a clear
-error, left out with ``unsupported="skip"``, or exact by autograd; never zeros."""
+"""Calls the hooks cannot take as one per sample: a parameter used outside its module's call
+(a parent's forward using a child's weight directly, as ``nn.MultiheadAttention`` uses
+``out_proj``): refused with a clear error, left out with ``unsupported="skip"``, or exact by
+autograd, never zeros; a module called with the samples folded into another dimension:
+refused. (Calls on tensors shared by the batch, a position embedding's, are exact: the
+problems ``position-embedding`` and ``shared-constant`` run through every test.)"""
 
 from __future__ import annotations
 
@@ -87,9 +90,9 @@ def test_dataset_functions_take_autograd_skip_or_refuse(function):
         found = function(model, loss_fn, (X, y), structure="diag", unsupported="skip")
     kept = _kept(model, {"inner.weight"})
     assert_close(found, expected.diagonal()[kept])
-    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*route='auto'"):
+    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*used outside.*route="):
         function(model, loss_fn, (X, y), route="hooks")
-    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*params="):
+    with pytest.raises(curvhooks.UnsupportedError, match="kfac cannot serve inner.weight.*params="):
         curvhooks.kfac(model, loss_fn, (X, y))
 
 
@@ -108,3 +111,28 @@ def test_transformer_encoder_layer_with_skip_leaves_attention_out():
             loss_fn(model(X), y).backward()
     served = [n for n, p in model.named_parameters() if hasattr(p, "sqrt_ggn")]
     assert set(served) == {n for n, _ in model.named_parameters()} - attention
+
+
+class FoldedPositions(nn.Module):
+    """A linear layer called on ``[N * T, 4]``: samples folded into the positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x.reshape(-1, 4)).reshape(*x.shape[:2], 3).sum(1)
+
+
+def test_a_call_without_the_batch_first_is_refused():
+    model, loss_fn, X, y = _problem(FoldedPositions, 2, 4)
+    refused = (
+        r"'linear' \(Linear\) ran on a tensor whose leading dimension \(10\) is not the batch \(5"
+    )
+    for extension in (BatchGrad(), DiagGGN()):
+        with pytest.raises(curvhooks.UnsupportedError, match=refused):
+            run_with(model, loss_fn, X, y, extension)
+    with pytest.raises(curvhooks.UnsupportedError, match="leading dimension.*route='auto'"):
+        curvhooks.ggn(model, loss_fn, (X, y), route="graph")
+    expected = reference.ggn(model, loss_fn, X, y)
+    assert_close(curvhooks.ggn(model, loss_fn, (X, y)), expected)  # auto: by autograd

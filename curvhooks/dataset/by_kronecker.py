@@ -30,8 +30,7 @@ from curvhooks.hooks import (
     check_eval_mode,
     hooked,
     supports_chain,
-    used_outside_message,
-    uses_outside_modules,
+    unservable_params,
 )
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -101,7 +100,7 @@ def kfac(
     check_eval_mode(model)
     plan = layout(model, params, Structure.PARAM, max_memory=2**62)
     names = _names_of(model, plan.params)
-    data = _check_uses_inside_modules(model, loss_fn, data, plan.params)
+    data = _check_servable(model, loss_fn, data, plan.params)
     passes = _Passes(
         model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
     )
@@ -202,19 +201,20 @@ def _parts(name: str, result: object) -> tuple[Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
-def _check_uses_inside_modules(
+def _check_servable(
     model: nn.Module, loss_fn: nn.Module, data: object, params: list[nn.Parameter]
 ) -> object:
-    """Raise where a forward pass on the first batch uses one of ``params`` outside its
-    module's calls; returns the data whole (``weighting.peek``)."""
+    """Raise where the hooks cannot serve one of ``params`` on the first batch
+    (``hooks.unservable_params``); returns the data whole (``weighting.peek``)."""
     first, data = peek(data)
     if first is None or supports_chain(model, loss_fn):
         return data
-    X = to_device(first[0], model_device(model))
-    outside = uses_outside_modules(model, loss_fn, X, params)
-    if outside:
-        fix = "leave it out with params="
-        raise UnsupportedError(used_outside_message(list(outside.values()), fix))
+    unservable = unservable_params(model, loss_fn, to_device(first[0], model_device(model)), params)
+    if unservable:
+        raise UnsupportedError(
+            f"curvhooks.kfac cannot serve {'; '.join(unservable.values())}; leave them out "
+            "with params="
+        )
     return data
 
 

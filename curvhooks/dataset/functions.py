@@ -25,13 +25,11 @@ from curvhooks.dataset.plan import (
 from curvhooks.dataset.weighting import DatasetSum, peek, to_device
 from curvhooks.errors import UnsupportedError
 from curvhooks.hooks import (
-    USED_OUTSIDE,
     check_eval_mode,
     supported_params,
     supports_chain,
+    unservable_params,
     unsupported_module,
-    used_outside_message,
-    uses_outside_modules,
     warn_skipped,
 )
 
@@ -216,9 +214,7 @@ def matrices(
     by_autograd = [k for k in asked if _by_autograd(k, model, loss_fn, params, structure, route)]
     needs_check = not (supports_chain(model, loss_fn) or _has_unsupported_owner(model, params))
     if len(by_autograd) < len(asked) and needs_check:  # else the hooks see every use
-        data, params, by_hooks = _serve_uses_outside(
-            model, loss_fn, data, params, route, unsupported
-        )
+        data, params, by_hooks = _servable(model, loss_fn, data, params, route, unsupported)
         by_autograd = by_autograd if by_hooks else asked
     plan = layout(model, params, structure, max_memory)
     hooked = tuple(kind for kind in asked if kind not in by_autograd)
@@ -277,7 +273,7 @@ def _has_unsupported_owner(model: nn.Module, params: list[nn.Parameter]) -> bool
     return any(unsupported_module(module) for module in owners)
 
 
-def _serve_uses_outside(
+def _servable(
     model: nn.Module,
     loss_fn: nn.Module,
     data: Data,
@@ -285,25 +281,27 @@ def _serve_uses_outside(
     route: Route,
     unsupported: str,
 ) -> tuple[Data, list[nn.Parameter], bool]:
-    """Find, by a forward pass on the first batch, the parameters the model uses outside
-    their modules' calls (``nn.MultiheadAttention``'s ``out_proj``, say), which the hooks
-    cannot serve. Returns the data (a one-shot iterator made whole again), the parameters
-    (less those, with ``unsupported="skip"``: one warning names them) and whether the hooks
-    can serve them (else ``AUTO`` takes autograd; another hooks route raises)."""
+    """Find, by a forward pass on the first batch, the parameters the hooks cannot serve
+    (``hooks.unservable_params``: ``nn.MultiheadAttention``'s ``out_proj``, say). Returns the
+    data (a one-shot iterator made whole again), the parameters (less those, with
+    ``unsupported="skip"``: one warning names them) and whether the hooks can serve them
+    (else ``AUTO`` takes autograd; another hooks route raises)."""
     first, data = peek(data)
     if first is None:
         return data, params, True
     X = to_device(first[0], model_device(model))
-    outside = uses_outside_modules(model, loss_fn, X, params)
-    if not outside:
+    unservable = unservable_params(model, loss_fn, X, params)
+    if not unservable:
         return data, params, True
     if unsupported == "skip":
-        warn_skipped(list(outside.values()), USED_OUTSIDE)
-        return data, [p for p in params if id(p) not in outside], True
+        warn_skipped(list(unservable.values()), "parameters the hooks cannot serve:")
+        return data, [p for p in params if id(p) not in unservable], True
     if route is Route.AUTO:
         return data, params, False
-    fix = "use route='auto' or 'autograd', unsupported='skip', or params= without it"
-    raise UnsupportedError(used_outside_message(list(outside.values()), fix))
+    raise UnsupportedError(
+        f"the hooks cannot serve {'; '.join(unservable.values())}; use route='auto' or "
+        "'autograd', unsupported='skip', or params= without them"
+    )
 
 
 def _dataset_sum(

@@ -27,6 +27,10 @@ class ElementwiseDerivatives(ModuleDerivatives):
     """Whether the second derivative is zero almost everywhere (then no ``second_derivative``
     is needed)."""
 
+    @property
+    def has_curvature(self) -> bool:
+        return not self.piecewise_linear
+
     def second_derivative(self, io: ModuleIO) -> Tensor:
         """The second derivative at each entry ``[N, *]``."""
         raise NotImplementedError

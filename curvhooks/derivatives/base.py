@@ -38,6 +38,21 @@ class ModuleIO:
         self.output = None
         self.cache.clear()
 
+    def per_sample(self, batch: int) -> ModuleIO:
+        """The record of a call on a tensor shared by the batch (leading dimension 1), as
+        if each of ``batch`` samples made it: input and output expanded (views)."""
+
+        def expand(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.expand(batch, *tensor.shape[1:])
+
+        return ModuleIO(
+            self.module,
+            expand(self.input),
+            expand(self.output),
+            torch.Size((batch, *self.input_shape[1:])),
+            torch.Size((batch, *self.output_shape[1:])),
+        )
+
 
 class ModuleDerivatives:
     """The Jacobians of one module type, applied to stacks of vectors.
@@ -87,6 +102,10 @@ class ModuleDerivatives:
         push it in place (``scale_entries(stack, diagonal, out=stack)``), which saves
         allocating and page-faulting a fresh stack at every activation."""
         return None
+
+    has_curvature: bool = False
+    """Whether the module adds curvature of its own in its input (``residual_roots`` can be
+    nonzero): not linear or piecewise linear in it."""
 
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
         """For a module whose own curvature is diagonal (an element-wise activation): the

@@ -32,6 +32,7 @@ class NormalizationDerivatives(ModuleDerivatives):
     parameters broadcast."""
 
     needs_input = True
+    has_curvature = True
 
     def group_size(self, module: nn.Module, input_shape: torch.Size) -> int:
         """D, the entries normalised together (consecutive in memory order)."""

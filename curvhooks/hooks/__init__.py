@@ -8,24 +8,21 @@ from curvhooks.hooks.backward import (
     ChainBackward,
     hooked,
     supports_chain,
-    uses_outside_modules,
+    unservable_params,
 )
 from curvhooks.hooks.context import extend
 from curvhooks.hooks.plan import (
     ROUTES,
-    USED_OUTSIDE,
     HookPlan,
     check_eval_mode,
     supported_params,
     unsupported_module,
-    used_outside_message,
     warn_skipped,
 )
 from curvhooks.hooks.sinks import BatchResults, ParameterAttributes
 
 __all__ = [
     "ROUTES",
-    "USED_OUTSIDE",
     "AutogradBackward",
     "BatchResults",
     "ChainBackward",
@@ -37,7 +34,6 @@ __all__ = [
     "supported_params",
     "supports_chain",
     "unsupported_module",
-    "used_outside_message",
-    "uses_outside_modules",
+    "unservable_params",
     "warn_skipped",
 ]

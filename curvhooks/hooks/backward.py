@@ -31,8 +31,8 @@ from curvhooks.hooks.plan import (
     USED_OUTSIDE,
     HookPlan,
     names,
+    not_batch_first,
     unsupported_module,
-    used_outside_message,
     warn_skipped,
 )
 from curvhooks.hooks.recorder import Recorder
@@ -65,10 +65,9 @@ class AutogradBackward:
 
     def attach(self) -> None:
         """Register the hooks."""
-        self.recorder.attach()  # its model hooks first: ``_check_uses`` reads the record
-        self._handles.append(self.plan.model.register_forward_hook(self._check_uses))
-        if self.plan.second_order:
-            self._handles.append(self.plan.loss_fn.register_forward_hook(self._start))
+        self.recorder.attach()  # its model hooks first: ``_after_forward`` reads the record
+        self._handles.append(self.plan.model.register_forward_hook(self._after_forward))
+        self._handles.append(self.plan.loss_fn.register_forward_hook(self._start))
 
     def detach(self) -> None:
         """Remove every hook and stored tensor."""
@@ -89,19 +88,27 @@ class AutogradBackward:
                 torch.autograd.grad(loss, params, allow_unused=True)
         return output
 
-    def _check_uses(self, model: nn.Module, args: tuple, output: Any) -> None:
-        """After the model's forward pass: raise for a served parameter that the model uses
-        outside its module's calls, or with ``unsupported="skip"`` leave it out (one warning
-        names it)."""
-        record = self.recorder.record
+    def _after_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
+        """After the model's forward pass: check the calls with parameters against the
+        model output's batch, and the uses of their parameters."""
         outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
+        if outputs and outputs[0].dim():
+            _check_batch(self.recorder.record.calls, len(outputs[0]))
+        self._check_uses(outputs)
+
+    def _check_uses(self, outputs: list[Tensor]) -> None:
+        """Raise for a served parameter that the model uses outside its module's calls, or
+        with ``unsupported="skip"`` leave it out (one warning names it)."""
+        record = self.recorder.record
         outside = uses_outside_calls(outputs, record.calls, set(self._served)) - self._left_out
         described = [self._served[key] for key in outside]
         if outside and self.plan.unsupported == "raise":
-            fix = "pass unsupported='skip' to leave it out (one warning names it), or params="
-            raise UnsupportedError(used_outside_message(described, fix + " without it"))
+            raise UnsupportedError(
+                f"{'; '.join(described)}: {USED_OUTSIDE}; pass unsupported='skip' to leave it "
+                "out (one warning names it), or params= without it"
+            )
         if outside:
-            warn_skipped(described, USED_OUTSIDE)
+            warn_skipped(described, "parameters used outside their modules' calls")
             self._left_out |= outside
         if self._left_out:
             for call in record.calls:
@@ -109,20 +116,22 @@ class AutogradBackward:
 
     def _start(self, loss_fn: nn.Module, args: tuple, loss: Tensor) -> None:
         """The loss ran forward: check it and its input, start the stacks at the model output
-        and make this pass's route."""
-        if not torch.is_grad_enabled() or len(args) < 2:
+        and make this pass's route (also for first order where a call is shared by the
+        batch: its per-sample gradients come through the graph route)."""
+        record = self.recorder.record
+        shared = any(call.shared_by_batch for call in record.calls)
+        if not (self.plan.second_order or shared) or not torch.is_grad_enabled():
             return
         output, target = args[0], args[1]
         if output is not self.recorder.model_output():
             raise ValueError(
                 f"the input of {type(loss_fn).__name__} is not the model's output; "
-                f"{names(self.plan.second_order)} differentiate the loss in the model's "
-                "output, so call loss_fn(model(X), y) directly (move any extra operation into "
-                "the model's forward)"
+                f"{names(self.plan.second_order) or 'per-sample results'} differentiate the "
+                "loss in the model's output, so call loss_fn(model(X), y) directly (move any "
+                "extra operation into the model's forward)"
             )
         stacks = start_stacks(self.plan, output, target)
-        record = self.recorder.record
-        chain = chain_of(record, record.producer_of(output), self.plan)
+        chain = None if shared else chain_of(record, record.producer_of(output), self.plan)
         pass_id = self.recorder.pass_id
         if chain is not None:
             self._route = (pass_id, ChainRoute(self.plan, self.reducer, chain, stacks))
@@ -135,7 +144,10 @@ class AutogradBackward:
         start = gradient_edge(output)
         if start is None or not loss.requires_grad:
             return
-        route = GraphRoute(self.plan, self.reducer, record, start, stacks)
+        gradient = (
+            _loss_gradient(loss_fn, output, target) if shared and self.plan.first_order else None
+        )
+        route = GraphRoute(self.plan, self.reducer, record, start, stacks, gradient)
         self._route = (pass_id, route)
         loss.register_hook(partial(self._push_on_graph, pass_id, route))
 
@@ -157,24 +169,19 @@ class AutogradBackward:
                 "curvhooks.extend context; call backward() before the next forward pass"
             )
         self._queue_finish()
-        grad_output = grad_output.detach().view(call.io.output_shape)
+        route = self._route[1] if self._route and self._route[0] == call.pass_id else None
+        grad_output = grad_output.detach().view(call.anchor_shape)
+        if call.shared_by_batch:  # the gradient summed over the batch: take it per sample
+            grad_output = call.per_sample_gradient
+            if grad_output is None and self.plan.first_order:
+                raise RuntimeError(_NO_LOSS.format(call.describe(), "their per-sample results"))
         write_first_order(self.plan, self.reducer, call, grad_output, self.recorder.record.shared)
-        if self.plan.second_order:
+        if route is None and call.params and self.plan.second_order:
+            raise RuntimeError(_NO_LOSS.format(call.describe(), names(self.plan.second_order)))
+        if route is not None:
             with self._nesting():
-                self._route_at(call).at_call(call, grad_output)
+                route.at_call(call, grad_output)
         call.release()
-
-    def _route_at(self, call: Call) -> Route:
-        """The current pass's route; raises where the loss did not start one."""
-        if self._route is not None and self._route[0] == call.pass_id:
-            return self._route[1]
-        if not call.params:
-            return _NO_ROUTE
-        raise RuntimeError(
-            f"no square-root stack reached module {call.describe()}: "
-            f"{names(self.plan.second_order)} need the loss computed by the loss_fn passed to "
-            "curvhooks.extend, called on the model's output"
-        )
 
     def _queue_finish(self) -> None:
         """Once per pass, have the backward pass end by handing on the results of parameters
@@ -202,14 +209,10 @@ class _Nested:
         self._backward._nested = False
 
 
-class _NoRoute:
-    """A pass without stacks, at a call without parameters: nothing to do."""
-
-    def at_call(self, call: Call, grad_output: Tensor | None) -> None:
-        return None
-
-
-_NO_ROUTE = _NoRoute()
+_NO_LOSS = (
+    "no stack reached module {}: {} need the loss computed by the loss_fn passed to "
+    "curvhooks.extend, called on the model's output"
+)
 
 
 def supports_chain(model: nn.Module, loss_fn: nn.Module) -> bool:
@@ -289,6 +292,33 @@ def start_stacks(plan: HookPlan, output: Tensor, target: Tensor) -> dict[object,
     return {kind.key: kind.start(plan.loss_fn, derivatives, output, target) for kind in plan.kinds}
 
 
+def _check_batch(calls: list[Call], batch: int) -> None:
+    """Mark the calls with parameters that ran on a tensor shared by the ``batch`` samples
+    (leading dimension 1); raise for one whose leading dimension is another."""
+    for call in calls:
+        leading = _leading(call)
+        if not call.params or leading == batch or call.shared_by_batch:
+            continue
+        if leading != 1:
+            raise UnsupportedError(
+                f"module {call.describe()} {not_batch_first(leading, batch)} (reshape "
+                "[N, T, d] inputs as they are, not to [N * T, d], and put the batch first)"
+            )
+        call.share_by(batch)
+
+
+def _leading(call: Call) -> int:
+    """The leading dimension of the call's output."""
+    return call.io.output_shape[0] if len(call.io.output_shape) else 1
+
+
+def _loss_gradient(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+    """The gradient of the reduced loss in the model output ``[N, *out]``."""
+    with torch.enable_grad():
+        leaf = output.detach().requires_grad_()
+        return torch.autograd.grad(loss_fn.forward(leaf, target), leaf)[0]
+
+
 def write_first_order(
     plan: HookPlan, reducer: Reducer, call: Call, grad_output: Tensor | None, shared: set[int]
 ) -> None:
@@ -330,12 +360,12 @@ def hooked(
         backward.detach()
 
 
-def uses_outside_modules(
+def unservable_params(
     model: nn.Module, loss_fn: nn.Module, X: Any, params: list[nn.Parameter]
 ) -> dict[int, str]:
-    """The ``params`` of supported modules that one forward pass on ``X`` uses outside their
-    modules' calls (``graph.uses_outside_calls``), by id, described: the hooks cannot serve
-    them."""
+    """The ``params`` of supported modules that the hooks cannot serve on one forward pass
+    on ``X``, by id, each described with why: used outside their modules' calls
+    (``graph.uses_outside_calls``), or by a call whose leading dimension is not the batch."""
     plan = HookPlan.of_supported(model, loss_fn, params)
     served = plan.served()
     recorder = Recorder(plan, hook_of=lambda call: _ignore_gradient, keeps_leaves=False)
@@ -343,10 +373,17 @@ def uses_outside_modules(
     try:
         with torch.enable_grad():
             outputs = [t for t in tensors_in(model(X)) if t.grad_fn is not None]
-        outside = uses_outside_calls(outputs, recorder.record.calls, set(served))
+        calls = recorder.record.calls
+        outside = uses_outside_calls(outputs, calls, set(served))
+        found = {key: f"{served[key]}, {USED_OUTSIDE}" for key in outside}
+        batch = len(outputs[0]) if outputs and outputs[0].dim() else 1
+        for call in calls:
+            if _leading(call) not in (1, batch):
+                why = not_batch_first(_leading(call), batch)
+                found.update({id(p): f"{served[id(p)]}, which {why}" for _, p in call.params})
     finally:
         recorder.detach()
-    return {key: served[key] for key in outside}
+    return found
 
 
 def _ignore_gradient(grad: Tensor) -> None:

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -46,6 +47,11 @@ class Call:
         results: Results of this pass not yet set on the parameters, by (parameter name,
             attribute): the graph route reduces stacks as they arrive.
         handle: The output's tensor hook.
+        shared_by_batch: Whether the call ran on a tensor shared by the batch (leading
+            dimension 1, a position embedding's, say): ``io`` is then that of every sample
+            (``ModuleIO.per_sample``) and stacks arrive per sample (graph route).
+        per_sample_gradient: For a call shared by the batch, each sample's gradient of the
+            loss in its output ``[N, *out]`` (graph route).
     """
 
     path: str
@@ -63,9 +69,22 @@ class Call:
     stacks: dict[object, Stack] = field(default_factory=dict)
     results: dict[tuple[str, str], object] = field(default_factory=dict)
     handle: RemovableHandle | None = None
+    shared_by_batch: bool = False
+    per_sample_gradient: Tensor | None = None
 
     def describe(self) -> str:
         return describe(self.path, self.io.module)
+
+    @property
+    def anchor_shape(self) -> torch.Size:
+        """The shape of the output as autograd sees it (one sample where shared)."""
+        shape = self.io.output_shape
+        return torch.Size((1, *shape[1:])) if self.shared_by_batch else shape
+
+    def share_by(self, batch: int) -> None:
+        """Mark the call as run on a tensor shared by ``batch`` samples."""
+        self.io = self.io.per_sample(batch)
+        self.shared_by_batch = True
 
     def unsupported_reason(self) -> str | None:
         """Why the analytic route cannot push through this call, or ``None``."""
@@ -79,7 +98,7 @@ class Call:
         self.stacks = {}
         self.results = {}
         self.output_edge = self.input_edge = None
-        self.view_base = None
+        self.view_base = self.per_sample_gradient = None
 
 
 class CallRecord:

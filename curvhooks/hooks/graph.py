@@ -82,21 +82,31 @@ chunks."""
 
 
 def push_to_calls(
-    start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]
+    start: GradientEdge,
+    kind: StackKind,
+    stack: Stack,
+    targets: list[Call],
+    per_sample: bool = False,
 ) -> Iterator[list[tuple[Call, Stack]]]:
     """Push a stack of ``kind`` from ``start`` to the targets' outputs, in chunks of vectors
     of at most ``GRAPH_CHUNK_BYTES``; yield, per chunk, the ``(call, stack)`` contributions
     that arrive (the same vectors at every call).
 
     A call's contributions together form its stack (``kind.join``); every reduction of a
-    stack is a sum over its vectors, so each can be reduced on arrival and freed.
+    stack is a sum over its vectors, so each can be reduced on arrival and freed. With
+    ``per_sample`` (targets shared by the batch, whose outputs sum the samples' gradients),
+    each vector is first split into one per sample, zero at the others, so that what arrives
+    stays apart per sample.
     """
     parts = kind.parts(stack)
+    samples = parts[0].shape[1] if per_sample else 1
+    if per_sample:
+        parts = tuple(map(_split_samples, parts))
     if not any(map(len, parts)):  # no vectors (a loss with a zero Hessian): zero results
         yield [(call, _as_stack(kind, 0, parts[0], len(parts), call)) for call in targets]
         return
     for index, part in enumerate(parts):
-        for chunk in part.split(_chunk_size(part, targets)) if len(part) else ():
+        for chunk in part.split(_chunk_size(part, targets, samples)) if len(part) else ():
             pushed = batched_vjp(start, chunk, targets)
             yield [
                 (call, _as_stack(kind, index, vectors, len(parts), call))
@@ -105,18 +115,30 @@ def push_to_calls(
             ]
 
 
-def _chunk_size(part: Tensor, targets: list[Call]) -> int:
-    """Vectors per batched product, within ``GRAPH_CHUNK_BYTES``."""
-    per_vector = sum(call.io.output_shape.numel() for call in targets) * part.element_size()
+def _split_samples(part: Tensor) -> Tensor:
+    """``[V, N, *shape]`` as ``[V * N, N, *shape]``: vector ``(v, n)`` holds sample n of
+    vector v and zeros at the other samples."""
+    num_vectors, batch = part.shape[:2]
+    split = part.new_zeros(num_vectors, batch, batch, *part.shape[2:])
+    split.diagonal(0, 1, 2).copy_(part.movedim(1, -1))
+    return split.view(num_vectors * batch, batch, *part.shape[2:])
+
+
+def _chunk_size(part: Tensor, targets: list[Call], multiple: int) -> int:
+    """Vectors per batched product, within ``GRAPH_CHUNK_BYTES``, a multiple of
+    ``multiple``."""
+    per_vector = sum(call.anchor_shape.numel() for call in targets) * part.element_size()
     budget = GRAPH_CHUNK_BYTES.get(part.device.type, GRAPH_CHUNK_BYTES["cpu"])
-    return max(1, budget // max(1, per_vector))
+    return max(1, budget // max(1, per_vector) // multiple) * multiple
 
 
 def _as_stack(kind: StackKind, index: int, vectors: Tensor, count: int, call: Call) -> Stack:
-    """``vectors`` (shaped like the call's gradient anchor) as part ``index`` of a stack of
-    ``kind`` at the call's output, its other parts empty."""
-    vectors = vectors.view(len(vectors), *call.io.output_shape)
-    empty = vectors.new_zeros(0, *call.io.output_shape)
+    """``vectors`` (shaped like the call's gradient anchor; for a call shared by the batch,
+    one per vector and sample) as part ``index`` of a stack of ``kind`` at the call's output
+    ``[V, N, *out]``, its other parts empty."""
+    shape = call.io.output_shape
+    vectors = vectors.reshape(vectors.numel() // max(1, shape.numel()), *shape)
+    empty = vectors.new_zeros(0, *shape)
     return kind.from_parts(tuple(vectors if i == index else empty for i in range(count)))
 
 

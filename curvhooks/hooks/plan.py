@@ -150,11 +150,17 @@ def _selected(model: nn.Module, params: Iterable[nn.Parameter]) -> set[int]:
     return selected
 
 
-def used_outside_message(described: list[str], fix: str) -> str:
-    """Why parameters used outside their modules' calls get no results, and ``fix``."""
+USED_OUTSIDE = (
+    "used outside a call of its module (its parent's forward uses it directly, say), so the "
+    "hooks would miss that use"
+)
+
+
+def not_batch_first(leading: int, batch: int) -> str:
+    """Why a call whose leading dimension is not the batch cannot be served."""
     return (
-        f"{'; '.join(described)}: used outside a call of its module (its parent's forward uses "
-        f"it directly, say), so the hooks would miss that use; {fix}"
+        f"ran on a tensor whose leading dimension ({leading}) is not the batch ({batch}, the "
+        "model output's); curvhooks needs each module call to keep the samples in dimension 0"
     )
 
 
@@ -236,9 +242,6 @@ def warn_skipped(described: list[str], what: str = "the parameters of unsupporte
         f"curvhooks skips {what} {', '.join(described)} (unsupported='skip'): they get no results",
         stacklevel=4,
     )
-
-
-USED_OUTSIDE = "parameters used outside their modules' calls"
 
 
 def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:

@@ -93,7 +93,9 @@ def _link(chain: list[Call]) -> None:
 class GraphRoute:
     """Batched autograd pushes from the model output's edge ``start`` to every call with
     parameters (``push``, as the backward pass starts); nonlinear modules' own curvature is
-    pushed from their inputs as their calls come (``at_call``)."""
+    pushed from their inputs as their calls come (``at_call``). Calls shared by the batch get
+    their stacks per sample, and ``gradient``, the loss's gradient in the model output
+    ``[N, *out]``, per sample for their first-order results."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class GraphRoute:
         record: CallRecord,
         start: GradientEdge,
         stacks: dict[object, Stack],
+        gradient: Tensor | None = None,
     ) -> None:
         if plan.has_module_curvature:
             needed_by = names(e for e in plan.second_order if e.stack_kind().has_module_curvature)
@@ -112,19 +115,33 @@ class GraphRoute:
         self.record = record
         self.start = start
         self.stacks = stacks
+        self.gradient = gradient
 
     def push(self) -> None:
         """Push every stack from the model output to every call with parameters."""
         targets = [call for call in self.record.calls if call.params]
         for kind in self.plan.kinds:
             self._reduce_on_arrival(self.start, kind, self.stacks.pop(kind.key), targets)
+        shared = [call for call in targets if call.shared_by_batch]
+        if self.gradient is not None and shared:
+            for arrivals in push_to_calls(self.start, PLAIN, self.gradient[None], shared, True):
+                for call, gradients in arrivals:
+                    call.per_sample_gradient = gradients[0]
 
     def at_call(self, call: Call, grad_output: Tensor | None) -> None:
         """Hand on the call's results (every stack has reached it); push a nonlinear module's
         curvature from its input to the earlier calls with parameters."""
         self.reducer.commit(call)
-        if call.derivatives is None or call.input_edge is None:
+        if not self.plan.has_module_curvature or call.derivatives is None:
             return
+        if not call.derivatives.has_curvature or call.input_edge is None:
+            return
+        if call.shared_by_batch:
+            raise UnsupportedError(
+                f"module {call.describe()} ran on a tensor shared by the batch and adds "
+                f"curvature of its own, which {names(self.plan.second_order)} cannot split per "
+                "sample; use curvhooks.hessian(route='autograd')"
+            )
         targets = [c for c in self.record.calls[: call.index] if c.params]
         for kind in self.plan.kinds:
             curvature = kind.module_curvature(call.derivatives, call.io, grad_output)
@@ -140,12 +157,19 @@ class GraphRoute:
     def _reduce_on_arrival(
         self, start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]
     ) -> None:
-        """Push a stack from ``start`` to the targets and reduce what arrives at each into
-        the results of the extensions of its kind."""
+        """Push a stack from ``start`` to the targets (per sample to those shared by the
+        batch) and reduce what arrives at each into the results of its kind's extensions."""
         extensions = self.plan.extensions_of(kind)
         shared = self.record.shared
-        for arrivals in push_to_calls(start, kind, stack, targets):
-            for call, contribution in arrivals:
-                self.reducer.reduce(call, extensions, [contribution] * len(extensions), shared)
-            if shared:
-                self.reducer.reduce_shared(kind, arrivals, extensions, shared)
+        for per_sample in (False, True):
+            group = [call for call in targets if call.shared_by_batch == per_sample]
+            for arrivals in push_to_calls(start, kind, stack, group, per_sample) if group else ():
+                for call, contribution in arrivals:
+                    stacks = [contribution] * len(extensions)
+                    self.reducer.reduce(call, extensions, stacks, shared)
+                if shared:
+                    self.reducer.reduce_shared(kind, arrivals, extensions, shared)
+
+
+PLAIN = StackKind()
+"""A stack of one part, for pushes outside the extensions' kinds (per-sample gradients)."""
