@@ -172,7 +172,9 @@ def test_unsupported_module_names_path_class_extension_and_support():
         curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
     message = str(error.value)
     assert "'1.1'" in message and "Scaled" in message and "BatchGrad()" in message
-    assert "Linear" in message and "Conv2d" in message
+    assert "Linear" in message and "Conv2d" in message and "LayerNorm" in message
+    assert "ReLU" not in message and "MaxPool2d" not in message  # no parameters to serve
+    assert "unsupported='skip'" in message
     assert _hook_count(model) == 0
 
 
@@ -306,12 +308,11 @@ def test_route_chain_refuses_a_graph():
 @pytest.mark.parametrize("problem", GRAPH_PROBLEMS[:3], ids=lambda problem: problem.name)
 def test_graph_route_in_chunks_of_one_vector(problem, monkeypatch):
     """Stacks pushed one vector at a time, each reduced on arrival, give the same results."""
-    from curvhooks.hooks import graph
 
     model, loss_fn, X, y = problem.make("ce-sum")
     extensions = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), DiagHessian(), HessianBlock(), Jacobian())
     expected = run_with(model, loss_fn, X, y, *extensions)
-    monkeypatch.setattr(graph, "GRAPH_CHUNK_BYTES", {"cpu": 1})
+    monkeypatch.setattr(curvhooks.tuning, "GRAPH_CHUNK_BYTES", {"cpu": 1})
     found = run_with(model, loss_fn, X, y, *extensions)
     for name, results in expected.items():
         for attribute, value in results.items():

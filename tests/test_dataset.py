@@ -220,7 +220,7 @@ def test_gram_in_row_panels(monkeypatch, kind):
     then mirrored."""
     import curvhooks.dataset.blocks
 
-    monkeypatch.setattr(curvhooks.dataset.blocks, "PANEL", 7)
+    monkeypatch.setattr(curvhooks.tuning, "PANEL", 7)
     model, loss_fn, X, y, loader = _data(PROBLEMS[0], "ce-mean")
     function, reference_function = FUNCTIONS[kind]
     expected = reference_function(model, loss_fn, X, y)

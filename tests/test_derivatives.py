@@ -153,13 +153,13 @@ def test_unfolded_input_of_any_memory_layout(key):
 @pytest.mark.parametrize("key", [key for key in MODULES if key.startswith("conv")])
 @pytest.mark.parametrize("num_vectors", [1, NUM_VECTORS])
 def test_large_problems_take_the_other_kernels(key, num_vectors, monkeypatch):
-    """Beyond ``SMALL``, ``UNFOLD_LIMIT`` and ``FEW_VECTORS``/``FEW_INPUTS`` (here: always),
+    """Beyond ``SMALL_STACK``, ``UNFOLD_LIMIT`` and ``FEW_VECTORS``/``FEW_INPUTS`` (here: always),
     stacks pass the transposed convolution, products of one vector come from a grouped
     convolution, and squared products of several from the folded stack."""
-    monkeypatch.setattr(curvhooks.derivatives.conv, "SMALL", 0)
-    monkeypatch.setattr(curvhooks.derivatives.conv, "UNFOLD_LIMIT", -1)
-    monkeypatch.setattr(curvhooks.derivatives.affine, "FEW_VECTORS", 0)
-    monkeypatch.setattr(curvhooks.derivatives.affine, "FEW_INPUTS", 0)
+    monkeypatch.setattr(curvhooks.tuning, "SMALL_STACK", 0)
+    monkeypatch.setattr(curvhooks.tuning, "UNFOLD_LIMIT", -1)
+    monkeypatch.setattr(curvhooks.tuning, "FEW_VECTORS", 0)
+    monkeypatch.setattr(curvhooks.tuning, "FEW_INPUTS", 0)
     derivatives, io, mat, pullback = _setting(key, num_vectors)
     pushed = derivatives.jac_t_mat_prod(io, mat.clone())
     assert_close(pushed, torch.stack([pullback(v)[0] for v in mat]))

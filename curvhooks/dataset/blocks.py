@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from curvhooks import tuning
 from curvhooks.dataset.plan import Layout, Structure
 
 
@@ -60,15 +61,9 @@ def _rows_or_zeros(factor: Tensor | None, param: nn.Parameter, count: int) -> Te
     return param.new_zeros(count, param.numel())
 
 
-PANEL = 512
-"""Most rows of a panel: Gram matrices ``F^T F`` are built in row panels, each multiplied
-only with the columns from the diagonal on (about half the work once there are several),
-then mirrored."""
-
-
 def _row_panels(size: int) -> list[slice]:
-    """Equal row panels of at most ``PANEL`` rows that cover ``[size, size]``."""
-    count = max(1, -(-size // PANEL))
+    """Equal row panels of at most ``tuning.PANEL`` rows that cover ``[size, size]``."""
+    count = max(1, -(-size // tuning.PANEL))
     edges = [size * index // count for index in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(edges, edges[1:])]
 

@@ -22,15 +22,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev, vjp, vmap
 
+from curvhooks import tuning
 from curvhooks._compat import math_attention
 from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
 from curvhooks.dataset.weighting import DatasetSum, map_tensors
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
 from curvhooks.errors import UnsupportedError
-
-CHUNK_SIZES = {"cpu": 256, "cuda": 1024}
-"""Default directions per vectorised Hessian-vector product, by device type (others: CPU's)."""
 
 
 @torch.enable_grad()  # also inside a caller's torch.no_grad() block
@@ -46,7 +44,8 @@ def autograd_hessian(
     """The Hessian of the whole-dataset loss in ``plan``'s structure."""
     result = plan.new_result()
     device = model_device(model)
-    chunk_size = chunk_size or CHUNK_SIZES.get(device.type, CHUNK_SIZES["cpu"])
+    sizes = tuning.HESSIAN_CHUNK_SIZES
+    chunk_size = chunk_size or sizes.get(device.type, sizes["cpu"])
     stages = _stages(model)
     if device.type == "cuda" and plan.structure is Structure.FULL and plan.dim <= chunk_size:
         stages = [model]  # one call per batch costs less there than one per stage

@@ -14,15 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from curvhooks import tuning
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
-
-FEW_VECTORS, FEW_INPUTS = 16, 64
-"""Squared per-sample products of a stack of at most ``FEW_VECTORS`` vectors, for a weight
-that meets fewer than ``FEW_INPUTS`` inputs per output (per group), are summed one vector at
-a time (``_squared_per_sample``) instead of by one batched product of the folded stack: the
-fold copies the stack, which costs more than its products at so few inputs (DiagGGN on
-LeNet-5, whose first layer meets 25 inputs: 12% faster; at a CIFAR ResNet's 144 inputs the
-loop is 6% slower)."""
 
 _UNFOLDED = "unfolded_input"
 
@@ -122,13 +115,13 @@ class AffineDerivatives(ModuleDerivatives):
 
     def _squared_per_sample(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
         """``sum_v (J_n^T mat[v, n]) ** 2`` per sample: ``[N, *p.shape]``, by one batched
-        product of the folded stack, or for few vectors and inputs (``FEW_VECTORS``,
-        ``FEW_INPUTS``) by one per vector, squared into a running sum."""
+        product of the folded stack, or for few vectors and inputs (``tuning.FEW_VECTORS``,
+        ``tuning.FEW_INPUTS``) by one per vector, squared into a running sum."""
         if name == "bias" or mat.shape[0] == 1:
             return self.param_jac_t_mat_prod(io, name, mat).square_().sum(0)
         shape = (mat.shape[1], *io.module.weight.shape)
         x_t = self._unfolded(io).transpose(-1, -2)  # [N, G, T, I]
-        if mat.shape[0] > FEW_VECTORS or x_t.shape[-1] >= FEW_INPUTS:
+        if mat.shape[0] > tuning.FEW_VECTORS or x_t.shape[-1] >= tuning.FEW_INPUTS:
             return self._folded_products(io, mat).square_().sum(2).view(shape)
         stacked = self.to_positions(io, mat)
         squares = torch.matmul(stacked[0], x_t).square_()  # [N, G, O, I]

@@ -7,10 +7,10 @@ convolution with ``N * groups`` groups (each sample its own group), which PyTorc
 convolution kernels compute faster than unfolded patches unless the problem is small; for
 stacks of several vectors one batched matrix product over the unfolded patches (computed
 once, shared by all extensions) costs less. Stacks are pushed to the input by a transposed
-convolution (2-D inputs of many positions: in channels-last layout, ``CHANNELS_LAST``),
-or, when small, by a plain convolution of the zero-dilated stack with the flipped kernel
-(``SMALL``). Padding that a convolution cannot express (``"same"`` with an even kernel pads
-one more entry at the end) is applied to the input explicitly.
+convolution (2-D inputs of many positions: in channels-last layout), or, when small, by a
+plain convolution of the zero-dilated stack with the flipped kernel (the thresholds are in
+``curvhooks.tuning``). Padding that a convolution cannot express (``"same"`` with an even
+kernel pads one more entry at the end) is applied to the input explicitly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from curvhooks import tuning
 from curvhooks.derivatives.affine import AffineDerivatives
 from curvhooks.derivatives.base import ModuleIO
 
@@ -31,26 +32,6 @@ WEIGHT_GRADIENTS = {
     2: torch.nn.grad.conv2d_weight,
     3: torch.nn.grad.conv3d_weight,
 }
-
-SMALL = 2**16
-"""Size below which a problem is ruled by the kernels' fixed costs rather than arithmetic, on
-the CPU: stacks with fewer entries are pushed by ``_dilated_convolution`` (the
-transposed-convolution kernel costs about twice a plain convolution there). Measured on the
-visual tour: GGN 7%, empirical Fisher 9% faster; larger problems, and all on GPUs, take the
-transposed convolution."""
-
-UNFOLD_LIMIT = 2**23
-"""Entries of the unfolded input up to which per-sample weight products of one vector come
-from it (one batched matrix product) on the CPU, instead of a grouped convolution with a group
-per sample: at 1 to 5 million entries (LeNet-5's and a CIFAR ResNet's layers, batch 64) the
-unfolded products take half the time; at 9 million (16 channels at 32 x 32) copying the
-patches costs more than the grouped convolution. GPUs always take the convolution."""
-
-
-CHANNELS_LAST = 1024
-"""Input positions (2-D) from which stacks are pushed in channels-last layout: on the CPU
-the transposed convolution then runs up to twice as fast at 32 x 32 positions, and up to
-twice as slow at 16 x 16 or fewer (measured on 3x3 and 5x5 kernels, 1 to 64 channels)."""
 
 
 def explicit_padding(module: nn.Module) -> list[tuple[int, int]]:
@@ -126,7 +107,9 @@ class ConvDerivatives(AffineDerivatives):
         return mat.reshape(*mat.shape[:2], io.module.groups, -1, mat[0, 0, 0].numel())
 
     def weight_jac_t_mat_prod(self, io: ModuleIO, mat: Tensor, out: Tensor) -> None:
-        if mat.shape[0] > 1 or (mat.device.type == "cpu" and _patch_count(io, mat) <= UNFOLD_LIMIT):
+        if mat.shape[0] > 1 or (
+            mat.device.type == "cpu" and _patch_count(io, mat) <= tuning.UNFOLD_LIMIT
+        ):
             return super().weight_jac_t_mat_prod(io, mat, out)
         module = io.module
         x, padding = self._input_and_padding(io)
@@ -158,7 +141,7 @@ class ConvDerivatives(AffineDerivatives):
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         stack = mat.flatten(0, 1)
         size = tuple(io.input_shape[2:])
-        if stack.device.type == "cpu" and stack.numel() < SMALL:
+        if stack.device.type == "cpu" and stack.numel() < tuning.SMALL_STACK:
             grad_input = _dilated_convolution(stack, io.module, size)
         else:
             grad_input = _transposed_convolution(stack, io.module, size)
@@ -173,13 +156,13 @@ def _patch_count(io: ModuleIO, mat: Tensor) -> int:
 
 def _transposed_convolution(stack: Tensor, module: nn.Module, size: tuple[int, ...]) -> Tensor:
     """``stack`` ``[R, O, *S']`` pushed to the input ``[R, C, *size]`` by the transposed
-    convolution (2-D inputs of at least ``CHANNELS_LAST`` positions: in channels-last
+    convolution (2-D inputs of at least ``tuning.CHANNELS_LAST`` positions: in channels-last
     layout)."""
     padding = explicit_padding(module)
     symmetric = _is_symmetric(padding)
     target = size if symmetric else tuple(n + sum(pair) for n, pair in zip(size, padding))
     conv_padding = tuple(before for before, _ in padding) if symmetric else (0,) * len(size)
-    if len(size) == 2 and math.prod(size) >= CHANNELS_LAST:
+    if len(size) == 2 and math.prod(size) >= tuning.CHANNELS_LAST:
         stack = stack.contiguous(memory_format=torch.channels_last)
     grad_input = TRANSPOSED[len(size)](
         stack,

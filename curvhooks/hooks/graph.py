@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from curvhooks import tuning
 from curvhooks._compat import GradientEdge, has_gradient_edges
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.stacks import Stack, StackKind
@@ -72,15 +73,6 @@ def batched_vjp(start: GradientEdge, stack: Tensor, targets: list[Call]) -> list
     )
 
 
-GRAPH_CHUNK_BYTES = {"cpu": 2**25, "cuda": 2**30}
-"""Most bytes of stacks one batched product returns (at all targets together), by device
-type (others: the CPU's); a larger stack is pushed in chunks of its vectors, each reduced
-into the results on arrival. On the resnet benchmark's CPU run (DiagGGN, 30 MB per vector),
-32 MiB chunks of one vector take the time of 256 MiB chunks of eight, with a peak of 130 MB
-instead of 620 MB; on a GPU each product's fixed cost of kernel launches favours large
-chunks."""
-
-
 def push_to_calls(
     start: GradientEdge,
     kind: StackKind,
@@ -89,7 +81,7 @@ def push_to_calls(
     per_sample: bool = False,
 ) -> Iterator[list[tuple[Call, Stack]]]:
     """Push a stack of ``kind`` from ``start`` to the targets' outputs, in chunks of vectors
-    of at most ``GRAPH_CHUNK_BYTES``; yield, per chunk, the ``(call, stack)`` contributions
+    of at most ``tuning.GRAPH_CHUNK_BYTES``; yield, per chunk, the ``(call, stack)`` contributions
     that arrive (the same vectors at every call).
 
     A call's contributions together form its stack (``kind.join``); every reduction of a
@@ -125,10 +117,11 @@ def _split_samples(part: Tensor) -> Tensor:
 
 
 def _chunk_size(part: Tensor, targets: list[Call], multiple: int) -> int:
-    """Vectors per batched product, within ``GRAPH_CHUNK_BYTES``, a multiple of
+    """Vectors per batched product, within ``tuning.GRAPH_CHUNK_BYTES``, a multiple of
     ``multiple``."""
     per_vector = sum(call.anchor_shape.numel() for call in targets) * part.element_size()
-    budget = GRAPH_CHUNK_BYTES.get(part.device.type, GRAPH_CHUNK_BYTES["cpu"])
+    budgets = tuning.GRAPH_CHUNK_BYTES
+    budget = budgets.get(part.device.type, budgets["cpu"])
     return max(1, budget // max(1, per_vector) // multiple) * multiple
 
 
