@@ -132,7 +132,7 @@ def test_run_batch_and_the_chain_backward_match_loss_backward(problem, loss):
             assert isinstance(hooks, curvhooks.hooks.ChainBackward) == (
                 route == "auto" and problem.is_chain
             )
-            output = hooks.run_batch(X, y, params)
+            output = hooks.run_batch(X, y)
         assert_close(output, model(X))
         for name, p in model.named_parameters():
             assert p.grad is None and not hasattr(p, "grad_batch")

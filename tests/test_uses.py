@@ -92,7 +92,9 @@ def test_dataset_functions_take_autograd_skip_or_refuse(function):
     assert_close(found, expected.diagonal()[kept])
     with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*used outside.*route="):
         function(model, loss_fn, (X, y), route="hooks")
-    with pytest.raises(curvhooks.UnsupportedError, match="kfac cannot serve inner.weight.*params="):
+    with pytest.raises(
+        curvhooks.UnsupportedError, match="kfac: the hooks cannot serve inner.weight.*params="
+    ):
         curvhooks.kfac(model, loss_fn, (X, y))
 
 
@@ -127,7 +129,8 @@ class FoldedPositions(nn.Module):
 def test_a_call_without_the_batch_first_is_refused():
     model, loss_fn, X, y = _problem(FoldedPositions, 2, 4)
     refused = (
-        r"'linear' \(Linear\) ran on a tensor whose leading dimension \(10\) is not the batch \(5"
+        r"linear.weight of 'linear' \(Linear\), called on a tensor of leading dimension 10, "
+        r"not the batch \(5\)"
     )
     for extension in (BatchGrad(), DiagGGN()):
         with pytest.raises(curvhooks.UnsupportedError, match=refused):

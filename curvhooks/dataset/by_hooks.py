@@ -66,7 +66,7 @@ def hook_matrices(
     ) as hooks:
         for X, y, weight, _ in total.batches(data, model_device(model), progress):
             batch.new_batch()
-            output = hooks.run_batch(X, y, plan.params)
+            output = hooks.run_batch(X, y)
             for kind, extension in extensions.items():
                 if kind is Kind.EMPIRICAL_FISHER:
                     # grad_batch[n] = s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once.

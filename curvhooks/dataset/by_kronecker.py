@@ -18,20 +18,14 @@ from torch import Tensor, nn
 
 from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases, factor_sides
 from curvhooks.dataset.plan import Structure, layout, model_device, unwrap
-from curvhooks.dataset.weighting import DatasetSum, peek, to_device
+from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
-from curvhooks.hooks import (
-    BatchResults,
-    check_eval_mode,
-    hooked,
-    supports_chain,
-    unservable_params,
-)
+from curvhooks.hooks import BatchResults, UnservableError, check_eval_mode, hooked
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 
@@ -100,12 +94,16 @@ def kfac(
     check_eval_mode(model)
     plan = layout(model, params, Structure.PARAM, max_memory=2**62)
     names = _names_of(model, plan.params)
-    data = _check_servable(model, loss_fn, data, plan.params)
     passes = _Passes(
         model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
     )
     with _seeded(seed, model):
-        factors = passes.accumulate(factors_of, _factor_shapes)
+        try:
+            factors = passes.accumulate(factors_of, _factor_shapes)
+        except UnservableError as error:
+            raise UnsupportedError(
+                f"curvhooks.kfac: {error.what()}; leave them out with params="
+            ) from error
         if fisher == "forward-only":
             identities = {name: _identity(p) for name, p in zip(names, plan.params)}
             factors = {name: (identities[name], *f[1:]) for name, f in factors.items()}
@@ -164,7 +162,7 @@ class _Passes:
             device = model_device(self.model)
             for X, y, weight, size in total.batches(self.data, device, self.progress):
                 batch.new_batch()
-                hooks.run_batch(X, y, self.params)
+                hooks.run_batch(X, y)
                 share = size / (samples + size)
                 samples += size
                 for name, param in zip(self.names, self.params):
@@ -199,23 +197,6 @@ def _parts(name: str, result: object) -> tuple[Tensor, ...]:
             "leave it out with params="
         )
     return result if isinstance(result, tuple) else (result,)
-
-
-def _check_servable(
-    model: nn.Module, loss_fn: nn.Module, data: object, params: list[nn.Parameter]
-) -> object:
-    """Raise where the hooks cannot serve one of ``params`` on the first batch
-    (``hooks.unservable_params``); returns the data whole (``weighting.peek``)."""
-    first, data = peek(data)
-    if first is None or supports_chain(model, loss_fn):
-        return data
-    unservable = unservable_params(model, loss_fn, to_device(first[0], model_device(model)), params)
-    if unservable:
-        raise UnsupportedError(
-            f"curvhooks.kfac cannot serve {'; '.join(unservable.values())}; leave them out "
-            "with params="
-        )
-    return data
 
 
 def _identity(param: nn.Parameter) -> Tensor:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -17,18 +18,17 @@ from curvhooks.dataset.plan import (
     Structure,
     check_same_layout,
     layout,
-    model_device,
     parse,
     selected_params,
     unwrap,
 )
-from curvhooks.dataset.weighting import DatasetSum, peek, to_device
+from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
 from curvhooks.errors import UnsupportedError
 from curvhooks.hooks import (
+    UnservableError,
     check_eval_mode,
     supported_params,
     supports_chain,
-    unservable_params,
     unsupported_module,
     warn_skipped,
 )
@@ -212,14 +212,57 @@ def matrices(
         params = supported_params(model)
     params = selected_params(model, params)
     by_autograd = [k for k in asked if _by_autograd(k, model, loss_fn, params, structure, route)]
-    needs_check = not (supports_chain(model, loss_fn) or _has_unsupported_owner(model, params))
-    if len(by_autograd) < len(asked) and needs_check:  # else the hooks see every use
-        data, params, by_hooks = _servable(model, loss_fn, data, params, route, unsupported)
-        by_autograd = by_autograd if by_hooks else asked
+    if isinstance(data, Iterator):  # the hooks may stop after the first batch to start again
+        data = FirstBatchKept(data)
+    compute = partial(
+        _compute,
+        model,
+        loss_fn,
+        data,
+        asked,
+        structure,
+        route,
+        max_memory=max_memory,
+        progress=progress,
+        process_group=process_group,
+        batch_size_fn=batch_size_fn,
+        chunk_size=chunk_size,
+    )
+    try:
+        results = compute(params, by_autograd)
+    except UnservableError as error:  # found by the hooks on the first batch
+        results = compute(*_without_unservable(error, params, asked, route, unsupported))
+    return {kind.value: results[kind] for kind in asked}
+
+
+def _compute(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Data,
+    asked: list[Kind],
+    structure: Structure,
+    route: Route,
+    params: list[nn.Parameter],
+    by_autograd: list[Kind],
+    *,
+    max_memory: int,
+    progress: bool,
+    process_group: object,
+    batch_size_fn: Callable[[Any], int] | None,
+    chunk_size: int | None,
+) -> dict[Kind, Tensor]:
+    """The ``asked`` matrices, ``by_autograd`` by the autograd route, the others by the hooks
+    (first: they may find, on the first batch, parameters they cannot serve)."""
     plan = layout(model, params, structure, max_memory)
     hooked = tuple(kind for kind in asked if kind not in by_autograd)
     factor_kinds = tuple(kind for kind in by_autograd if kind is not Kind.HESSIAN)
     results = {}
+    if hooked:
+        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
+        hook_route = Route.HOOKS if route is Route.AUTO else route
+        results.update(
+            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
+        )
     if Kind.HESSIAN in by_autograd:
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         results[Kind.HESSIAN] = autograd_hessian(
@@ -230,13 +273,7 @@ def matrices(
         results.update(
             autograd_factor_matrices(model, loss_fn, data, factor_kinds, plan, total, progress)
         )
-    if hooked:
-        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
-        hook_route = Route.HOOKS if route is Route.AUTO else route
-        results.update(
-            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
-        )
-    return {kind.value: results[kind] for kind in asked}
+    return results
 
 
 def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
@@ -273,35 +310,25 @@ def _has_unsupported_owner(model: nn.Module, params: list[nn.Parameter]) -> bool
     return any(unsupported_module(module) for module in owners)
 
 
-def _servable(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    data: Data,
+def _without_unservable(
+    error: UnservableError,
     params: list[nn.Parameter],
+    asked: list[Kind],
     route: Route,
     unsupported: str,
-) -> tuple[Data, list[nn.Parameter], bool]:
-    """Find, by a forward pass on the first batch, the parameters the hooks cannot serve
-    (``hooks.unservable_params``: ``nn.MultiheadAttention``'s ``out_proj``, say). Returns the
-    data (a one-shot iterator made whole again), the parameters (less those, with
-    ``unsupported="skip"``: one warning names them) and whether the hooks can serve them
-    (else ``AUTO`` takes autograd; another hooks route raises)."""
-    first, data = peek(data)
-    if first is None:
-        return data, params, True
-    X = to_device(first[0], model_device(model))
-    unservable = unservable_params(model, loss_fn, X, params)
-    if not unservable:
-        return data, params, True
+) -> tuple[list[nn.Parameter], list[Kind]]:
+    """After the hooks found parameters they cannot serve (``nn.MultiheadAttention``'s
+    ``out_proj``, a call with the samples folded into another dimension): the parameters
+    and the kinds by autograd to start again with. With ``unsupported="skip"`` those
+    parameters are left out (one warning names them), on ``AUTO`` every kind takes the
+    autograd route; an explicit hooks route raises."""
+    fixes = "use route='auto' or 'autograd', unsupported='skip', or params= without them"
+    if unsupported != "skip" and route is not Route.AUTO:
+        raise UnsupportedError(f"{error.what()}; {fixes}") from error
     if unsupported == "skip":
-        warn_skipped(list(unservable.values()), "parameters the hooks cannot serve:")
-        return data, [p for p in params if id(p) not in unservable], True
-    if route is Route.AUTO:
-        return data, params, False
-    raise UnsupportedError(
-        f"the hooks cannot serve {'; '.join(unservable.values())}; use route='auto' or "
-        "'autograd', unsupported='skip', or params= without them"
-    )
+        warn_skipped(list(error.found.values()), "parameters the hooks cannot serve:")
+        return [p for p in params if id(p) not in error.found], []
+    return params, asked
 
 
 def _dataset_sum(

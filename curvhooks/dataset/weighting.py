@@ -12,7 +12,6 @@ processes.
 
 from __future__ import annotations
 
-import itertools
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -133,17 +132,27 @@ def batches(
         yield to_device(X, device), y.to(device), size
 
 
-def peek(data: Iterable | tuple[Inputs, Tensor]) -> tuple[tuple[Inputs, Tensor] | None, object]:
-    """The first ``(X, y)`` batch of ``data`` (``None`` if there is none), and data that still
-    yields every batch: ``data`` itself, or for a one-shot iterator one that yields the first
-    batch again."""
-    if _is_single_pair(data):
-        return _unpack(data), data
-    iterator = iter(data)
-    first = next(iterator, None)
-    if iterator is data:
-        data = itertools.chain([first], iterator) if first is not None else iter(())
-    return (None if first is None else _unpack(first)), data
+class FirstBatchKept:
+    """A one-shot iterator of batches whose first batch is kept: iterating again yields it
+    again, then the iterator's rest (for a pass that stopped after the first batch)."""
+
+    def __init__(self, batches: Iterator) -> None:
+        self._batches = batches
+        self._first: list = []
+        self._taken = 0
+
+    def __iter__(self) -> Iterator:
+        if self._taken > 1:
+            raise ValueError(
+                "a pass over one-shot data (an iterator) stopped after its first batch, so it "
+                "cannot be iterated again; pass data that can be (a list, a DataLoader)"
+            )
+        yield from self._first
+        for batch in self._batches:
+            if not self._first:
+                self._first.append(batch)
+            self._taken += 1
+            yield batch
 
 
 def _is_single_pair(data: object) -> bool:

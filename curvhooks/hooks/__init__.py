@@ -1,19 +1,16 @@
 """The hook machinery: what a context computes (``plan``), the record of calls (``calls``,
 ``recorder``), the routes the stacks take (``routes``, with autograd's pushes in ``graph``),
 the results and where they go (``reducer``, ``sinks``), the two ways a backward pass meets the
-hooks (``backward``) and the user's context (``context``)."""
+hooks (``backward``), the user's context (``context``) and the dataset functions' use of them
+(``datasets``)."""
 
-from curvhooks.hooks.backward import (
-    AutogradBackward,
-    ChainBackward,
-    hooked,
-    supports_chain,
-    unservable_params,
-)
+from curvhooks.hooks.backward import AutogradBackward, ChainBackward
 from curvhooks.hooks.context import extend
+from curvhooks.hooks.datasets import hooked, supports_chain
 from curvhooks.hooks.plan import (
     ROUTES,
     HookPlan,
+    UnservableError,
     check_eval_mode,
     supported_params,
     unsupported_module,
@@ -34,6 +31,6 @@ __all__ = [
     "supported_params",
     "supports_chain",
     "unsupported_module",
-    "unservable_params",
+    "UnservableError",
     "warn_skipped",
 ]

@@ -11,8 +11,6 @@ a route for every pass:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -21,18 +19,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvhooks._compat import at_backward_end, gradient_edge, has_gradient_edges
-from curvhooks.derivatives import loss_derivatives
 from curvhooks.errors import UnsupportedError
-from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import HESSIAN, Stack
 from curvhooks.hooks.calls import Call, tensors_in
 from curvhooks.hooks.graph import uses_outside_calls
 from curvhooks.hooks.plan import (
     USED_OUTSIDE,
     HookPlan,
+    UnservableError,
     names,
     not_batch_first,
-    unsupported_module,
     warn_skipped,
 )
 from curvhooks.hooks.recorder import Recorder
@@ -58,7 +54,7 @@ class AutogradBackward:
         self._finishing = 0
         """The id of the pass whose shared results are queued for the end of its backward."""
         self._nested = False
-        self._served = plan.served()
+        self._served = plan.served_ids()
         self._left_out: set[int] = set()
         """Parameters used outside their modules' calls, left out (``unsupported="skip"``)."""
         self._handles: list[RemovableHandle] = []
@@ -78,38 +74,40 @@ class AutogradBackward:
         self.reducer.clear()
         self._route = None
 
-    def run_batch(self, X: Any, y: Tensor, params: list[nn.Parameter]) -> Tensor:
-        """One forward and backward pass of ``loss_fn(model(X), y)`` to ``params`` without
-        touching their ``.grad``: the results go to the sink; returns the model output."""
+    def run_batch(self, X: Any, y: Tensor) -> Tensor:
+        """One forward and backward pass of ``loss_fn(model(X), y)`` to the served parameters
+        without touching their ``.grad``: the results go to the sink; returns the model
+        output."""
         with torch.enable_grad():  # also inside a caller's torch.no_grad() block
             output = self.plan.model(X)
             loss = self.plan.loss_fn(output, y)
             if loss.requires_grad:
+                params = list({id(p): p for _, p in self.plan.params()}.values())
                 torch.autograd.grad(loss, params, allow_unused=True)
         return output
 
     def _after_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
-        """After the model's forward pass: check the calls with parameters against the
-        model output's batch, and the uses of their parameters."""
-        outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
-        if outputs and outputs[0].dim():
-            _check_batch(self.recorder.record.calls, len(outputs[0]))
-        self._check_uses(outputs)
-
-    def _check_uses(self, outputs: list[Tensor]) -> None:
-        """Raise for a served parameter that the model uses outside its module's calls, or
-        with ``unsupported="skip"`` leave it out (one warning names it)."""
+        """After the model's forward pass: raise for the served parameters the hooks cannot
+        serve (``UnservableError``), or with ``unsupported="skip"`` leave out those used
+        outside their modules' calls (one warning names them); mark the calls shared by the
+        batch."""
         record = self.recorder.record
-        outside = uses_outside_calls(outputs, record.calls, set(self._served)) - self._left_out
-        described = [self._served[key] for key in outside]
-        if outside and self.plan.unsupported == "raise":
-            raise UnsupportedError(
-                f"{'; '.join(described)}: {USED_OUTSIDE}; pass unsupported='skip' to leave it "
-                "out (one warning names it), or params= without it"
+        outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
+        outside = uses_outside_calls(outputs, record.calls, self._served) - self._left_out
+        if outside and self.plan.unsupported == "skip":
+            warn_skipped(
+                self.plan.describe(outside), "parameters used outside their modules' calls"
             )
-        if outside:
-            warn_skipped(described, "parameters used outside their modules' calls")
             self._left_out |= outside
+            outside = set()
+        found = {key: USED_OUTSIDE for key in outside}
+        if outputs and outputs[0].dim():
+            found.update(_share_by_batch(record.calls, len(outputs[0])))
+        if found:
+            described = {
+                key: f"{self.plan.describe({key})[0]}, {why}" for key, why in found.items()
+            }
+            raise UnservableError(described, _UNSERVABLE_FIX)
         if self._left_out:
             for call in record.calls:
                 call.params = [(n, p) for n, p in call.params if id(p) not in self._left_out]
@@ -178,9 +176,11 @@ class AutogradBackward:
         write_first_order(self.plan, self.reducer, call, grad_output, self.recorder.record.shared)
         if route is None and call.params and self.plan.second_order:
             raise RuntimeError(_NO_LOSS.format(call.describe(), names(self.plan.second_order)))
-        if route is not None:
+        if route is not None and route.calls_autograd:
             with self._nesting():
                 route.at_call(call, grad_output)
+        elif route is not None:
+            route.at_call(call, grad_output)
         call.release()
 
     def _queue_finish(self) -> None:
@@ -215,30 +215,6 @@ _NO_LOSS = (
 )
 
 
-def supports_chain(model: nn.Module, loss_fn: nn.Module) -> bool:
-    """Whether the chain route certainly applies: a supported loss, and a model that is a
-    supported module or an ``nn.Sequential`` (nested) of supported modules, no parameter
-    used twice. A subclass of ``nn.Sequential`` that overrides ``forward`` is not a chain of
-    its children."""
-    modules = _chain_modules(model)
-    if loss_derivatives(loss_fn) is None or modules is None:
-        return False
-    params = [id(p) for module in modules for p in module.parameters()]
-    return len(params) == len(set(params))
-
-
-def _chain_modules(model: nn.Module) -> list[nn.Module] | None:
-    """The supported modules ``model`` applies one after the other, or ``None``."""
-    if isinstance(model, nn.Sequential):
-        if type(model).forward is not nn.Sequential.forward:
-            return None
-        parts = [_chain_modules(child) for child in model]
-        return None if None in parts else [m for part in parts for m in part]
-    if unsupported_module(model):
-        return None
-    return [model]
-
-
 class ChainBackward:
     """The dataset functions' backward pass along a chain of supported modules (a model for
     which ``supports_chain`` holds), run by the hooks themselves: no autograd graph is built,
@@ -255,7 +231,7 @@ class ChainBackward:
     def detach(self) -> None:
         self.recorder.detach()
 
-    def run_batch(self, X: Any, y: Tensor, params: list[nn.Parameter] | None = None) -> Tensor:
+    def run_batch(self, X: Any, y: Tensor) -> Tensor:
         """The results of ``loss_fn(model(X), y)`` to the sink; returns the model output."""
         plan = self.plan
         with torch.no_grad():
@@ -292,22 +268,30 @@ def start_stacks(plan: HookPlan, output: Tensor, target: Tensor) -> dict[object,
     return {kind.key: kind.start(plan.loss_fn, derivatives, output, target) for kind in plan.kinds}
 
 
-def _check_batch(calls: list[Call], batch: int) -> None:
+def _share_by_batch(calls: list[Call], batch: int) -> dict[int, str]:
     """Mark the calls with parameters that ran on a tensor shared by the ``batch`` samples
-    (leading dimension 1); raise for one whose leading dimension is another."""
+    (leading dimension 1); the parameters of those whose leading dimension is another, with
+    why."""
+    found = {}
     for call in calls:
-        leading = _leading(call)
-        if not call.params or leading == batch or call.shared_by_batch:
+        first = leading(call)
+        if not call.params or first == batch or call.shared_by_batch:
             continue
-        if leading != 1:
-            raise UnsupportedError(
-                f"module {call.describe()} {not_batch_first(leading, batch)} (reshape "
-                "[N, T, d] inputs as they are, not to [N * T, d], and put the batch first)"
-            )
-        call.share_by(batch)
+        if first == 1:
+            call.share_by(batch)
+        else:
+            found.update({id(p): not_batch_first(first, batch) for _, p in call.params})
+    return found
 
 
-def _leading(call: Call) -> int:
+_UNSERVABLE_FIX = (
+    "pass unsupported='skip' to leave out parameters used outside their modules' calls (one "
+    "warning names them), or params= without them; keep the samples in dimension 0 of every "
+    "module call (reshape [N, T, d] inputs as they are, not to [N * T, d])"
+)
+
+
+def leading(call: Call) -> int:
     """The leading dimension of the call's output."""
     return call.io.output_shape[0] if len(call.io.output_shape) else 1
 
@@ -329,62 +313,3 @@ def write_first_order(
     reducer.write(call, extensions, [grad_output[None]] * len(extensions), shared)
     if shared:
         reducer.add_gradient(call, grad_output, shared)
-
-
-@contextmanager
-def hooked(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    extensions: tuple[Extension, ...],
-    sink: Sink,
-    route: str,
-    params: list[nn.Parameter],
-) -> Iterator[AutogradBackward | ChainBackward]:
-    """The hooks of the dataset functions for ``params``, attached for the block; results go
-    to ``sink``, never onto the model; every one of ``params`` must be served (a module that
-    cannot serve one raises). ``route``: ``"chain"`` or ``"auto"`` take the hooks' own
-    backward pass on a chain of supported modules (``supports_chain``), autograd's elsewhere;
-    ``"graph"`` always autograd's."""
-    if route != "graph" and supports_chain(model, loss_fn):
-        plan = HookPlan.of(
-            model, loss_fn, extensions, route="chain", params=params, records_leaves=True
-        )
-        backward = ChainBackward(plan, sink)
-    else:
-        plan = HookPlan.of(model, loss_fn, extensions, route=route, params=params)
-        backward = AutogradBackward(plan, sink)
-    backward.attach()
-    try:
-        yield backward
-    finally:
-        backward.detach()
-
-
-def unservable_params(
-    model: nn.Module, loss_fn: nn.Module, X: Any, params: list[nn.Parameter]
-) -> dict[int, str]:
-    """The ``params`` of supported modules that the hooks cannot serve on one forward pass
-    on ``X``, by id, each described with why: used outside their modules' calls
-    (``graph.uses_outside_calls``), or by a call whose leading dimension is not the batch."""
-    plan = HookPlan.of_supported(model, loss_fn, params)
-    served = plan.served()
-    recorder = Recorder(plan, hook_of=lambda call: _ignore_gradient, keeps_leaves=False)
-    recorder.attach()
-    try:
-        with torch.enable_grad():
-            outputs = [t for t in tensors_in(model(X)) if t.grad_fn is not None]
-        calls = recorder.record.calls
-        outside = uses_outside_calls(outputs, calls, set(served))
-        found = {key: f"{served[key]}, {USED_OUTSIDE}" for key in outside}
-        batch = len(outputs[0]) if outputs and outputs[0].dim() else 1
-        for call in calls:
-            if _leading(call) not in (1, batch):
-                why = not_batch_first(_leading(call), batch)
-                found.update({id(p): f"{served[id(p)]}, which {why}" for _, p in call.params})
-    finally:
-        recorder.detach()
-    return found
-
-
-def _ignore_gradient(grad: Tensor) -> None:
-    return None

@@ -105,19 +105,28 @@ class HookPlan:
         """The second-order extensions that reduce stacks of ``kind``."""
         return [ext for ext in self.second_order if ext.stack_kind().key == kind.key]
 
+    def params(self) -> list[tuple[str, nn.Parameter]]:
+        """Every served parameter, by name in its module (a tied one once per module)."""
+        return [named for hooked in self.modules for named in hooked.params]
+
     @property
     def has_module_curvature(self) -> bool:
         """Whether some stack takes the curvature of nonlinear modules (the Hessian's)."""
         return any(kind.has_module_curvature for kind in self.kinds)
 
-    def served(self) -> dict[int, str]:
-        """The parameters that get results, by id, each described for messages."""
-        return {
-            id(param): f"{hooked.path}.{name}".lstrip(".")
-            + f" of {describe(hooked.path, hooked.module)}"
+    def served_ids(self) -> set[int]:
+        """The ids of the parameters that get results."""
+        return {id(param) for _, param in self.params()}
+
+    def describe(self, param_ids: set[int]) -> list[str]:
+        """The parameters of ``param_ids`` among the served, each with its module."""
+        return [
+            f"{hooked.path + '.' if hooked.path else ''}{name} of "
+            f"{describe(hooked.path, hooked.module)}"
             for hooked in self.modules
             for name, param in hooked.params
-        }
+            if id(param) in param_ids
+        ]
 
     @classmethod
     def of_supported(
@@ -150,18 +159,29 @@ def _selected(model: nn.Module, params: Iterable[nn.Parameter]) -> set[int]:
     return selected
 
 
-USED_OUTSIDE = (
-    "used outside a call of its module (its parent's forward uses it directly, say), so the "
-    "hooks would miss that use"
-)
+USED_OUTSIDE = "used outside a call of its module (its parent's forward uses it directly, say)"
+
+
+class UnservableError(UnsupportedError):
+    """Parameters the hooks cannot serve on this model, found in its forward pass: used
+    outside their modules' calls, or by a call whose leading dimension is not the batch.
+
+    Attributes:
+        found: Each such parameter's description, with why, by id.
+    """
+
+    def __init__(self, found: dict[int, str], fix: str) -> None:
+        self.found = found
+        super().__init__(f"{self.what()}; {fix}")
+
+    def what(self) -> str:
+        """What the hooks cannot serve, and why."""
+        return f"the hooks cannot serve {'; '.join(self.found.values())}"
 
 
 def not_batch_first(leading: int, batch: int) -> str:
     """Why a call whose leading dimension is not the batch cannot be served."""
-    return (
-        f"ran on a tensor whose leading dimension ({leading}) is not the batch ({batch}, the "
-        "model output's); curvhooks needs each module call to keep the samples in dimension 0"
-    )
+    return f"called on a tensor of leading dimension {leading}, not the batch ({batch})"
 
 
 def names(extensions: Iterable[Extension]) -> str:

@@ -33,6 +33,9 @@ from curvhooks.hooks.reducer import Reducer
 class Route(Protocol):
     """How one pass's stacks reach the calls."""
 
+    calls_autograd: bool
+    """Whether the route runs autograd itself (whose hooks must then do nothing)."""
+
     def at_call(self, call: Call, grad_output: Tensor | None) -> None:
         """At ``call`` in the backward pass (downstream calls first; ``grad_output`` the
         gradient of the loss in its output): the results of what reached it."""
@@ -40,6 +43,8 @@ class Route(Protocol):
 
 class ChainRoute:
     """Analytic pushes along ``chain`` (the last call first) from the stacks at its end."""
+
+    calls_autograd = False
 
     def __init__(
         self, plan: HookPlan, reducer: Reducer, chain: list[Call], stacks: dict[object, Stack]
@@ -96,6 +101,8 @@ class GraphRoute:
     pushed from their inputs as their calls come (``at_call``). Calls shared by the batch get
     their stacks per sample, and ``gradient``, the loss's gradient in the model output
     ``[N, *out]``, per sample for their first-order results."""
+
+    calls_autograd = True
 
     def __init__(
         self,
