@@ -527,3 +527,20 @@ def test_dataset_functions_leave_the_model_as_they_found_it(name, call):
     function(model, loss_fn, loader, **options)
     _assert_same_state(_model_state(model), before)
     assert during and all(seen == flags for seen in during)
+
+
+def test_one_shot_data_is_iterated_again_only_from_its_first_batch():
+    """A one-shot iterator keeps its first batch (the hooks may stop after it to start
+    again); a second full pass over it raises instead of seeing no data."""
+    from curvhooks.dataset.weighting import FirstBatchKept
+
+    batches = FirstBatchKept(iter([1, 2, 3]))
+    for batch in batches:
+        break
+    assert list(batches) == [1, 2, 3]
+    with pytest.raises(ValueError, match="cannot be iterated again"):
+        list(batches)
+    model, loss_fn, X, y, _ = _data(by_name("conv-residual"), "ce-mean")
+    one_shot = iter([(X[:3], y[:3]), (X[3:], y[3:])])
+    with pytest.raises(ValueError, match="cannot be iterated again"):
+        curvhooks.matrices(model, loss_fn, one_shot, ("ggn", "hessian"))
