@@ -25,6 +25,12 @@ from curvhooks.extensions import (
     Variance,
 )
 from curvhooks.hooks import extend
+from curvhooks.operators import (
+    CurvatureOperator,
+    EmpiricalFisherOperator,
+    GGNOperator,
+    HessianOperator,
+)
 
 __version__ = "0.1.0"
 
@@ -42,9 +48,13 @@ __all__ = [
     "BatchDiagGGN",
     "BatchGrad",
     "BatchL2Grad",
+    "CurvatureOperator",
     "DiagGGN",
     "DiagHessian",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
     "HessianBlock",
+    "HessianOperator",
     "Jacobian",
     "KFAC",
     "KFLR",

@@ -1,0 +1,275 @@
+"""The GGN, the empirical Fisher and the Hessian of the whole-dataset loss as operators: each
+product is one pass over the data, every column at once, and no ``[D, D]`` matrix is formed.
+
+Per batch, with ``f`` the model's output as a function of the parameters and ``V`` the
+columns split per parameter:
+
+- GGN: ``J V`` by forward-mode products (the forward pass shared by all columns), the loss's
+  Hessian as ``S S^T`` from its square root, then ``J^T`` by one batched reverse-mode
+  product;
+- empirical Fisher: ``J V`` as for the GGN, each sample's loss gradient ``r_n`` in its
+  output, then ``J^T`` of ``r_n (r_n . J_n V) / s`` (s the batch's reduction factor);
+- Hessian: reverse-over-reverse products of the loss's gradient, batched over the columns.
+
+Batches are weighted as the whole-dataset loss (``DatasetSum``), also across processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp, vmap
+
+from curvhooks._compat import math_attention
+from curvhooks.dataset.by_autograd import parameters_replaced
+from curvhooks.dataset.plan import model_device, selected_params, unwrap
+from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
+from curvhooks.extensions.base import check_mc_samples
+from curvhooks.hooks import check_eval_mode
+from curvhooks.hooks.plan import check_loss
+from curvhooks.operators.base import CurvatureOperator
+
+Data = Iterable | tuple[Any, Tensor]
+
+
+class DataOperator(CurvatureOperator):
+    """A curvature matrix of the whole-dataset loss ``L = s * sum_n l_n``; subclasses give
+    the product of one batch's reduced loss (``_batch_product``).
+
+    Args:
+        model: Any model (eval mode where its output depends on the batch or on
+            randomness); wrapped in ``DistributedDataParallel`` or not.
+        loss_fn: The loss module, reduction ``"mean"`` or ``"sum"``.
+        data: An iterable of ``(X, y)`` batches that can be iterated again (a list, a
+            ``DataLoader``), or one ``(X, y)`` pair.
+        params: The parameters (default: all that require grad); D is their total size.
+        progress: Show a progress bar over the batches of each product.
+        process_group: Under ``torch.distributed``, the processes whose data together form
+            the data set (default: all, when initialised); each passes its own ``data``.
+        batch_size_fn: The number of samples in a batch's ``X`` (default: ``y.shape[0]``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Data,
+        params: list[nn.Parameter] | None = None,
+        *,
+        progress: bool = False,
+        process_group: object = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        self.model = unwrap(model)
+        check_eval_mode(self.model)
+        self.loss_fn = loss_fn
+        self.data = FirstBatchKept(data) if isinstance(data, Iterator) else data
+        self.params = selected_params(self.model, params)
+        self.progress = progress
+        self.process_group = process_group
+        self.batch_size_fn = batch_size_fn
+        DatasetSum(loss_fn, process_group, batch_size_fn)  # checks the reduction
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
+        result = torch.zeros_like(columns)
+        tangents = self._split(columns)
+        batches = total.batches(self.data, model_device(self.model), self.progress)
+        with math_attention(), torch.enable_grad():
+            for index, (X, y, weight, _) in enumerate(batches):
+                product = self._batch_product(index, X, y, tangents)
+                result.add_(self._joined(product), alpha=weight)
+        total.finish({"product": result})
+        return result
+
+    def _batch_product(
+        self, index: int, X: Any, y: Tensor, tangents: tuple[Tensor, ...]
+    ) -> tuple[Tensor, ...]:
+        """The product of batch ``index``'s reduced loss's matrix with ``tangents`` (the
+        columns per parameter ``[k, *p.shape]``), per parameter."""
+        raise NotImplementedError
+
+    def _split(self, columns: Tensor) -> tuple[Tensor, ...]:
+        """``[D, k]`` as one ``[k, *p.shape]`` per parameter, less the directions autograd
+        gives no gradient (an ``Embedding``'s ``padding_idx`` row: its reverse-mode Jacobian
+        is zero there, its forward-mode one is not; the matrices are autograd's)."""
+        pieces = columns.T.split([p.numel() for p in self.params], dim=1)
+        tangents = [piece.reshape(len(piece), *p.shape) for piece, p in zip(pieces, self.params)]
+        for index, row in self._padding_rows():
+            tangents[index] = tangents[index].index_fill(1, torch.tensor([row]), 0)
+        return tuple(tangents)
+
+    def _padding_rows(self) -> list[tuple[int, int]]:
+        """``(index into params, row)`` of each selected embedding weight's padding row."""
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        return [
+            (index_of[id(module.weight)], module.padding_idx % module.num_embeddings)
+            for module in self.model.modules()
+            if isinstance(module, nn.Embedding)
+            and module.padding_idx is not None
+            and id(module.weight) in index_of
+        ]
+
+    def _joined(self, pieces: tuple[Tensor, ...]) -> Tensor:
+        """Inverse of ``_split``: ``[D, k]``."""
+        return torch.cat([piece.flatten(1) for piece in pieces], dim=1).T
+
+    def _function(self, X: Any) -> Callable[..., Tensor]:
+        """The model's output on ``X`` as a function of the parameters' values."""
+        fixed = {id(p): p.detach() for p in self.model.parameters()}
+        ids = [id(p) for p in self.params]
+
+        def output(*values: Tensor) -> Tensor:
+            with parameters_replaced(self.model, {**fixed, **dict(zip(ids, values))}):
+                return self.model(X)
+
+        return output
+
+    def _point(self) -> tuple[Tensor, ...]:
+        return tuple(p.detach() for p in self.params)
+
+    def _output_products(
+        self, X: Any, tangents: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Tensor, Callable[[Tensor], tuple[Tensor, ...]]]:
+        """The output ``[N, *out]``, its forward-mode products with the tangents
+        ``[k, N, *out]`` (``J V``), and the reverse-mode product of output vectors
+        ``[k, N, *out]`` with the Jacobian (``J^T U``, per parameter ``[k, *p.shape]``)."""
+        function, point = self._function(X), self._point()
+        output, pullback = vjp(function, *point)
+        products = vmap(lambda *tangent: jvp(function, point, tangent)[1])(*tangents)
+        return output.detach(), products, vmap(pullback)
+
+
+class GGNOperator(DataOperator):
+    """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss:
+    ``curvhooks.ggn(...)`` as an operator (also ``mc_samples=`` sampled square roots of the
+    loss Hessian, fixed per operator by ``seed=``). Arguments as ``DataOperator``'s;
+    ``loss_fn`` one of curvhooks' supported losses."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Data,
+        params: list[nn.Parameter] | None = None,
+        *,
+        mc_samples: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        process_group: object = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            progress=progress,
+            process_group=process_group,
+            batch_size_fn=batch_size_fn,
+        )
+        if mc_samples is not None:
+            check_mc_samples(mc_samples)
+        self.mc_samples = mc_samples
+        self.seed = seed
+
+    def _batch_product(self, index, X, y, tangents):
+        output, products, pullback = self._output_products(X, tangents)
+        root = self._root(index, output, y)  # [C, N, *out]
+        coefficients = torch.einsum("cn...,kn...->ckn", root, products)
+        return pullback(torch.einsum("ckn,cn...->kn...", coefficients, root))
+
+    def _root(self, index: int, output: Tensor, y: Tensor) -> Tensor:
+        """A square root ``[C, N, *out]`` of the batch loss's Hessian in the output (sampled
+        with the operator's seed and the batch's index)."""
+        derivatives = check_loss(self.loss_fn, output, y, "curvhooks.GGNOperator")
+        if self.mc_samples is None:
+            return derivatives.sqrt_hessian(self.loss_fn, output, y)
+        with _seeded(self.seed + index, output.device):
+            return derivatives.sqrt_hessian_mc(self.loss_fn, output, y, self.mc_samples)
+
+    def to_dense(self) -> Tensor:
+        if self.mc_samples is not None:
+            return super().to_dense()
+        from curvhooks.dataset.functions import ggn
+
+        return ggn(self.model, self.loss_fn, self.data, **self._options())
+
+    def diag(self) -> Tensor:
+        if self.mc_samples is not None:
+            return super().diag()
+        from curvhooks.dataset.functions import ggn
+
+        return ggn(self.model, self.loss_fn, self.data, structure="diag", **self._options())
+
+    def _options(self) -> dict:
+        return {
+            "params": self.params,
+            "progress": self.progress,
+            "process_group": self.process_group,
+            "batch_size_fn": self.batch_size_fn,
+        }
+
+
+class EmpiricalFisherOperator(DataOperator):
+    """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set:
+    ``curvhooks.empirical_fisher(...)`` as an operator. Arguments as ``DataOperator``'s;
+    ``loss_fn`` one of curvhooks' supported losses (its reduction factor is needed)."""
+
+    def _batch_product(self, index, X, y, tangents):
+        output, products, pullback = self._output_products(X, tangents)
+        derivatives = check_loss(self.loss_fn, output, y, "curvhooks.EmpiricalFisherOperator")
+        leaf = output.requires_grad_()
+        (gradient,) = torch.autograd.grad(self.loss_fn.forward(leaf, y), leaf)  # s r_n
+        along = torch.einsum("n...,kn...->kn", gradient, products)
+        scale = 1 / derivatives.scale(self.loss_fn, output)
+        return pullback(torch.einsum("kn,n...->kn...", along, gradient) * scale)
+
+    def to_dense(self) -> Tensor:
+        from curvhooks.dataset.functions import empirical_fisher
+
+        return empirical_fisher(self.model, self.loss_fn, self.data, **GGNOperator._options(self))
+
+    def diag(self) -> Tensor:
+        from curvhooks.dataset.functions import empirical_fisher
+
+        options = GGNOperator._options(self)
+        return empirical_fisher(self.model, self.loss_fn, self.data, structure="diag", **options)
+
+
+class HessianOperator(DataOperator):
+    """The exact Hessian of the whole-dataset loss: ``curvhooks.hessian(...)`` as an
+    operator, by reverse-over-reverse products batched over the columns. Any model and any
+    scalar loss module. Arguments as ``DataOperator``'s."""
+
+    def _batch_product(self, index, X, y, tangents):
+        function = self._function(X)
+
+        def loss(*values: Tensor) -> Tensor:
+            return self.loss_fn(function(*values), y)
+
+        _, product = vjp(grad(loss, argnums=tuple(range(len(tangents)))), *self._point())
+        return vmap(product)(tangents)
+
+    def to_dense(self) -> Tensor:
+        from curvhooks.dataset.functions import hessian
+
+        return hessian(self.model, self.loss_fn, self.data, **GGNOperator._options(self))
+
+    def diag(self) -> Tensor:
+        from curvhooks.dataset.functions import hessian
+
+        options = GGNOperator._options(self)
+        return hessian(self.model, self.loss_fn, self.data, structure="diag", **options)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Draw from ``seed`` in the block, leaving the global random state as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
