@@ -1,7 +1,6 @@
 """curvhooks: curvature of neural networks from module hooks, in one backward pass."""
 
 from curvhooks.dataset import (
-    Kronecker,
     empirical_fisher,
     ggn,
     hessian,
@@ -30,6 +29,11 @@ from curvhooks.operators import (
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
+    Kronecker,
+    TraceEstimate,
+    eigenpairs,
+    spectral_density,
+    trace,
 )
 
 __version__ = "0.1.0"
@@ -60,9 +64,11 @@ __all__ = [
     "KFLR",
     "Kronecker",
     "SqrtGGN",
+    "TraceEstimate",
     "SumGradSquared",
     "UnsupportedError",
     "Variance",
+    "eigenpairs",
     "empirical_fisher",
     "extend",
     "ggn",
@@ -70,4 +76,6 @@ __all__ = [
     "kfac",
     "layer_sizes",
     "matrices",
+    "spectral_density",
+    "trace",
 ]

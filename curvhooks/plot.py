@@ -105,6 +105,46 @@ def block_mass(
     return figure, ax
 
 
+def spectrum(
+    densities: dict[str, tuple[Tensor, Tensor]],
+    eigenvalues: dict[str, Tensor] | None = None,
+    floor: float = 1e-7,
+) -> tuple[Figure, Axes]:
+    """Spectral densities on a log scale, with the top eigenvalues as vertical lines.
+
+    Args:
+        densities: ``{label: (grid, density)}`` (``curvhooks.spectral_density``).
+        eigenvalues: ``{label: values}`` to mark, in the colour of the density with the same
+            label (``curvhooks.eigenpairs``).
+        floor: Densities are drawn from this value up (a log scale has no zero).
+
+    Returns:
+        The figure and its axes.
+    """
+    if not densities:
+        raise ValueError("densities must hold at least one (grid, density) pair")
+    figure = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = figure.subplots()
+    colors = {label: f"C{index}" for index, label in enumerate(densities)}
+    for label, (grid, density) in densities.items():
+        values = np.maximum(_numpy(density), floor)
+        ax.plot(_numpy(grid), values, color=colors[label], label=label)
+    for label, values in (eigenvalues or {}).items():
+        for index, value in enumerate(_numpy(values)):
+            ax.axvline(
+                value,
+                color=colors.get(label, "gray"),
+                linestyle="--",
+                linewidth=0.8,
+                label=f"{label}: top eigenvalues" if index == 0 else None,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("spectral density")
+    ax.legend()
+    return figure, ax
+
+
 def _transform(transform) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     if callable(transform):
         name = getattr(transform, "__name__", "transformed")

@@ -1,5 +1,6 @@
 """Two processes on loopback (gloo), each with part of an unevenly split data set, give
-exactly the single-process matrices; mismatched models give a clear error, not a hang."""
+exactly the single-process matrices, operator products, eigenvalues and traces; mismatched
+models give a clear error, not a hang."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ STRUCTURES = ("full", "layer", "param", "diag")
 KINDS = ("ggn", "empirical_fisher", "hessian")
 LOSSES = ("ce-mean", "mse-sum")
 PROBLEM = CNN  # a CNN with Sigmoid and ReLU
+OPERATORS = {
+    "ggn": curvhooks.GGNOperator,
+    "empirical_fisher": curvhooks.EmpiricalFisherOperator,
+    "hessian": curvhooks.HessianOperator,
+}
 
 
 def _shards(X, y, rank):
@@ -42,6 +48,17 @@ def _compute(model, loss_fn, data, group=None) -> dict[str, torch.Tensor]:
             model, loss_fn, data, eigen_correction=eigen_correction, process_group=group
         )
         results[f"kfac-{eigen_correction}"] = kronecker.to_dense()
+    columns = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        3,
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    for name, operator_class in OPERATORS.items():
+        operator = operator_class(model, loss_fn, data, process_group=group)
+        results[f"{name}-operator"] = operator @ columns
+        results[f"{name}-eigenvalues"] = curvhooks.eigenpairs(operator, 3, tolerance=1e-12)[0]
+        results[f"{name}-trace"] = curvhooks.trace(operator, samples=6).value
     return results
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases
 from curvhooks.extensions.gram import Gram, weighted_sum
+from curvhooks.operators.kronecker import Factor, Kronecker, eigenbases
 from tests.problems import assert_close
 
 SHAPES = {"weight": [3, 4], "conv": [2, 3, 2, 2], "bias": [3]}

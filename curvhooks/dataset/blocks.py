@@ -46,7 +46,7 @@ def accumulate(
         if not reached:
             continue
         count = _rows(values[reached[0]], plan.params[reached[0]]).shape[0]
-        factor = torch.cat([_rows_or_zeros(values[i], plan.params[i], count) for i in block], 1)
+        factor = torch.cat([rows_or_zeros(values[i], plan.params[i], count) for i in block], 1)
         square = result[rows, rows]
         for panel in _row_panels(factor.shape[1]):
             square[panel, panel.start :].addmm_(
@@ -54,7 +54,7 @@ def accumulate(
             )
 
 
-def _rows_or_zeros(factor: Tensor | None, param: nn.Parameter, count: int) -> Tensor:
+def rows_or_zeros(factor: Tensor | None, param: nn.Parameter, count: int) -> Tensor:
     """The parameter's factor as rows ``[count, p.numel()]``; zeros where it has none."""
     if factor is not None:
         return _rows(factor, param)

@@ -15,8 +15,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
+from curvhooks.dataset.blocks import accumulate, mirror_upper_panels, rows_or_zeros
 from curvhooks.dataset.plan import Kind, Layout, Route, Structure, model_device
+from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
 from curvhooks.errors import UnsupportedError
@@ -85,6 +86,50 @@ def hook_matrices(
             mirror_upper_panels(results[kind], plan)
     total.finish(results)
     return results
+
+
+@torch.enable_grad()  # also inside a caller's torch.no_grad() block
+def hook_factor(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable | tuple[Tensor, Tensor],
+    kind: Kind,
+    params: list[nn.Parameter],
+    total: DatasetSum,
+    progress: bool,
+    max_memory: int,
+    mc_samples: int | None = None,
+    seed: int = 0,
+) -> Tensor | None:
+    """The square-root factor ``F`` ``[R, D]`` of the GGN (the per-sample products of its
+    stacks, ``R = V N`` rows; with ``mc_samples``, sampled per batch from ``seed`` plus the
+    batch's index) or the empirical Fisher (the per-sample gradients, ``R = N``), weighted
+    so that ``F^T F`` is the whole-dataset matrix; ``None`` once ``F`` and its Gram matrix
+    ``F F^T`` would take more than ``max_memory`` bytes."""
+    derivatives = _check(loss_fn, (kind,), Structure.FULL)
+    extension = BatchGrad() if kind is Kind.EMPIRICAL_FISHER else SqrtGGN(mc_samples)
+    size, itemsize = sum(p.numel() for p in params), params[0].element_size()
+    pieces, rows, batch = [], 0, BatchResults()
+    with hooked(model, loss_fn, (extension,), batch, "auto", params) as hooks:
+        batches = total.batches(data, model_device(model), progress)
+        for index, (X, y, weight, _) in enumerate(batches):
+            batch.new_batch()
+            with seeded(seed + index if mc_samples else None, model_device(model)):
+                output = hooks.run_batch(X, y)
+            values = [batch.get(param, extension.attribute) for param in params]
+            leading = 1 if kind is Kind.EMPIRICAL_FISHER else 2  # [N, *p] or [V, N, *p]
+            count = next(v for v in values if v is not None).shape[:leading].numel()
+            if kind is Kind.EMPIRICAL_FISHER:
+                weight = weight / derivatives.scale(loss_fn, output)
+            rows += count
+            if (rows * size + rows**2) * itemsize > max_memory:
+                return None
+            pieces.append(
+                torch.cat([rows_or_zeros(v, p, count) for v, p in zip(values, params)], 1)
+                * weight**0.5
+            )
+    factor = torch.cat(pieces)
+    return factor / total.samples**0.5 if total.reduction == "mean" else factor
 
 
 def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):

@@ -3,21 +3,20 @@
 One pass over the data accumulates each parameter's factors from the hooks (``B`` weighted
 as the whole-dataset loss's curvature, ``A`` as a mean over all samples); EKFAC takes a
 second pass for the eigenvalues in the factors' eigenbasis. The result is a
-``curvhooks.dataset.kronecker.Kronecker`` operator.
+``curvhooks.operators.kronecker.Kronecker`` operator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvhooks.dataset.kronecker import Factor, Kronecker, eigenbases, factor_sides
 from curvhooks.dataset.plan import Structure, layout, model_device, unwrap
+from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
 from curvhooks.errors import UnsupportedError
@@ -26,6 +25,7 @@ from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
 from curvhooks.hooks import BatchResults, UnservableError, check_eval_mode, hooked
+from curvhooks.operators.kronecker import Factor, Kronecker, eigenbases, factor_sides
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
 
@@ -97,7 +97,7 @@ def kfac(
     passes = _Passes(
         model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
     )
-    with _seeded(seed, model):
+    with seeded(seed, model_device(model)):
         try:
             factors = passes.accumulate(factors_of, _factor_shapes)
         except UnservableError as error:
@@ -244,15 +244,3 @@ def _names_of(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
             )
         names.append(f"{path}.{name}" if path else name)
     return names
-
-
-@contextmanager
-def _seeded(seed: int | None, model: nn.Module) -> Iterator[None]:
-    """Seed the sampled labels with ``seed``, restoring the random state afterwards."""
-    if seed is None:
-        yield
-        return
-    device = model_device(model)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

@@ -74,6 +74,15 @@ class CurvatureOperator:
         """The diagonal ``[D]`` (from ``to_dense`` unless a subclass knows better)."""
         return self.to_dense().diagonal().clone()
 
+    def exact_trace(self) -> Tensor | None:
+        """The trace where it is had exactly without forming the matrix, else ``None``."""
+        return None
+
+    def factor(self, max_memory: int) -> Tensor | None:
+        """A square-root factor ``F`` ``[R, D]`` with ``F^T F`` this matrix, where one is had
+        within ``max_memory`` bytes (with its Gram matrix ``F F^T``), else ``None``."""
+        return None
+
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` of this operator (in float64 on the CPU
         for scipy's routines; products go through the operator's dtype and device)."""
@@ -158,6 +167,10 @@ class Sum(CurvatureOperator):
     def diag(self) -> Tensor:
         return self.first.diag() + self.second.diag()
 
+    def exact_trace(self) -> Tensor | None:
+        parts = [self.first.exact_trace(), self.second.exact_trace()]
+        return None if None in parts else parts[0] + parts[1]
+
     def __repr__(self) -> str:
         return f"({self.first!r} + {self.second!r})"
 
@@ -175,6 +188,10 @@ class Scaled(CurvatureOperator):
     def diag(self) -> Tensor:
         return self.operator.diag() * self.scale
 
+    def exact_trace(self) -> Tensor | None:
+        inner = self.operator.exact_trace()
+        return None if inner is None else inner * self.scale
+
     def __repr__(self) -> str:
         return f"{self.scale:g} * {self.operator!r}"
 
@@ -190,6 +207,9 @@ class Identity(CurvatureOperator):
 
     def diag(self) -> Tensor:
         return torch.ones(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def exact_trace(self) -> Tensor:
+        return torch.tensor(float(self.shape[0]), dtype=self.dtype, device=self.device)
 
     def __repr__(self) -> str:
         return f"I(D={self.shape[0]})"

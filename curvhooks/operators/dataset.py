@@ -17,7 +17,6 @@ Batches are weighted as the whole-dataset loss (``DatasetSum``), also across pro
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,8 +25,11 @@ from torch.func import grad, jvp, vjp, vmap
 
 from curvhooks._compat import math_attention
 from curvhooks.dataset.by_autograd import parameters_replaced
-from curvhooks.dataset.plan import model_device, selected_params, unwrap
+from curvhooks.dataset.by_hooks import hook_factor
+from curvhooks.dataset.plan import Kind, model_device, selected_params, unwrap
+from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
+from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.hooks import check_eval_mode
 from curvhooks.hooks.plan import check_loss
@@ -189,7 +191,7 @@ class GGNOperator(DataOperator):
         derivatives = check_loss(self.loss_fn, output, y, "curvhooks.GGNOperator")
         if self.mc_samples is None:
             return derivatives.sqrt_hessian(self.loss_fn, output, y)
-        with _seeded(self.seed + index, output.device):
+        with seeded(self.seed + index, output.device):
             return derivatives.sqrt_hessian_mc(self.loss_fn, output, y, self.mc_samples)
 
     def to_dense(self) -> Tensor:
@@ -205,6 +207,17 @@ class GGNOperator(DataOperator):
         from curvhooks.dataset.functions import ggn
 
         return ggn(self.model, self.loss_fn, self.data, structure="diag", **self._options())
+
+    def exact_trace(self) -> Tensor | None:
+        """The diagonal's sum (not for the Monte-Carlo GGN)."""
+        return self.diag().sum() if self.mc_samples is None else None
+
+    def factor(self, max_memory: int) -> Tensor | None:
+        """The square-root factor ``F`` ``[R, D]`` with ``F^T F`` this matrix (``R = C N``
+        rows, or ``M N`` with ``mc_samples=M``), from the hooks in one pass; ``None`` where
+        it and its Gram matrix would take more than ``max_memory`` bytes, the hooks cannot
+        give it, or under ``torch.distributed``."""
+        return _factor(self, Kind.GGN, max_memory, self.mc_samples, self.seed)
 
     def _options(self) -> dict:
         return {
@@ -228,6 +241,15 @@ class EmpiricalFisherOperator(DataOperator):
         along = torch.einsum("n...,kn...->kn", gradient, products)
         scale = 1 / derivatives.scale(self.loss_fn, output)
         return pullback(torch.einsum("kn,n...->kn...", along, gradient) * scale)
+
+    def exact_trace(self) -> Tensor:
+        """The diagonal's sum."""
+        return self.diag().sum()
+
+    def factor(self, max_memory: int) -> Tensor | None:
+        """The per-sample gradients ``G`` ``[N, D]`` scaled so that ``G^T G`` is this
+        matrix; ``None`` as for ``GGNOperator.factor``."""
+        return _factor(self, Kind.EMPIRICAL_FISHER, max_memory)
 
     def to_dense(self) -> Tensor:
         from curvhooks.dataset.functions import empirical_fisher
@@ -260,16 +282,49 @@ class HessianOperator(DataOperator):
 
         return hessian(self.model, self.loss_fn, self.data, **GGNOperator._options(self))
 
-    def diag(self) -> Tensor:
+    def exact_trace(self) -> Tensor | None:
+        """The diagonal's sum where ``DiagHessian`` serves the model, else ``None``."""
+        try:
+            return self.diag(route="hooks").sum()
+        except UnsupportedError:
+            return None
+
+    def diag(self, route: str = "auto") -> Tensor:
+        """The exact diagonal, by ``curvhooks.hessian(structure="diag", route=route)``:
+        ``DiagHessian`` where it serves the model (``"hooks"`` raises where it does not),
+        autograd otherwise."""
         from curvhooks.dataset.functions import hessian
 
         options = GGNOperator._options(self)
-        return hessian(self.model, self.loss_fn, self.data, structure="diag", **options)
+        return hessian(
+            self.model, self.loss_fn, self.data, structure="diag", route=route, **options
+        )
 
 
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Draw from ``seed`` in the block, leaving the global random state as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
+def _factor(
+    operator: DataOperator,
+    kind: Kind,
+    max_memory: int,
+    mc_samples: int | None = None,
+    seed: int = 0,
+) -> Tensor | None:
+    """``operator``'s square-root factor from the hooks (``by_hooks.hook_factor``), or
+    ``None`` (see ``GGNOperator.factor``)."""
+    total = DatasetSum(operator.loss_fn, operator.process_group, operator.batch_size_fn)
+    if total.group is not None:
+        return None
+    try:
+        return hook_factor(
+            operator.model,
+            operator.loss_fn,
+            operator.data,
+            kind,
+            operator.params,
+            total,
+            operator.progress,
+            max_memory,
+            mc_samples,
+            seed,
+        )
+    except UnsupportedError:  # a module the hooks do not serve
+        return None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from curvhooks.extensions.gram import Gram, formed
+from curvhooks.operators.base import CurvatureOperator
 
 Factor = Tensor | Gram
 """A Kronecker factor, formed or kept as the root of its Gram matrix."""
@@ -127,7 +128,7 @@ def _check_damping(damping: float) -> None:
         )
 
 
-class _BlockDiagonal:
+class _BlockDiagonal(CurvatureOperator):
     """A block-diagonal ``[D, D]`` operator over the flattened, concatenated parameters;
     subclasses say how block ``index`` multiplies ``[n, k]`` (into ``out``) and how it is
     formed."""
@@ -140,37 +141,26 @@ class _BlockDiagonal:
     def _block_dense(self, index: int) -> Tensor:
         raise NotImplementedError
 
+    def _sample(self) -> Tensor:
+        """A tensor of the operator's dtype and device (its parameters may have others:
+        only their shapes are used)."""
+        raise NotImplementedError
+
     @property
-    def shape(self) -> tuple[int, int]:
-        """``(D, D)``, D the total number of parameter entries."""
-        size = sum(self._sizes)
-        return size, size
+    def dtype(self) -> torch.dtype:
+        return self._sample().dtype
 
-    def __matmul__(self, v: Tensor) -> Tensor:
-        """Multiply by ``v``.
+    @property
+    def device(self) -> torch.device:
+        return self._sample().device
 
-        Args:
-            v: ``[D]`` or ``[D, k]``, rows following the flattened, concatenated parameters,
-                on the operator's device and of its dtype.
-
-        Returns:
-            The product, shaped like ``v``.
-
-        Raises:
-            ValueError: If ``v`` is not ``[D]`` or ``[D, k]``.
-        """
-        size = self.shape[0]
-        if v.dim() not in (1, 2) or v.shape[0] != size:
-            raise ValueError(
-                f"expected a vector [{size}] or a matrix [{size}, k], got {list(v.shape)}."
-            )
-        columns = v.reshape(size, -1).contiguous()
+    def _matmat(self, columns: Tensor) -> Tensor:
         result = torch.empty_like(columns)
         start = 0
         for index, rows in enumerate(self._sizes):  # narrow views, which autograd may write
             self._block_matmul(index, columns.narrow(0, start, rows), result.narrow(0, start, rows))
             start += rows
-        return result.reshape(v.shape)
+        return result
 
     def to_dense(self) -> Tensor:
         """The ``[D, D]`` block-diagonal matrix, formed block by block."""
@@ -279,6 +269,10 @@ class Kronecker(_BlockDiagonal):
             self._spectra[name] = tuple(zip(*decompositions))
         return self._spectra[name]
 
+    def _sample(self) -> Tensor:
+        factor = self._factors[self.names[0]][0]
+        return factor.root if isinstance(factor, Gram) else factor
+
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         name = self.names[index]
         if self.corrected is None:
@@ -340,7 +334,10 @@ class Kronecker(_BlockDiagonal):
             bases.append(basis)
             scales.append(scale)
             rests.append(1 / damping if thin else None)
-        return KroneckerInverse(bases, scales, rests)
+        return KroneckerInverse(self.params, bases, scales, rests)
+
+    def exact_trace(self) -> Tensor:
+        return self.trace()
 
     def trace(self) -> Tensor:
         """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``)."""
@@ -394,6 +391,7 @@ class KroneckerInverse(_BlockDiagonal):
     ``Kronecker.inverse``).
 
     Args:
+        params: The parameters, in the order of the operator's rows.
         bases: Per parameter, ``(Q_B, Q_A)`` or ``(Q_B,)``, orthonormal columns: ``[O, O]``,
             ``[I, I]`` or fewer columns.
         scales: Per parameter, the inverse's eigenvalues ``s`` on ``Q``'s columns, one per
@@ -404,14 +402,19 @@ class KroneckerInverse(_BlockDiagonal):
 
     def __init__(
         self,
+        params: list[Tensor],
         bases: list[tuple[Tensor, ...]],
         scales: list[Tensor],
         rests: list[float | None] | None = None,
     ) -> None:
+        self.params = params
         self.bases = bases
         self.scales = scales
         self.rests = [None] * len(scales) if rests is None else rests
         self._sizes = [math.prod(basis.shape[0] for basis in block) for block in bases]
+
+    def _sample(self) -> Tensor:
+        return self.scales[0]
 
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         _eigen_apply(self.bases[index], self.scales[index], x, out, self.rests[index])
