@@ -109,6 +109,7 @@ def spectrum(
     densities: dict[str, tuple[Tensor, Tensor]],
     eigenvalues: dict[str, Tensor] | None = None,
     floor: float = 1e-7,
+    ax: Axes | None = None,
 ) -> tuple[Figure, Axes]:
     """Spectral densities on a log scale, with the top eigenvalues as vertical lines.
 
@@ -117,14 +118,15 @@ def spectrum(
         eigenvalues: ``{label: values}`` to mark, in the colour of the density with the same
             label (``curvhooks.eigenpairs``).
         floor: Densities are drawn from this value up (a log scale has no zero).
+        ax: Axes to draw into (default: those of a new figure).
 
     Returns:
-        The figure and its axes.
+        The figure and the axes.
     """
     if not densities:
         raise ValueError("densities must hold at least one (grid, density) pair")
-    figure = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = figure.subplots()
+    if ax is None:
+        ax = Figure(figsize=(8, 4.5), layout="constrained").subplots()
     colors = {label: f"C{index}" for index, label in enumerate(densities)}
     for label, (grid, density) in densities.items():
         values = np.maximum(_numpy(density), floor)
@@ -142,7 +144,7 @@ def spectrum(
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("spectral density")
     ax.legend()
-    return figure, ax
+    return ax.figure, ax
 
 
 def _transform(transform) -> tuple[Callable[[np.ndarray], np.ndarray], str]:

@@ -110,6 +110,23 @@ def test_digits_runs_full(tmp_path):
     assert accuracy > 0.85
 
 
+def test_spectrum_runs_reduced(tmp_path):
+    """Reduced setting: 1 epoch, curvature on 64 samples; the GGN's trace equals the
+    Hessian's (a ReLU network is linear in each parameter alone), its top eigenvalues
+    differ."""
+    output = _run("spectrum.py", "--out", str(tmp_path), "--epochs", "1", "--samples", "64")
+    rows = [line.split() for line in output.splitlines() if "top eigenvalues" in line]
+    assert len(rows) == 4 and (tmp_path / "spectrum.png").exists()
+    traces = [float(row[-1]) for row in rows]
+    assert traces[0] == pytest.approx(traces[1]) and traces[2] == pytest.approx(traces[3])
+
+
+@pytest.mark.slow
+def test_spectrum_runs_full(tmp_path):
+    output = _run("spectrum.py", "--out", str(tmp_path))
+    assert output.count("top eigenvalues") == 4
+
+
 def test_distributed_example_runs_under_torchrun():
     result = subprocess.run(
         [
