@@ -2,7 +2,7 @@
 PyTorch that lacks it (``tests/test_compat.py`` runs every fallback).
 
 A missing internal never changes a result: it costs time (a value recomputed, memory not
-reused) or gives a clear error.
+reused) or gives an error (for ``is_transformed``, a later and less clear one).
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from curvhooks.errors import UnsupportedError
-
-try:
-    from torch.autograd.graph import GradientEdge, get_gradient_edge
-except ImportError:  # no graph route (chains still work)
-    GradientEdge = object  # type: ignore[assignment,misc]
-    get_gradient_edge = None
 
 
 def _private_base(module: object, name: str, public: tuple[type, ...]) -> tuple[type, ...]:
@@ -39,19 +33,6 @@ DROPOUTS = _private_base(
     (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout),
 )
 """Dropout classes: their private base."""
-
-
-def gradient_edge(tensor: Tensor) -> GradientEdge | None:
-    """Where ``tensor`` enters the autograd graph now; ``None`` if it needs no gradient or
-    this PyTorch has no ``get_gradient_edge`` (see ``has_gradient_edges``)."""
-    if get_gradient_edge is None or not tensor.requires_grad:
-        return None
-    return get_gradient_edge(tensor)
-
-
-def has_gradient_edges() -> bool:
-    """Whether autograd can differentiate to a graph edge (the graph route needs it)."""
-    return get_gradient_edge is not None
 
 
 def storage_users(tensor: Tensor) -> int | None:

@@ -231,6 +231,21 @@ class PositionEmbedding(nn.Module):
         return self.head(self.tanh(self.tokens(x) + self.positions(ids))).mean(1)
 
 
+class TiedPositions(nn.Module):
+    """One embedding for the tokens and for the positions (ids ``[1, T]`` broadcast over the
+    batch): a parameter used by a call of the whole batch and by one shared by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.tanh = nn.Tanh()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = torch.arange(x.shape[1], device=x.device)[None]
+        return self.head(self.tanh(self.embedding(x) + self.embedding(ids))).mean(1)
+
+
 class SharedConstant(nn.Module):
     """A module applied to a constant ``[1, 2]`` shared by the batch, added to each
     sample's features."""
@@ -565,6 +580,11 @@ PROBLEMS: list[Problem] = [
         (6,),
     ),
     Problem(
+        "ends-in-sigmoid",
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.Sigmoid()),
+        (6,),
+    ),
+    Problem(
         "batchnorm3d-chain",
         lambda: nn.Sequential(
             eval_batchnorm(nn.BatchNorm3d(3)),
@@ -719,6 +739,7 @@ GRAPH_PROBLEMS: list[Problem] = [
     Problem("siamese", Siamese, (6,), is_chain=False),
     Problem("position-embedding", PositionEmbedding, (5,), is_chain=False, vocabulary=7),
     Problem("shared-constant", SharedConstant, (4,), is_chain=False),
+    Problem("tied-positions", TiedPositions, (5,), is_chain=False, vocabulary=7),
     Problem(
         "unrolled-recurrence",
         _unrolled_recurrence,

@@ -17,17 +17,6 @@ from tests.checks import check_ggn
 from tests.problems import assert_close, by_name, run_with
 
 
-def test_without_gradient_edges_chains_work_and_graphs_are_refused(monkeypatch):
-    monkeypatch.setattr(compat, "get_gradient_edge", None)
-    assert not compat.has_gradient_edges()
-    model, loss_fn, X, y = by_name("mlp").make("ce-mean")
-    results = run_with(model, loss_fn, X, y, SqrtGGN(), DiagGGN(), curvhooks.BatchDiagGGN())
-    check_ggn(model, results, reference.ggn_per_sample(model, loss_fn, X, y))
-    model, loss_fn, X, y = by_name("branches-cat").make("ce-mean")
-    with pytest.raises(curvhooks.UnsupportedError, match="get_gradient_edge"):
-        run_with(model, loss_fn, X, y, DiagGGN())
-
-
 def _reused_across_passes(model, loss_fn, X, y) -> bool:
     """Whether the second pass of a context held open writes ``sqrt_ggn`` into the first's
     memory (the results agree either way)."""
@@ -87,6 +76,10 @@ def test_without_kernel_choice_attention_runs_as_it_is(monkeypatch):
     assert_close(found, expected)
     monkeypatch.setitem(sys.modules, "torch.nn.attention", None)
     assert type(compat.math_attention()).__name__ == "nullcontext"
+    plain = nn.Sequential(nn.Linear(12, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    flat = X.flatten(1)
+    expected = reference.hessian_matrix(plain, nn.CrossEntropyLoss(), flat, y)
+    assert_close(curvhooks.hessian(plain, nn.CrossEntropyLoss(), (flat, y)), expected)
 
 
 def test_private_base_classes_or_their_public_subclasses():

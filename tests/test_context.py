@@ -436,3 +436,64 @@ def test_params_limits_the_results_to_those_parameters(name):
         curvhooks.extend(
             model, loss_fn, BatchGrad(), params=[nn.Parameter(torch.ones(1))]
         ).__enter__()
+
+
+def test_hooks_left_on_earlier_outputs_do_nothing_after_leaving():
+    """A loss built inside the context, before a later forward pass, can be differentiated
+    after leaving it: plain autograd."""
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    with curvhooks.extend(model, loss_fn, BatchGrad(), DiagGGN()):
+        early = loss_fn(model(X), y)
+        model(X)
+    early.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_interrupted_backward_pass_leaves_nothing_for_the_next(monkeypatch):
+    """Sums of a parameter used by several calls start afresh with every forward pass, also
+    after a backward pass that raised halfway (its end, which hands them on, never came)."""
+    model, loss_fn, X, y = by_name("tied-weights").make("ce-sum")
+    add_gradient = curvhooks.hooks.reducer.Reducer.add_gradient
+    calls = []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        add_gradient(self, *args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(curvhooks.hooks.reducer.Reducer, "add_gradient", interrupted)
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        with pytest.raises(KeyboardInterrupt):
+            loss_fn(model(X), y).backward()
+        model.zero_grad()
+        loss_fn(model(X), y).backward()
+    for p in model.parameters():
+        assert_close(p.grad_batch.sum(0), p.grad)
+
+
+def test_entering_one_context_twice_is_refused():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    context = curvhooks.extend(model, loss_fn, BatchGrad())
+    with context:
+        with pytest.raises(RuntimeError, match="entered already"):
+            context.__enter__()
+    assert _hook_count(model) == 0
+
+
+def test_targets_passed_by_keyword():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    expected = run_with(model, loss_fn, X, y, DiagGGN())
+    with curvhooks.extend(model, loss_fn, DiagGGN()):
+        loss_fn(model(X), target=y).backward()
+    for name, p in model.named_parameters():
+        assert_close(p.diag_ggn, expected[name]["diag_ggn"])
+
+
+def test_kronecker_factors_of_two_extensions_share_no_memory():
+    model, loss_fn, X, y = MLP.make("ce-mean")
+    with curvhooks.extend(model, loss_fn, curvhooks.KFLR(), curvhooks.KFAC()):
+        loss_fn(model(X), y).backward()
+    weight = model[0].weight
+    assert weight.kflr[1].data_ptr() != weight.kfac[1].data_ptr()
+    assert_close(weight.kflr[1], weight.kfac[1])  # A: the same input factor

@@ -65,11 +65,13 @@ def _alone(problem, loss: str, settings: list[Setting]) -> dict[Setting, dict]:
 )
 def test_together_as_alone_and_read_only(problem, loss):
     alone = _alone(problem, loss, DETERMINISTIC)
+    assert len(alone) >= 8, "first-order and GGN extensions serve every shared problem"
     for order in (list(alone), list(alone)[::-1]):
         together = _run_checked(problem, loss, order)
         for results in alone.values():
             _assert_as_alone(together, results)
     supported_random = [s for s in RANDOM if _run_checked(problem, loss, [s]) is not None]
+    assert supported_random, "the Monte-Carlo GGN extensions serve every shared problem"
     assert _run_checked(problem, loss, supported_random) is not None
 
 

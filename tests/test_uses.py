@@ -84,7 +84,7 @@ def test_dataset_functions_take_autograd_skip_or_refuse(function):
     model, loss_fn, X, y = _problem(UsesChildWeight, 4)
     reference_function = {curvhooks.ggn: reference.ggn}.get(function, reference.empirical_fisher)
     expected = reference_function(model, loss_fn, X, y)
-    data = iter([(X[:3], y[:3]), (X[3:], y[3:])])  # one-shot: the first batch is peeked
+    data = iter([(X[:3], y[:3]), (X[3:], y[3:])])  # one-shot: first batch kept
     assert_close(function(model, loss_fn, data), expected)  # autograd serves it
     with pytest.warns(UserWarning, match="inner.weight"):
         found = function(model, loss_fn, (X, y), structure="diag", unsupported="skip")
@@ -139,3 +139,50 @@ def test_a_call_without_the_batch_first_is_refused():
         curvhooks.ggn(model, loss_fn, (X, y), route="graph")
     expected = reference.ggn(model, loss_fn, X, y)
     assert_close(curvhooks.ggn(model, loss_fn, (X, y)), expected)  # auto: by autograd
+
+
+def test_skip_keeps_the_hessian_on_autograd_when_the_hooks_start_again():
+    model, loss_fn, X, y = _problem(UsesChildWeight, 4)
+    with pytest.warns(UserWarning, match="inner.weight"):
+        found = curvhooks.matrices(model, loss_fn, [(X, y)], ("ggn", "hessian"), unsupported="skip")
+    kept = _kept(model, {"inner.weight"})
+    assert_close(found["ggn"], reference.ggn(model, loss_fn, X, y)[kept][:, kept])
+    assert_close(found["hessian"], reference.hessian_matrix(model, loss_fn, X, y)[kept][:, kept])
+
+
+def test_first_order_of_a_shared_call_follows_the_actual_backward():
+    """The per-sample gradients at a call shared by the batch are those of what is
+    differentiated (here twice the loss plus a term of the output), as at every other call."""
+    from tests.problems import by_name
+
+    model, loss_fn, X, y = by_name("shared-constant").make("ce-sum")
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        output = model(X)
+        (2 * loss_fn(output, y) + output.square().sum()).backward()
+    for p in model.parameters():
+        assert_close(p.grad_batch.sum(0), p.grad)
+
+
+class SharedTanh(nn.Module):
+    """A position embedding passed through Tanh before it is broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.tanh, self.head = nn.Tanh(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        ids = torch.arange(x.shape[1])[None]
+        return self.head(self.tokens(x) + self.tanh(self.positions(ids))).mean(1)
+
+
+def test_a_nonlinear_module_on_a_shared_tensor_is_refused_by_the_hessian_extensions():
+    torch.manual_seed(0)
+    model, loss_fn = SharedTanh().double(), nn.CrossEntropyLoss()
+    X, y = torch.randint(0, 7, (3, 5)), torch.randint(0, 3, (3,))
+    with pytest.raises(curvhooks.UnsupportedError, match=r"'tanh' \(Tanh\) ran on a tensor"):
+        run_with(model, loss_fn, X, y, curvhooks.DiagHessian())
+    results = run_with(model, loss_fn, X, y, DiagGGN())  # the GGN is exact there
+    diagonal = reference.split(reference.ggn(model, loss_fn, X, y).diagonal(), model)
+    for name, found in results.items():
+        assert_close(found["diag_ggn"], diagonal[name])

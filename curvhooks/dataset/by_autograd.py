@@ -27,7 +27,12 @@ from curvhooks._compat import math_attention
 from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
 from curvhooks.dataset.weighting import DatasetSum, map_tensors
-from curvhooks.derivatives import LOSS_DERIVATIVES, loss_derivatives, supported_names
+from curvhooks.derivatives import (
+    LOSS_DERIVATIVES,
+    loss_derivatives,
+    loss_gradient,
+    supported_names,
+)
 from curvhooks.errors import UnsupportedError
 
 
@@ -226,7 +231,7 @@ def autograd_factor_matrices(
             if kind is Kind.GGN:
                 stack, kind_weight = derivatives.sqrt_hessian(loss_fn, output, y), weight
             else:  # rows s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once
-                stack = _output_gradients(loss_fn, output, y)[None]
+                stack = loss_gradient(loss_fn, output, y)[None]
                 kind_weight = weight / derivatives.scale(loss_fn, output)
             factors = [_contract(stack, jacobian, output.dim()) for jacobian in jacobians]
             if plan.structure is Structure.DIAG:
@@ -262,12 +267,6 @@ def _per_sample_jacobians(
             for n in range(len(output))
         ]
         return output, [torch.stack(parts) for parts in zip(*per_sample)]
-
-
-def _output_gradients(loss_fn: nn.Module, output: Tensor, y: Tensor) -> Tensor:
-    """The gradient of the batch's reduced loss in the output, ``[N, *out]``."""
-    output = output.detach().requires_grad_()
-    return torch.autograd.grad(loss_fn(output, y), output)[0]
 
 
 def _contract(stack: Tensor, jacobian: Tensor, output_dims: int) -> Tensor:

@@ -208,10 +208,10 @@ def matrices(
     structure = parse(Structure, structure, "structure")
     route = parse(Route, route, "route")
     check_eval_mode(model)
-    if unsupported == "skip" and params is None:
-        params = supported_params(model)
+    if unsupported == "skip":
+        params = supported_params(model, params)
     params = selected_params(model, params)
-    by_autograd = [k for k in asked if _by_autograd(k, model, loss_fn, params, structure, route)]
+    by_autograd = _kinds_by_autograd(asked, model, loss_fn, params, structure, route)
     if isinstance(data, Iterator):  # the hooks may stop after the first batch to start again
         data = FirstBatchKept(data)
     compute = partial(
@@ -231,7 +231,10 @@ def matrices(
     try:
         results = compute(params, by_autograd)
     except UnservableError as error:  # found by the hooks on the first batch
-        results = compute(*_without_unservable(error, params, asked, route, unsupported))
+        params = _without_unservable(error, params, route, unsupported)
+        if unsupported == "skip":
+            by_autograd = _kinds_by_autograd(asked, model, loss_fn, params, structure, route)
+        results = compute(params, by_autograd if unsupported == "skip" else asked)
     return {kind.value: results[kind] for kind in asked}
 
 
@@ -283,6 +286,18 @@ def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
     return [Kind(kind) for kind in kinds]
 
 
+def _kinds_by_autograd(
+    asked: list[Kind],
+    model: nn.Module,
+    loss_fn: nn.Module,
+    params: list[nn.Parameter],
+    structure: Structure,
+    route: Route,
+) -> list[Kind]:
+    """The kinds among ``asked`` that take the autograd route (``_by_autograd``)."""
+    return [k for k in asked if _by_autograd(k, model, loss_fn, params, structure, route)]
+
+
 def _by_autograd(
     kind: Kind,
     model: nn.Module,
@@ -311,24 +326,20 @@ def _has_unsupported_owner(model: nn.Module, params: list[nn.Parameter]) -> bool
 
 
 def _without_unservable(
-    error: UnservableError,
-    params: list[nn.Parameter],
-    asked: list[Kind],
-    route: Route,
-    unsupported: str,
-) -> tuple[list[nn.Parameter], list[Kind]]:
+    error: UnservableError, params: list[nn.Parameter], route: Route, unsupported: str
+) -> list[nn.Parameter]:
     """After the hooks found parameters they cannot serve (``nn.MultiheadAttention``'s
     ``out_proj``, a call with the samples folded into another dimension): the parameters
-    and the kinds by autograd to start again with. With ``unsupported="skip"`` those
-    parameters are left out (one warning names them), on ``AUTO`` every kind takes the
-    autograd route; an explicit hooks route raises."""
-    fixes = "use route='auto' or 'autograd', unsupported='skip', or params= without them"
-    if unsupported != "skip" and route is not Route.AUTO:
-        raise UnsupportedError(f"{error.what()}; {fixes}") from error
+    to start again with, less those with ``unsupported="skip"`` (one warning names them);
+    else every kind takes the autograd route on ``AUTO``, and an explicit hooks route
+    raises."""
     if unsupported == "skip":
         warn_skipped(list(error.found.values()), "parameters the hooks cannot serve:")
-        return [p for p in params if id(p) not in error.found], []
-    return params, asked
+        return [p for p in params if id(p) not in error.found]
+    if route is Route.AUTO:
+        return params
+    fixes = "use route='auto' or 'autograd', unsupported='skip', or params= without them"
+    raise UnsupportedError(f"{error.what()}; {fixes}") from error
 
 
 def _dataset_sum(

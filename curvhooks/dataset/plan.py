@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from curvhooks.hooks.plan import check_params
+
 DEFAULT_MAX_MEMORY = 4 * 2**30
 """Largest dense result (bytes) built without ``max_memory=`` raised: 4 GiB."""
 
@@ -111,13 +113,9 @@ def selected_params(model: nn.Module, params: list[nn.Parameter] | None) -> list
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
     params = list(params)
-    owned = {id(p) for p in model.parameters()}
     if not params:
         raise ValueError("no parameters selected: the model has no parameter that requires grad")
-    if any(id(p) not in owned for p in params):
-        raise ValueError("params must be parameters of the model")
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("params lists a parameter twice")
+    check_params(model, params)
     return params
 
 

@@ -144,8 +144,8 @@ class FirstBatchKept:
     def __iter__(self) -> Iterator:
         if self._taken > 1:
             raise ValueError(
-                "a pass over one-shot data (an iterator) stopped after its first batch, so it "
-                "cannot be iterated again; pass data that can be (a list, a DataLoader)"
+                "one-shot data (an iterator) was iterated past its first batch already, so "
+                "it cannot be iterated again; pass data that can be (a list, a DataLoader)"
             )
         yield from self._first
         for batch in self._batches:

@@ -28,6 +28,7 @@ from curvhooks.derivatives.losses import (
     CrossEntropyDerivatives,
     LossDerivatives,
     MSEDerivatives,
+    loss_gradient,
 )
 from curvhooks.derivatives.normalization import GroupNormDerivatives, LayerNormDerivatives
 from curvhooks.derivatives.pooling import AvgPoolDerivatives, MaxPoolDerivatives
@@ -113,6 +114,7 @@ __all__ = [
     "ModuleDerivatives",
     "ModuleIO",
     "loss_derivatives",
+    "loss_gradient",
     "module_derivatives",
     "supported_names",
 ]

@@ -23,20 +23,16 @@ class ElementwiseDerivatives(ModuleDerivatives):
         """The activation's derivative at each entry ``[N, *]``."""
         raise NotImplementedError
 
-    piecewise_linear: bool = False
-    """Whether the second derivative is zero almost everywhere (then no ``second_derivative``
-    is needed)."""
-
-    @property
-    def has_curvature(self) -> bool:
-        return not self.piecewise_linear
+    has_curvature = True
+    """``False`` where the second derivative is zero almost everywhere (piecewise linear:
+    then no ``second_derivative`` is needed)."""
 
     def second_derivative(self, io: ModuleIO) -> Tensor:
         """The second derivative at each entry ``[N, *]``."""
         raise NotImplementedError
 
     def hessian_residual(self, io: ModuleIO, grad_output: Tensor) -> Tensor | None:
-        return None if self.piecewise_linear else self.second_derivative(io) * grad_output
+        return self.second_derivative(io) * grad_output if self.has_curvature else None
 
     def jacobian_diagonal(self, io: ModuleIO) -> Tensor:
         return self.derivative(io)
@@ -57,7 +53,7 @@ class FromInput(ElementwiseDerivatives):
 class ReLUDerivatives(FromOutput):
     """``relu'(x) = 1 if x > 0 else 0`` (0 at 0, as autograd)."""
 
-    piecewise_linear = True
+    has_curvature = False
 
     def derivative(self, io: ModuleIO) -> Tensor:
         return (io.output > 0).to(io.output.dtype)
@@ -66,7 +62,7 @@ class ReLUDerivatives(FromOutput):
 class LeakyReLUDerivatives(FromInput):
     """``1`` for ``x > 0``, else ``negative_slope``; piecewise linear."""
 
-    piecewise_linear = True
+    has_curvature = False
 
     def derivative(self, io: ModuleIO) -> Tensor:
         x = io.input

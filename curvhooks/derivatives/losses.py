@@ -19,6 +19,15 @@ from curvhooks.derivatives.base import diagonal_stack
 SUPPORTED_REDUCTIONS = ("mean", "sum")
 
 
+def loss_gradient(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
+    """The gradient ``[N, *out]`` of the reduced loss ``loss_fn(output, target)`` in its
+    input, by autograd on a detached copy (the loss's hooks do not run); row n is
+    ``s * grad(l_n)``."""
+    with torch.enable_grad():
+        leaf = output.detach().requires_grad_()
+        return torch.autograd.grad(loss_fn.forward(leaf, target), leaf)[0]
+
+
 class LossDerivatives:
     """Square roots of one loss class's Hessian in its input."""
 
@@ -195,7 +204,8 @@ class MSEDerivatives(EntrywiseLossDerivatives):
         batch, entries = output.shape[0], output[0].numel()
         factor = math.sqrt(2 * self.scale(loss_fn, output))
         eye = torch.eye(entries, dtype=output.dtype, device=output.device).mul_(factor)
-        return eye[:, None, :].expand(entries, batch, entries).reshape(entries, *output.shape)
+        stack = eye[:, None, :].expand(entries, batch, entries).contiguous()  # fresh memory
+        return stack.view(entries, *output.shape)
 
     def sqrt_hessian_mc(
         self, loss_fn: nn.Module, output: Tensor, target: Tensor, mc_samples: int

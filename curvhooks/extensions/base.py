@@ -73,8 +73,7 @@ class Target:
         """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
         for a bias, each formed from its root (``ModuleDerivatives.output_root``,
         ``input_root``), or with ``thin`` kept as a ``Gram`` of its root where that is thin.
-        B is shared by weight and bias, computed once per stack (the bias gets a copy); A once
-        per module call."""
+        B is computed once per stack, A once per module call; each caller gets copies."""
         key = ("output_factor", approx, thin)
         cached = self.io.cache.get(key)
         if cached is None or cached[0] is not mat:
@@ -89,7 +88,7 @@ class Target:
         key = ("input_factor", approx, thin)  # the same for every stack
         if key not in self.io.cache:
             self.io.cache[key] = Gram.of(self.derivatives.input_root(self.io, approx), thin)
-        return cached[1], self.io.cache[key]
+        return Gram.copy(cached[1]), Gram.copy(self.io.cache[key])
 
 
 class SummedTarget:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from curvhooks.derivatives import ModuleDerivatives
 from curvhooks.extensions.base import Extension, Target, check_mc_samples
-from curvhooks.extensions.gram import Gram, weighted_sum
+from curvhooks.extensions.gram import weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, MonteCarloStack, StackKind
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -56,7 +56,7 @@ class KroneckerExtension(OnKroneckerModules):
 
     def combine(self, result: tuple, other: tuple) -> tuple:
         """Parts of a stack add to B; A does not depend on the stack."""
-        return (weighted_sum(Gram.copy(result[0]), other[0], 1, 1), *result[1:])
+        return (weighted_sum(result[0], other[0], 1, 1), *result[1:])
 
 
 class KFLR(KroneckerExtension):

@@ -27,7 +27,7 @@ from collections.abc import Hashable
 import torch
 from torch import Tensor, nn
 
-from curvhooks.derivatives import LossDerivatives, ModuleDerivatives, ModuleIO
+from curvhooks.derivatives import LossDerivatives, ModuleDerivatives, ModuleIO, loss_gradient
 from curvhooks.derivatives.base import scale_entries
 
 Stack = Tensor | tuple[Tensor, Tensor]
@@ -46,7 +46,8 @@ class StackKind:
     def start(
         self, loss_fn: nn.Module, derivatives: LossDerivatives | None, output: Tensor, target
     ) -> Stack:
-        """The stack at the model output ``[N, *out]`` (a fresh tensor: pushing consumes it)."""
+        """The stack at the model output ``[N, *out]``, in fresh memory of its own (the
+        route may overwrite it as it pushes)."""
         raise NotImplementedError
 
     def parts(self, stack: Stack) -> tuple[Tensor, ...]:
@@ -129,9 +130,7 @@ class GradientStack(StackKind):
     key = "gradient"
 
     def start(self, loss_fn, derivatives, output, target) -> Tensor:
-        with torch.enable_grad():
-            leaf = output.detach().requires_grad_()
-            (gradient,) = torch.autograd.grad(loss_fn.forward(leaf, target), leaf)  # no hooks
+        gradient = loss_gradient(loss_fn, output, target)
         return gradient.div_(derivatives.scale(loss_fn, output) ** 0.5)[None]
 
 
@@ -173,7 +172,8 @@ class IdentityStack(StackKind):
     def start(self, loss_fn, derivatives, output, target) -> Tensor:
         batch, entries = output.shape[0], output[0].numel()
         eye = torch.eye(entries, dtype=output.dtype, device=output.device)
-        return eye[:, None, :].expand(entries, batch, entries).reshape(entries, *output.shape)
+        stack = eye[:, None, :].expand(entries, batch, entries).contiguous()  # fresh memory
+        return stack.view(entries, *output.shape)
 
 
 GGN_EXACT = GGNStack()

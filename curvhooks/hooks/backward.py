@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvhooks._compat import at_backward_end, gradient_edge, has_gradient_edges
-from curvhooks.errors import UnsupportedError
+from curvhooks._compat import at_backward_end
+from curvhooks.derivatives import loss_gradient
 from curvhooks.extensions.stacks import HESSIAN, Stack
-from curvhooks.hooks.calls import Call, tensors_in
-from curvhooks.hooks.graph import uses_outside_calls
+from curvhooks.hooks.calls import Call, gradient_edge, tensors_in
+from curvhooks.hooks.graph import push_to_calls, uses_outside_calls
 from curvhooks.hooks.plan import (
     USED_OUTSIDE,
     HookPlan,
@@ -33,7 +33,7 @@ from curvhooks.hooks.plan import (
 )
 from curvhooks.hooks.recorder import Recorder
 from curvhooks.hooks.reducer import Reducer
-from curvhooks.hooks.routes import ChainRoute, GraphRoute, Route, chain_of
+from curvhooks.hooks.routes import PLAIN, ChainRoute, GraphRoute, Route, chain_of
 from curvhooks.hooks.sinks import Sink
 
 
@@ -54,6 +54,7 @@ class AutogradBackward:
         self._finishing = 0
         """The id of the pass whose shared results are queued for the end of its backward."""
         self._nested = False
+        self._attached = False
         self._served = plan.served_ids()
         self._left_out: set[int] = set()
         """Parameters used outside their modules' calls, left out (``unsupported="skip"``)."""
@@ -62,11 +63,18 @@ class AutogradBackward:
     def attach(self) -> None:
         """Register the hooks."""
         self.recorder.attach()  # its model hooks first: ``_after_forward`` reads the record
-        self._handles.append(self.plan.model.register_forward_hook(self._after_forward))
-        self._handles.append(self.plan.loss_fn.register_forward_hook(self._start))
+        model = self.plan.model
+        self._handles.append(model.register_forward_pre_hook(self._new_pass))
+        self._handles.append(model.register_forward_hook(self._after_forward))
+        if self.plan.second_order:
+            hook = self.plan.loss_fn.register_forward_hook(self._start, with_kwargs=True)
+            self._handles.append(hook)
+        self._attached = True
 
     def detach(self) -> None:
-        """Remove every hook and stored tensor."""
+        """Remove every hook and stored tensor; tensor hooks left on the outputs of earlier
+        passes do nothing from now on."""
+        self._attached = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -86,11 +94,17 @@ class AutogradBackward:
                 torch.autograd.grad(loss, params, allow_unused=True)
         return output
 
+    def _new_pass(self, model: nn.Module, args: tuple) -> None:
+        """A new forward pass: nothing of an earlier one's results is kept (a backward pass
+        that raised may have left sums of a parameter used by several calls)."""
+        self.reducer.clear()
+        self._route = None
+
     def _after_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
         """After the model's forward pass: raise for the served parameters the hooks cannot
         serve (``UnservableError``), or with ``unsupported="skip"`` leave out those used
-        outside their modules' calls (one warning names them); mark the calls shared by the
-        batch."""
+        outside their modules' calls (one warning names them); mark the calls on tensors
+        shared by the batch, and have their per-sample gradients pushed to them."""
         record = self.recorder.record
         outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
         outside = uses_outside_calls(outputs, record.calls, self._served) - self._left_out
@@ -102,7 +116,7 @@ class AutogradBackward:
             outside = set()
         found = {key: USED_OUTSIDE for key in outside}
         if outputs and outputs[0].dim():
-            found.update(_share_by_batch(record.calls, len(outputs[0])))
+            found.update(_expand_unbatched(record.calls, len(outputs[0])))
         if found:
             described = {
                 key: f"{self.plan.describe({key})[0]}, {why}" for key, why in found.items()
@@ -111,47 +125,54 @@ class AutogradBackward:
         if self._left_out:
             for call in record.calls:
                 call.params = [(n, p) for n, p in call.params if id(p) not in self._left_out]
+        unbatched = [call for call in record.calls if call.unbatched]
+        if unbatched and self.plan.first_order:
+            hook = partial(self._push_gradients, self.recorder.pass_id, outputs[0], unbatched)
+            outputs[0].register_hook(hook)
 
-    def _start(self, loss_fn: nn.Module, args: tuple, loss: Tensor) -> None:
-        """The loss ran forward: check it and its input, start the stacks at the model output
-        and make this pass's route (also for first order where a call is shared by the
-        batch: its per-sample gradients come through the graph route)."""
-        record = self.recorder.record
-        shared = any(call.shared_by_batch for call in record.calls)
-        if not (self.plan.second_order or shared) or not torch.is_grad_enabled():
+    def _push_gradients(
+        self, pass_id: int, output: Tensor, calls: list[Call], gradient: Tensor
+    ) -> None:
+        """In the backward pass, at the model output: its gradient ``[N, *out]`` (each row
+        one sample's), pushed per sample to the calls on tensors shared by the batch."""
+        if self._nested or not self._attached or pass_id != self.recorder.pass_id:
             return
-        output, target = args[0], args[1]
-        if output is not self.recorder.model_output():
+        start = gradient_edge(output)
+        with self._nesting():
+            for arrivals in push_to_calls(start, PLAIN, gradient.detach()[None], calls, True):
+                for call, gradients in arrivals:
+                    call.per_sample_gradient = gradients[0]
+
+    def _start(self, loss_fn: nn.Module, args: tuple, kwargs: dict, loss: Tensor) -> None:
+        """The loss ran forward: check it and its input, start the stacks at the model output
+        and make this pass's route."""
+        if not torch.is_grad_enabled():
+            return
+        output, target = _loss_inputs(args, kwargs)
+        if output is None or output is not self.recorder.model_output():
             raise ValueError(
                 f"the input of {type(loss_fn).__name__} is not the model's output; "
-                f"{names(self.plan.second_order) or 'per-sample results'} differentiate the "
-                "loss in the model's output, so call loss_fn(model(X), y) directly (move any "
-                "extra operation into the model's forward)"
+                f"{names(self.plan.second_order)} differentiate the loss in the model's "
+                "output, so call loss_fn(model(X), y) directly (move any extra operation into "
+                "the model's forward)"
             )
         stacks = start_stacks(self.plan, output, target)
-        chain = None if shared else chain_of(record, record.producer_of(output), self.plan)
+        record = self.recorder.record
+        chain = chain_of(record, record.producer_of(output), self.plan)
         pass_id = self.recorder.pass_id
         if chain is not None:
             self._route = (pass_id, ChainRoute(self.plan, self.reducer, chain, stacks))
             return
-        if not has_gradient_edges():
-            raise UnsupportedError(
-                f"{names(self.plan.second_order)} on a model that is not a chain of supported "
-                "modules need torch.autograd.graph.get_gradient_edge (PyTorch >= 2.4)"
-            )
         start = gradient_edge(output)
         if start is None or not loss.requires_grad:
             return
-        gradient = (
-            _loss_gradient(loss_fn, output, target) if shared and self.plan.first_order else None
-        )
-        route = GraphRoute(self.plan, self.reducer, record, start, stacks, gradient)
+        route = GraphRoute(self.plan, self.reducer, record, start, stacks, len(output))
         self._route = (pass_id, route)
         loss.register_hook(partial(self._push_on_graph, pass_id, route))
 
     def _push_on_graph(self, pass_id: int, route: GraphRoute, grad_loss: Tensor) -> None:
         """As the backward pass starts (the loss's hook fires first): push every stack."""
-        if self._nested or pass_id != self.recorder.pass_id:
+        if self._nested or not self._attached or pass_id != self.recorder.pass_id:
             return
         self._queue_finish()
         with self._nesting():
@@ -159,7 +180,7 @@ class AutogradBackward:
 
     def _at_call(self, call: Call, grad_output: Tensor) -> None:
         """A call's tensor hook, downstream calls first."""
-        if self._nested:
+        if self._nested or not self._attached:
             return
         if call.pass_id != self.recorder.pass_id:
             raise RuntimeError(
@@ -168,14 +189,19 @@ class AutogradBackward:
             )
         self._queue_finish()
         route = self._route[1] if self._route and self._route[0] == call.pass_id else None
-        grad_output = grad_output.detach().view(call.anchor_shape)
-        if call.shared_by_batch:  # the gradient summed over the batch: take it per sample
-            grad_output = call.per_sample_gradient
-            if grad_output is None and self.plan.first_order:
-                raise RuntimeError(_NO_LOSS.format(call.describe(), "their per-sample results"))
+        # a call on a tensor shared by the batch has the samples' gradients summed
+        grad_output = (
+            call.per_sample_gradient
+            if call.unbatched
+            else grad_output.detach().view(call.io.output_shape)
+        )
         write_first_order(self.plan, self.reducer, call, grad_output, self.recorder.record.shared)
         if route is None and call.params and self.plan.second_order:
-            raise RuntimeError(_NO_LOSS.format(call.describe(), names(self.plan.second_order)))
+            raise RuntimeError(
+                f"no square-root stack reached module {call.describe()}: "
+                f"{names(self.plan.second_order)} need the loss computed by the loss_fn "
+                "passed to curvhooks.extend, called on the model's output"
+            )
         if route is not None and route.calls_autograd:
             with self._nesting():
                 route.at_call(call, grad_output)
@@ -196,6 +222,12 @@ class AutogradBackward:
         return _Nested(self)
 
 
+def _loss_inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """A loss module's input and target, however they were passed."""
+    values = list(args) + [kwargs.get(name) for name in ("input", "target")[len(args) :]]
+    return values[0], values[1]
+
+
 class _Nested:
     """Marks the hooks' own autograd calls: the hooks they trigger do nothing."""
 
@@ -207,12 +239,6 @@ class _Nested:
 
     def __exit__(self, *exc_info: object) -> None:
         self._backward._nested = False
-
-
-_NO_LOSS = (
-    "no stack reached module {}: {} need the loss computed by the loss_fn passed to "
-    "curvhooks.extend, called on the model's output"
-)
 
 
 class ChainBackward:
@@ -240,11 +266,8 @@ class ChainBackward:
         chain = chain_of(record, record.producer_of(output), plan)
         stacks = start_stacks(plan, output, y)
         route = ChainRoute(plan, self.reducer, chain, stacks)
-        grad_output = None
-        if plan.first_order or HESSIAN in plan.kinds:
-            output.requires_grad_()
-            with torch.enable_grad():
-                (grad_output,) = torch.autograd.grad(plan.loss_fn.forward(output, y), output)
+        needs_gradient = plan.first_order or HESSIAN in plan.kinds
+        grad_output = loss_gradient(plan.loss_fn, output, y) if needs_gradient else None
         call = chain[0]
         while call is not None:
             write_first_order(plan, self.reducer, call, grad_output, set())
@@ -253,7 +276,7 @@ class ChainBackward:
                 grad_output = call.derivatives.jac_t_mat_prod(call.io, grad_output[None])[0]
             call.release()
             call = call.producer
-        return output.detach()
+        return output
 
 
 def start_stacks(plan: HookPlan, output: Tensor, target: Tensor) -> dict[object, Stack]:
@@ -268,17 +291,17 @@ def start_stacks(plan: HookPlan, output: Tensor, target: Tensor) -> dict[object,
     return {kind.key: kind.start(plan.loss_fn, derivatives, output, target) for kind in plan.kinds}
 
 
-def _share_by_batch(calls: list[Call], batch: int) -> dict[int, str]:
+def _expand_unbatched(calls: list[Call], batch: int) -> dict[int, str]:
     """Mark the calls with parameters that ran on a tensor shared by the ``batch`` samples
     (leading dimension 1); the parameters of those whose leading dimension is another, with
     why."""
     found = {}
     for call in calls:
         first = leading(call)
-        if not call.params or first == batch or call.shared_by_batch:
+        if not call.params or first == batch or call.unbatched:
             continue
         if first == 1:
-            call.share_by(batch)
+            call.expand_to_batch(batch)
         else:
             found.update({id(p): not_batch_first(first, batch) for _, p in call.params})
     return found
@@ -294,13 +317,6 @@ _UNSERVABLE_FIX = (
 def leading(call: Call) -> int:
     """The leading dimension of the call's output."""
     return call.io.output_shape[0] if len(call.io.output_shape) else 1
-
-
-def _loss_gradient(loss_fn: nn.Module, output: Tensor, target: Tensor) -> Tensor:
-    """The gradient of the reduced loss in the model output ``[N, *out]``."""
-    with torch.enable_grad():
-        leaf = output.detach().requires_grad_()
-        return torch.autograd.grad(loss_fn.forward(leaf, target), leaf)[0]
 
 
 def write_first_order(

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from curvhooks._compat import GradientEdge
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.extensions.stacks import Stack
 
@@ -44,10 +44,10 @@ class Call:
         view_base: The base of the output where the output is a view (an in-place module on a
             view of it makes the call's hook never fire).
         stacks: The stacks at the output, by stack kind key (chain route).
-        results: Results of this pass not yet set on the parameters, by (parameter name,
+        results: Results of this pass not yet handed to the sink, by (parameter name,
             attribute): the graph route reduces stacks as they arrive.
         handle: The output's tensor hook.
-        shared_by_batch: Whether the call ran on a tensor shared by the batch (leading
+        unbatched: Whether the call ran on a tensor shared by the batch (leading
             dimension 1, a position embedding's, say): ``io`` is then that of every sample
             (``ModuleIO.per_sample``) and stacks arrive per sample (graph route).
         per_sample_gradient: For a call shared by the batch, each sample's gradient of the
@@ -69,7 +69,7 @@ class Call:
     stacks: dict[object, Stack] = field(default_factory=dict)
     results: dict[tuple[str, str], object] = field(default_factory=dict)
     handle: RemovableHandle | None = None
-    shared_by_batch: bool = False
+    unbatched: bool = False
     per_sample_gradient: Tensor | None = None
 
     def describe(self) -> str:
@@ -79,12 +79,12 @@ class Call:
     def anchor_shape(self) -> torch.Size:
         """The shape of the output as autograd sees it (one sample where shared)."""
         shape = self.io.output_shape
-        return torch.Size((1, *shape[1:])) if self.shared_by_batch else shape
+        return torch.Size((1, *shape[1:])) if self.unbatched else shape
 
-    def share_by(self, batch: int) -> None:
+    def expand_to_batch(self, batch: int) -> None:
         """Mark the call as run on a tensor shared by ``batch`` samples."""
         self.io = self.io.per_sample(batch)
-        self.shared_by_batch = True
+        self.unbatched = True
 
     def unsupported_reason(self) -> str | None:
         """Why the analytic route cannot push through this call, or ``None``."""
@@ -180,3 +180,8 @@ def tensors_in(value: object) -> list[Tensor]:
     if isinstance(value, (tuple, list)):
         return [tensor for item in value for tensor in tensors_in(item)]
     return []
+
+
+def gradient_edge(tensor: Tensor) -> GradientEdge | None:
+    """Where ``tensor`` enters the autograd graph now; ``None`` if it needs no gradient."""
+    return get_gradient_edge(tensor) if tensor.requires_grad else None

@@ -37,7 +37,8 @@ class extend:
 
     Every result is a quantity of the reduced loss that ``loss_fn`` returns and is written
     to an attribute of each served parameter (``p.grad_batch``, ...). Entering clears earlier
-    results; leaving removes every hook and stored tensor.
+    results; leaving removes every hook from the model and the loss and every stored tensor
+    (tensor hooks left on outputs of its forward passes do nothing from then on).
     """
 
     def __init__(
@@ -62,6 +63,11 @@ class extend:
         self._backward: AutogradBackward | None = None
 
     def __enter__(self) -> extend:
+        if self._backward is not None:
+            raise RuntimeError(
+                "this curvhooks.extend context is entered already; leave it first, or make "
+                "another one"
+            )
         plan = HookPlan.of(self.model, self.loss_fn, self.extensions, **self._options)
         self._results.take(self.model)
         self._backward = AutogradBackward(plan, self._results)
@@ -69,6 +75,7 @@ class extend:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._backward.detach()
+        if self._backward is not None:
+            self._backward.detach()
         self._backward = None
         self._results.clear()

@@ -14,16 +14,15 @@ calls and rejects any other operation that is not linear or piecewise linear in 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from curvhooks import tuning
-from curvhooks._compat import GradientEdge, has_gradient_edges
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.stacks import Stack, StackKind
-from curvhooks.hooks.calls import Call
+from curvhooks.hooks.calls import Call, GradientEdge
 
 _LINEAR = """
     Add Sub Neg View UnsafeView Reshape ReshapeAlias Alias Cat Stack Permute Transpose T Slice
@@ -95,13 +94,13 @@ def push_to_calls(
     if per_sample:
         parts = tuple(map(_split_samples, parts))
     if not any(map(len, parts)):  # no vectors (a loss with a zero Hessian): zero results
-        yield [(call, _as_stack(kind, 0, parts[0], len(parts), call)) for call in targets]
+        yield [(call, _as_stack(kind, 0, parts[0], len(parts), call, samples)) for call in targets]
         return
     for index, part in enumerate(parts):
         for chunk in part.split(_chunk_size(part, targets, samples)) if len(part) else ():
             pushed = batched_vjp(start, chunk, targets)
             yield [
-                (call, _as_stack(kind, index, vectors, len(parts), call))
+                (call, _as_stack(kind, index, vectors, len(parts), call, samples))
                 for call, vectors in zip(targets, pushed)
                 if vectors is not None
             ]
@@ -125,12 +124,20 @@ def _chunk_size(part: Tensor, targets: list[Call], multiple: int) -> int:
     return max(1, budget // max(1, per_vector) // multiple) * multiple
 
 
-def _as_stack(kind: StackKind, index: int, vectors: Tensor, count: int, call: Call) -> Stack:
-    """``vectors`` (shaped like the call's gradient anchor; for a call shared by the batch,
-    one per vector and sample) as part ``index`` of a stack of ``kind`` at the call's output
-    ``[V, N, *out]``, its other parts empty."""
+def _as_stack(
+    kind: StackKind, index: int, vectors: Tensor, count: int, call: Call, samples: int
+) -> Stack:
+    """``vectors`` (shaped like the call's gradient anchor) as part ``index`` of a stack of
+    ``kind`` at the call's output ``[V, N, *out]``, its other parts empty. After a push split
+    per sample (``samples`` > 1, vector ``v * N + n`` nonzero at sample n only), a call on a
+    tensor shared by the batch has one vector per vector and sample, and any other call takes
+    each vector's own sample."""
     shape = call.io.output_shape
-    vectors = vectors.reshape(vectors.numel() // max(1, shape.numel()), *shape)
+    if samples > 1 and not call.unbatched:
+        split = vectors.view(len(vectors) // samples, samples, *shape)
+        vectors = split.diagonal(0, 1, 2).movedim(-1, 1)
+    else:
+        vectors = vectors.reshape(len(vectors) // samples, *shape)
     empty = vectors.new_zeros(0, *shape)
     return kind.from_parts(tuple(vectors if i == index else empty for i in range(count)))
 
@@ -143,22 +150,9 @@ def check_hessian_glue(start: GradientEdge, calls: list[Call], needed_by: str) -
     passed over from its output edge to its input edge (its own curvature is known); a
     product counts as linear where at most one factor depends on the parameters.
     """
-    jumps = {
-        call.output_edge.node: call.input_edge
-        for call in calls
-        if call.derivatives is not None and call.output_edge is not None
-    }
-    seen, todo = set(), [start.node]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if node in jumps:
-            todo.append(None if jumps[node] is None else jumps[node].node)
-            continue
+    jumps = _jumps(call for call in calls if call.derivatives is not None)
+    for node in _walk([start.node], jumps):
         _check_operation(node, needed_by)
-        todo.extend(next_node for next_node, _ in node.next_functions)
 
 
 def _check_operation(node: object, needed_by: str) -> None:
@@ -209,16 +203,7 @@ def check_shared_uses_independent(calls: list[Call], shared: set[int], needed_by
 
 def _reaches(node: object, goals: set) -> bool:
     """Whether the autograd graph below ``node`` (``node`` included) holds one of ``goals``."""
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current is None or current in seen:
-            continue
-        if current in goals:
-            return True
-        seen.add(current)
-        todo.extend(next_node for next_node, _ in current.next_functions)
-    return False
+    return any(current in goals for current in _walk([node], {}))
 
 
 def uses_outside_calls(outputs: list[Tensor], calls: list[Call], served: set[int]) -> set[int]:
@@ -229,17 +214,24 @@ def uses_outside_calls(outputs: list[Tensor], calls: list[Call], served: set[int
 
     The walk goes down the autograd graph from the outputs; a call with parameters is passed
     over from its output edge to its input edge (its own parameters are its to serve).
-    Without ``get_gradient_edge`` (an older PyTorch) calls have no edges: nothing is found.
     """
-    if not has_gradient_edges():
-        return set()
-    jumps = {
-        call.output_edge.node: call.input_edge
-        for call in calls
-        if call.params and call.output_edge is not None
-    }
-    found: set[int] = set()
-    seen, todo = set(), [output.grad_fn for output in outputs]
+    found = set()
+    for node in _walk([output.grad_fn for output in outputs], _jumps(c for c in calls if c.params)):
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's parameter
+        if variable is not None and id(variable) in served:
+            found.add(id(variable))
+    return found
+
+
+def _jumps(calls: Iterable[Call]) -> dict[object, GradientEdge | None]:
+    """Each call's output node, to its input edge: a walk passes over the call."""
+    return {call.output_edge.node: call.input_edge for call in calls if call.output_edge}
+
+
+def _walk(nodes: list, jumps: dict[object, GradientEdge | None]) -> Iterator[object]:
+    """Every autograd node below ``nodes`` once, down ``next_functions``; a node in ``jumps``
+    is not visited but passed over to its input edge's node."""
+    seen, todo = set(), list(nodes)
     while todo:
         node = todo.pop()
         if node is None or node in seen:
@@ -248,8 +240,5 @@ def uses_outside_calls(outputs: list[Tensor], calls: list[Call], served: set[int
         if node in jumps:
             todo.append(None if jumps[node] is None else jumps[node].node)
             continue
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node's parameter
-        if variable is not None and id(variable) in served:
-            found.add(id(variable))
+        yield node
         todo.extend(next_node for next_node, _ in node.next_functions)
-    return found

@@ -4,10 +4,13 @@ losses that every route and every dataset function shares."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from curvhooks._compat import BATCH_NORMS, DROPOUTS
@@ -79,14 +82,14 @@ class HookPlan:
         params: Iterable[nn.Parameter] | None = None,
         records_leaves: bool = False,
     ) -> HookPlan:
-        """Check the arguments and the modules; ``params`` limits the parameters served
+        """Check the modules (``check_arguments`` checks the arguments); ``params`` limits
+        the parameters served
         (default: all that require grad); ``records_leaves`` records every leaf module (to
         push along a chain), else only those with parameters and, for second order, the
         leaves."""
-        check_arguments(model, loss_fn, extensions, route, unsupported)
         second_order = tuple(ext for ext in extensions if ext.stack_kind() is not None)
         kinds = {ext.stack_kind().key: ext.stack_kind() for ext in second_order}
-        selected = None if params is None else _selected(model, params)
+        selected = None if params is None else check_params(model, list(params))
         modules = _modules_to_hook(
             model, extensions, unsupported, selected, records_leaves or bool(second_order)
         )
@@ -128,19 +131,6 @@ class HookPlan:
             if id(param) in param_ids
         ]
 
-    @classmethod
-    def of_supported(
-        cls, model: nn.Module, loss_fn: nn.Module, params: Iterable[nn.Parameter]
-    ) -> HookPlan:
-        """A plan without extensions that hooks the supported modules holding ``params``."""
-        selected = _selected(model, params)
-        modules = [
-            HookedModule(path, module, module_derivatives(module), served)
-            for path, module in model.named_modules()
-            if (served := trainable_params(module, selected)) and not unsupported_module(module)
-        ]
-        return cls(model, loss_fn, (), (), (), tuple(modules), "auto", "raise")
-
     def check_loss(self, output: Tensor, target: Tensor) -> LossDerivatives | None:
         """The loss's derivatives where a stack starts from the loss's Hessian; raises for
         an unsupported loss or call."""
@@ -150,12 +140,14 @@ class HookPlan:
         return check_loss(self.loss_fn, output, target, names(needed_by))
 
 
-def _selected(model: nn.Module, params: Iterable[nn.Parameter]) -> set[int]:
-    """The ids of ``params``; raises unless they are parameters of ``model``."""
+def check_params(model: nn.Module, params: list[nn.Parameter]) -> set[int]:
+    """The ids of ``params``; raises unless they are parameters of ``model``, each once."""
     owned = {id(p) for p in model.parameters()}
     selected = {id(p) for p in params}
     if not selected <= owned:
         raise ValueError("params must be parameters of the model")
+    if len(selected) != len(params):
+        raise ValueError("params lists a parameter twice")
     return selected
 
 
@@ -257,11 +249,18 @@ def _modules_to_hook(
 
 
 def warn_skipped(described: list[str], what: str = "the parameters of unsupported modules") -> None:
-    """The one warning of ``unsupported="skip"``, naming what gets no results."""
+    """The one warning of ``unsupported="skip"``, naming what gets no results; it points at
+    the user's line (the first frame outside curvhooks and torch)."""
+    frame, level = inspect.currentframe(), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
     warnings.warn(
         f"curvhooks skips {what} {', '.join(described)} (unsupported='skip'): they get no results",
-        stacklevel=4,
+        stacklevel=level,
     )
+
+
+_LIBRARIES = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
 
 
 def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:
@@ -280,18 +279,22 @@ def unsupported_module(module: nn.Module) -> bool:
     return derivatives is None or derivatives.unsupported_reason(module) is not None
 
 
-def supported_params(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable parameters of ``model`` less those of modules curvhooks does not
-    support (one warning names those modules)."""
+def supported_params(
+    model: nn.Module, params: list[nn.Parameter] | None = None
+) -> list[nn.Parameter]:
+    """``params`` (default: the trainable parameters of ``model``) less those of modules
+    curvhooks does not support (one warning names those modules)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else params
+    selected = {id(p) for p in params}
     skipped = [
         (path, module)
         for path, module in model.named_modules()
-        if trainable_params(module) and unsupported_module(module)
+        if trainable_params(module, selected) and unsupported_module(module)
     ]
     if skipped:
         warn_skipped([describe(path, module) for path, module in skipped])
     left_out = {id(p) for _, module in skipped for p in module.parameters(recurse=False)}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in left_out]
+    return [p for p in params if id(p) not in left_out]
 
 
 _SKIP_OR_EXCLUDE = (

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvhooks._compat import gradient_edge, is_transformed
+from curvhooks._compat import is_transformed
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
-from curvhooks.hooks.calls import Call, CallRecord, describe, gradient_anchor
+from curvhooks.hooks.calls import Call, CallRecord, describe, gradient_anchor, gradient_edge
 from curvhooks.hooks.plan import HookedModule, HookPlan
 
 TensorHook = Callable[[Tensor], None]

@@ -96,11 +96,11 @@ def _link(chain: list[Call]) -> None:
 
 
 class GraphRoute:
-    """Batched autograd pushes from the model output's edge ``start`` to every call with
-    parameters (``push``, as the backward pass starts); nonlinear modules' own curvature is
-    pushed from their inputs as their calls come (``at_call``). Calls shared by the batch get
-    their stacks per sample, and ``gradient``, the loss's gradient in the model output
-    ``[N, *out]``, per sample for their first-order results."""
+    """Batched autograd pushes from the model output's edge ``start`` (a batch of ``batch``
+    samples) to every call with parameters (``push``, as the backward pass starts);
+    nonlinear modules' own curvature is pushed from their inputs as their calls come
+    (``at_call``). Calls on tensors shared by the batch, and those holding a parameter they
+    hold too, get every stack per sample."""
 
     calls_autograd = True
 
@@ -111,7 +111,7 @@ class GraphRoute:
         record: CallRecord,
         start: GradientEdge,
         stacks: dict[object, Stack],
-        gradient: Tensor | None = None,
+        batch: int,
     ) -> None:
         if plan.has_module_curvature:
             needed_by = names(e for e in plan.second_order if e.stack_kind().has_module_curvature)
@@ -122,18 +122,13 @@ class GraphRoute:
         self.record = record
         self.start = start
         self.stacks = stacks
-        self.gradient = gradient
+        self.batch = batch
 
     def push(self) -> None:
         """Push every stack from the model output to every call with parameters."""
         targets = [call for call in self.record.calls if call.params]
         for kind in self.plan.kinds:
             self._reduce_on_arrival(self.start, kind, self.stacks.pop(kind.key), targets)
-        shared = [call for call in targets if call.shared_by_batch]
-        if self.gradient is not None and shared:
-            for arrivals in push_to_calls(self.start, PLAIN, self.gradient[None], shared, True):
-                for call, gradients in arrivals:
-                    call.per_sample_gradient = gradients[0]
 
     def at_call(self, call: Call, grad_output: Tensor | None) -> None:
         """Hand on the call's results (every stack has reached it); push a nonlinear module's
@@ -143,11 +138,12 @@ class GraphRoute:
             return
         if not call.derivatives.has_curvature or call.input_edge is None:
             return
-        if call.shared_by_batch:
+        if call.unbatched or call.io.output_shape[0] != self.batch:
             raise UnsupportedError(
-                f"module {call.describe()} ran on a tensor shared by the batch and adds "
-                f"curvature of its own, which {names(self.plan.second_order)} cannot split per "
-                "sample; use curvhooks.hessian(route='autograd')"
+                f"module {call.describe()} ran on a tensor without the batch's samples in "
+                f"dimension 0 and adds curvature of its own, which "
+                f"{names(self.plan.second_order)} cannot split per sample; use "
+                "curvhooks.hessian(route='autograd')"
             )
         targets = [c for c in self.record.calls[: call.index] if c.params]
         for kind in self.plan.kinds:
@@ -164,13 +160,17 @@ class GraphRoute:
     def _reduce_on_arrival(
         self, start: GradientEdge, kind: StackKind, stack: Stack, targets: list[Call]
     ) -> None:
-        """Push a stack from ``start`` to the targets (per sample to those shared by the
-        batch) and reduce what arrives at each into the results of its kind's extensions."""
+        """Push a stack from ``start`` to the targets and reduce what arrives at each into
+        the results of its kind's extensions. Calls on tensors shared by the batch get it
+        per sample, and so do the calls holding a parameter they hold: every use of a
+        parameter must see the same vectors, to be summed before anything is squared."""
         extensions = self.plan.extensions_of(kind)
         shared = self.record.shared
-        for per_sample in (False, True):
-            group = [call for call in targets if call.shared_by_batch == per_sample]
-            for arrivals in push_to_calls(start, kind, stack, group, per_sample) if group else ():
+        unbatched = {id(p) for call in targets if call.unbatched for _, p in call.params}
+        per_sample = [c for c in targets if any(id(p) in unbatched for _, p in c.params)]
+        whole = [call for call in targets if all(call is not c for c in per_sample)]
+        for group, split in ((whole, False), (per_sample, True)):
+            for arrivals in push_to_calls(start, kind, stack, group, split) if group else ():
                 for call, contribution in arrivals:
                     stacks = [contribution] * len(extensions)
                     self.reducer.reduce(call, extensions, stacks, shared)

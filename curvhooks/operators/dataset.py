@@ -29,6 +29,7 @@ from curvhooks.dataset.by_hooks import hook_factor
 from curvhooks.dataset.plan import Kind, model_device, selected_params, unwrap
 from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
+from curvhooks.derivatives import loss_gradient
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.hooks import check_eval_mode
@@ -236,8 +237,7 @@ class EmpiricalFisherOperator(DataOperator):
     def _batch_product(self, index, X, y, tangents):
         output, products, pullback = self._output_products(X, tangents)
         derivatives = check_loss(self.loss_fn, output, y, "curvhooks.EmpiricalFisherOperator")
-        leaf = output.requires_grad_()
-        (gradient,) = torch.autograd.grad(self.loss_fn.forward(leaf, y), leaf)  # s r_n
+        gradient = loss_gradient(self.loss_fn, output, y)  # s r_n
         along = torch.einsum("n...,kn...->kn", gradient, products)
         scale = 1 / derivatives.scale(self.loss_fn, output)
         return pullback(torch.einsum("kn,n...->kn...", along, gradient) * scale)
