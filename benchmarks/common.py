@@ -313,6 +313,12 @@ def problems_parser(problems: list[str], repeats: int) -> argparse.ArgumentParse
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--problem", choices=problems, help="run this problem only, write nothing")
     parser.add_argument("--memory-of", help="internal: one method's peak memory, printed as JSON")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: steady on a shared CPU)",
+    )
     return parser
 
 
@@ -327,6 +333,7 @@ def run_problems(
 ) -> None:
     """Run what ``problems_parser``'s ``args`` ask for; writes ``docs/benchmarks/<name>.md``
     (``doc`` is name and title) only when every problem ran."""
+    torch.set_num_threads(args.threads)
     if args.memory_of:
         return memory_main(build_methods, args.problem, args.memory_of)
     chosen = [args.problem] if args.problem else problems

@@ -32,3 +32,11 @@ HESSIAN_CHUNK_SIZES = {"cpu": 256, "cuda": 1024}
 PANEL = 512
 """Most rows of a panel in which Gram matrices ``F^T F`` of factors are built, each from its
 diagonal on."""
+
+FACTOR_PRODUCT_COLUMNS = 4
+"""``GGNOperator @ V`` with at least this many columns takes each batch's square-root factor
+``F`` from the hooks and multiplies ``F^T (F V)`` (where ``F`` fits ``FACTOR_PRODUCT_BYTES``)
+instead of forward- and reverse-mode products per column."""
+
+FACTOR_PRODUCT_BYTES = 2**28
+"""Most bytes of one batch's square-root factor for ``FACTOR_PRODUCT_COLUMNS``."""

@@ -51,6 +51,31 @@ def test_products_match_the_dense_matrix(kind, problem, loss):
     _check_products(kind, problem, loss)
 
 
+@pytest.mark.parametrize("kind, problem, loss", _cases(("ggn",), 2))
+def test_ggn_products_by_the_batches_factors(kind, problem, loss, monkeypatch):
+    """With enough columns the GGN multiplies each batch's square-root factor from the
+    hooks, where they serve the model (else forward- and reverse-mode products, as above)."""
+    monkeypatch.setattr(curvhooks.tuning, "FACTOR_PRODUCT_COLUMNS", 1)
+    factor_matmat = curvhooks.GGNOperator._factor_matmat
+    used = []
+    monkeypatch.setattr(
+        curvhooks.GGNOperator,
+        "_factor_matmat",
+        lambda self, columns: used.append(1) or factor_matmat(self, columns),
+    )
+    _check_products(kind, problem, loss)
+    assert used
+
+
+def test_monte_carlo_products_by_factors_are_those_by_forward_mode(monkeypatch):
+    model, loss_fn, X, y, loader, V = _setting(by_name("conv-residual"), "ce-mean")
+    operator = curvhooks.GGNOperator(model, loss_fn, loader, mc_samples=2, seed=5)
+    monkeypatch.setattr(curvhooks.tuning, "FACTOR_PRODUCT_COLUMNS", 10**9)
+    by_forward_mode = operator @ V
+    monkeypatch.setattr(curvhooks.tuning, "FACTOR_PRODUCT_COLUMNS", 1)
+    assert_close(operator @ V, by_forward_mode)
+
+
 @pytest.mark.parametrize("kind, problem, loss", _cases(("hessian",), 3))
 def test_hessian_products_match_the_dense_matrix(kind, problem, loss):
     _check_products(kind, problem, loss)

@@ -10,7 +10,8 @@ On a chain of supported modules the hooks run that backward pass themselves
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +89,6 @@ def hook_matrices(
     return results
 
 
-@torch.enable_grad()  # also inside a caller's torch.no_grad() block
 def hook_factor(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -101,15 +101,43 @@ def hook_factor(
     mc_samples: int | None = None,
     seed: int = 0,
 ) -> Tensor | None:
-    """The square-root factor ``F`` ``[R, D]`` of the GGN (the per-sample products of its
-    stacks, ``R = V N`` rows; with ``mc_samples``, sampled per batch from ``seed`` plus the
-    batch's index) or the empirical Fisher (the per-sample gradients, ``R = N``), weighted
-    so that ``F^T F`` is the whole-dataset matrix; ``None`` once ``F`` and its Gram matrix
-    ``F F^T`` would take more than ``max_memory`` bytes."""
+    """The square-root factor ``F`` ``[R, D]`` of the whole-dataset GGN or empirical Fisher
+    (``batch_factors``' batches stacked): ``F^T F`` is the matrix; ``None`` once ``F`` and its
+    Gram matrix ``F F^T`` would take more than ``max_memory`` bytes."""
+    size, itemsize = sum(p.numel() for p in params), params[0].element_size()
+    pieces, rows = [], 0
+    factors = batch_factors(model, loss_fn, data, kind, params, total, progress, mc_samples, seed)
+    with closing(factors):  # its hooks go at once, also on returning early
+        for factor, weight in factors:
+            rows += len(factor)
+            if (rows * size + rows**2) * itemsize > max_memory:
+                return None
+            pieces.append(factor.mul_(weight**0.5))
+    factor = torch.cat(pieces)
+    return factor / total.samples**0.5 if total.reduction == "mean" else factor
+
+
+@torch.enable_grad()  # also inside a caller's torch.no_grad() block
+def batch_factors(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable | tuple[Tensor, Tensor],
+    kind: Kind,
+    params: list[nn.Parameter],
+    total: DatasetSum,
+    progress: bool,
+    mc_samples: int | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[Tensor, float]]:
+    """Per batch, the square-root factor ``F_b`` ``[R_b, D]`` of its reduced loss's GGN (the
+    per-sample products of its stacks, ``R_b = V N_b`` rows; with ``mc_samples``, sampled from
+    ``seed`` plus the batch's index) or empirical Fisher (the per-sample gradients, ``N_b``
+    rows), and the weight of ``F_b^T F_b`` in the whole-dataset matrix (``DatasetSum``: call
+    ``total.finish`` after the last)."""
     derivatives = _check(loss_fn, (kind,), Structure.FULL)
     extension = BatchGrad() if kind is Kind.EMPIRICAL_FISHER else SqrtGGN(mc_samples)
-    size, itemsize = sum(p.numel() for p in params), params[0].element_size()
-    pieces, rows, batch = [], 0, BatchResults()
+    leading = 1 if kind is Kind.EMPIRICAL_FISHER else 2  # [N, *p] or [V, N, *p]
+    batch = BatchResults()
     with hooked(model, loss_fn, (extension,), batch, "auto", params) as hooks:
         batches = total.batches(data, model_device(model), progress)
         for index, (X, y, weight, _) in enumerate(batches):
@@ -117,19 +145,10 @@ def hook_factor(
             with seeded(seed + index if mc_samples else None, model_device(model)):
                 output = hooks.run_batch(X, y)
             values = [batch.get(param, extension.attribute) for param in params]
-            leading = 1 if kind is Kind.EMPIRICAL_FISHER else 2  # [N, *p] or [V, N, *p]
             count = next(v for v in values if v is not None).shape[:leading].numel()
             if kind is Kind.EMPIRICAL_FISHER:
                 weight = weight / derivatives.scale(loss_fn, output)
-            rows += count
-            if (rows * size + rows**2) * itemsize > max_memory:
-                return None
-            pieces.append(
-                torch.cat([rows_or_zeros(v, p, count) for v, p in zip(values, params)], 1)
-                * weight**0.5
-            )
-    factor = torch.cat(pieces)
-    return factor / total.samples**0.5 if total.reduction == "mean" else factor
+            yield torch.cat([rows_or_zeros(v, p, count) for v, p in zip(values, params)], 1), weight
 
 
 def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):

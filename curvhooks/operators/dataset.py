@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from curvhooks import tuning
 from curvhooks._compat import math_attention
 from curvhooks.dataset.by_autograd import parameters_replaced
-from curvhooks.dataset.by_hooks import hook_factor
+from curvhooks.dataset.by_hooks import batch_factors, hook_factor
 from curvhooks.dataset.plan import Kind, model_device, selected_params, unwrap
 from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
@@ -179,6 +180,52 @@ class GGNOperator(DataOperator):
             check_mc_samples(mc_samples)
         self.mc_samples = mc_samples
         self.seed = seed
+        self._factors: bool | None = None
+        """Whether products go by the batches' factors (``None``: not yet estimated)."""
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        """By the batches' square-root factors from the hooks where that costs less
+        (``tuning.FACTOR_PRODUCT_COLUMNS``, ``FACTOR_PRODUCT_BYTES``), else by forward- and
+        reverse-mode products."""
+        if columns.shape[1] >= tuning.FACTOR_PRODUCT_COLUMNS and self._factor_fits():
+            try:
+                return self._factor_matmat(columns)
+            except UnsupportedError:  # a module the hooks do not serve
+                self._factors = False
+        return super()._matmat(columns)
+
+    def _factor_fits(self) -> bool:
+        """Whether the hooks may give a batch's factor within ``FACTOR_PRODUCT_BYTES``
+        (estimated once from the first batch's output)."""
+        if self._factors is None:
+            total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
+            X, _, _, _ = next(total.batches(self.data, model_device(self.model), False))
+            with torch.no_grad():
+                output = self.model(X)
+            rows = len(output) * (self.mc_samples or output[0].numel())
+            size = sum(p.numel() for p in self.params) * self.params[0].element_size()
+            self._factors = rows * size <= tuning.FACTOR_PRODUCT_BYTES
+        return self._factors
+
+    def _factor_matmat(self, columns: Tensor) -> Tensor:
+        """``sum_b w_b F_b^T (F_b V)`` over the batches' square-root factors."""
+        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
+        result = torch.zeros_like(columns)
+        factors = batch_factors(
+            self.model,
+            self.loss_fn,
+            self.data,
+            Kind.GGN,
+            self.params,
+            total,
+            self.progress,
+            self.mc_samples,
+            self.seed,
+        )
+        for factor, weight in factors:
+            result.addmm_(factor.T, factor @ columns, alpha=weight)
+        total.finish({"product": result})
+        return result
 
     def _batch_product(self, index, X, y, tangents):
         output, products, pullback = self._output_products(X, tangents)
