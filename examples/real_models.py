@@ -17,12 +17,16 @@ import time
 from pathlib import Path
 
 import torch
-from architectures import Transformer, resnet8
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import curvhooks
 from curvhooks import BatchGrad, DiagGGN
+
+try:
+    from examples.architectures import Transformer, resnet8
+except ImportError:  # run as a script: python examples/real_models.py
+    from architectures import Transformer, resnet8
 
 Data = list[tuple[Tensor, Tensor]]
 

@@ -160,3 +160,18 @@ def test_real_models_runs(tmp_path):
     for row in rows:
         assert float(row[3]) == pytest.approx(float(row[4]), abs=2e-4)
     assert (tmp_path / "real_models.png").exists()
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.stem for p in EXAMPLES.glob("*.py") if p.stem != "__init__")
+)
+def test_examples_import_as_modules(script):
+    """Each example also runs as ``python -m examples.NAME`` (its imports resolve there)."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"import examples.{script}"],
+        capture_output=True,
+        text=True,
+        cwd=EXAMPLES.parent,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
