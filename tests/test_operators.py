@@ -166,5 +166,23 @@ def test_bad_columns_get_clear_errors():
         operator @ V.float()
     with pytest.raises(ValueError, match="expected a vector"):
         operator @ V[None]
+    with pytest.raises(ValueError, match="on cpu .*, got torch.float64 on meta"):
+        operator @ V.to("meta")
     with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
         curvhooks.GGNOperator(model, torch.nn.CrossEntropyLoss(reduction="none"), loader)
+
+
+def test_hessian_of_one_batch_keeps_its_graph_until_the_parameters_change():
+    model, loss_fn, X, y, _, V = _setting(by_name("cnn-sigmoid"), "ce-mean")
+    operator = curvhooks.HessianOperator(model, loss_fn, (X, y))
+    assert_close(operator @ V, reference.hessian_matrix(model, loss_fn, X, y) @ V)
+    kept = operator._kept
+    assert_close(operator @ V[:, :2], reference.hessian_matrix(model, loss_fn, X, y) @ V[:, :2])
+    assert operator._kept is kept
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.5)  # an optimizer's step
+    assert_close(operator @ V, reference.hessian_matrix(model, loss_fn, X, y) @ V)
+    assert operator._kept is not kept
+    several = curvhooks.HessianOperator(model, loss_fn, [(X[:3], y[:3]), (X[3:], y[3:])])
+    assert_close(several @ V, reference.hessian_matrix(model, loss_fn, X, y) @ V)
+    assert several._kept is None

@@ -165,3 +165,26 @@ def test_plot_spectrum(tmp_path):
     figure.savefig(tmp_path / "spectrum.png")
     with pytest.raises(ValueError, match="at least one"):
         curvhooks.plot.spectrum({})
+
+
+def test_eigenvalues_converged_on_their_error_bound():
+    """``converge="values"`` stops on ``residual^2 / gap``: the values to the tolerance, in
+    no more products than the pairs take."""
+    operator, dense = _setting("hessian")
+    counts = {}
+    for converge in ("pairs", "values"):
+        products = []
+        original = operator._matmat
+        operator._matmat = lambda c, products=products, original=original: (
+            products.append(1) or original(c)
+        )
+        values, _ = curvhooks.eigenpairs(
+            operator, 2, tolerance=1e-6, converge=converge, block_size=1
+        )
+        del operator._matmat
+        counts[converge] = len(products)
+        expected = torch.linalg.eigvalsh(dense).flip(0)[:2]
+        torch.testing.assert_close(values, expected, rtol=1e-6, atol=0)
+    assert counts["values"] <= counts["pairs"]
+    with pytest.raises(ValueError, match="converge must be one of"):
+        curvhooks.eigenpairs(operator, 2, converge="vectors")

@@ -313,16 +313,35 @@ class EmpiricalFisherOperator(DataOperator):
 class HessianOperator(DataOperator):
     """The exact Hessian of the whole-dataset loss: ``curvhooks.hessian(...)`` as an
     operator, by reverse-over-reverse products batched over the columns. Any model and any
-    scalar loss module. Arguments as ``DataOperator``'s."""
+    scalar loss module. Arguments as ``DataOperator``'s.
+
+    Where the data is one batch, the graph of the loss's gradient is kept between products
+    (as long as the batch's tensors and the parameters' values stay the same): each product
+    after the first is then one batched second backward pass."""
+
+    _kept: tuple | None = None
+    """``(X, y, the parameters' versions, the product)`` of a one-batch data set."""
+
+    def _matmat(self, columns: Tensor) -> Tensor:
+        self._batches = 0
+        result = super()._matmat(columns)
+        if self._batches > 1:
+            self._kept = None  # graphs of several batches would hold too much memory
+        return result
 
     def _batch_product(self, index, X, y, tangents):
-        function = self._function(X)
+        self._batches += 1
+        versions = [p._version for p in self.params]
+        kept = self._kept
+        if index or not (kept and kept[0] is X and kept[1] is y and kept[2] == versions):
+            function = self._function(X)
 
-        def loss(*values: Tensor) -> Tensor:
-            return self.loss_fn(function(*values), y)
+            def loss(*values: Tensor) -> Tensor:
+                return self.loss_fn(function(*values), y)
 
-        _, product = vjp(grad(loss, argnums=tuple(range(len(tangents)))), *self._point())
-        return vmap(product)(tangents)
+            _, product = vjp(grad(loss, argnums=tuple(range(len(tangents)))), *self._point())
+            kept = self._kept = (X, y, versions, product) if not index else None
+        return vmap(kept[3] if kept else product)(tangents)
 
     def to_dense(self) -> Tensor:
         from curvhooks.dataset.functions import hessian
