@@ -15,6 +15,12 @@ take a hundred products):
   exact (the Gram method), against ViViT's ``EighComputation`` (``vivit-for-pytorch``
   1.0.0, given back the ``Tensor.symeig`` it calls) with BackPACK's converter.
 
+And the memory of a model of millions of parameters (``resnet18-1024``): torchvision's
+ResNet-18 (11.2M parameters, ``benchmarks.problems.resnet18``) over 1,024 CIFAR-sized images
+in 16 batches of 64, float32: each operator's product with one vector, the GGN's exact trace,
+the top Hessian eigenvalue and the top 10 GGN eigenvalues to a relative 1e-3 (Lanczos on
+single vectors; no peers).
+
 Run: ``python -m benchmarks.operators [--repeats 3] [--problem NAME] [--threads 1]``;
 writes docs/benchmarks/operators.md when it ran every problem.
 """
@@ -35,9 +41,9 @@ from benchmarks.common import (
     problems_parser,
     run_problems,
 )
-from benchmarks.problems import resnet
+from benchmarks.problems import resnet, resnet18
 
-SETTINGS = ("resnet-products", "resnet-spectra", "resnet-batch-eigenpairs")
+SETTINGS = ("resnet-products", "resnet-spectra", "resnet-batch-eigenpairs", "resnet18-1024")
 COLUMNS = 10
 
 
@@ -52,7 +58,10 @@ def _data(batches: int) -> tuple[nn.Module, nn.Module, list]:
 
 
 def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], object]]:
-    model, loss_fn, data = _data(3 if problem == "resnet-products" else 1)
+    if problem == "resnet18-1024":
+        model, loss_fn, data = resnet18(batches=16)
+    else:
+        model, loss_fn, data = _data(3 if problem == "resnet-products" else 1)
     model = model.to(device)
     data = [(X.to(device), y.to(device)) for X, y in data]
 
@@ -65,6 +74,8 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
         methods.update(_products(model, loss_fn, data))
     elif problem == "resnet-spectra":
         methods.update(_spectra(model, loss_fn, data))
+    elif problem == "resnet18-1024":
+        methods.update(_large(model, loss_fn, data))
     else:
         methods.update(_batch_eigenpairs(model, loss_fn, data))
     return methods
@@ -115,6 +126,30 @@ def _spectra(model, loss_fn, data) -> dict[str, Callable[[], object]]:
 
         methods["pyhessian top Hessian eigenvalue"] = top
         methods["pyhessian Hessian trace, 100 samples"] = trace
+    return methods
+
+
+def _large(model, loss_fn, data) -> dict[str, Callable[[], object]]:
+    """One product with each operator, the exact GGN trace and the top eigenvalues."""
+    v = torch.randn(sum(p.numel() for p in model.parameters()))
+    operators = {
+        "GGN": curvhooks.GGNOperator(model, loss_fn, data),
+        "Hessian": curvhooks.HessianOperator(model, loss_fn, data),
+        "empirical Fisher": curvhooks.EmpiricalFisherOperator(model, loss_fn, data),
+    }
+    methods = {f"curvhooks {name} @ v": lambda op=op: op @ v for name, op in operators.items()}
+    top = {"tolerance": 1e-3, "converge": "values", "block_size": 1, "method": "lanczos"}
+    methods.update(
+        {
+            "curvhooks GGN trace, exact": lambda: curvhooks.trace(operators["GGN"]),
+            "curvhooks top Hessian eigenvalue": lambda: curvhooks.eigenpairs(
+                operators["Hessian"], 1, **top
+            ),
+            "curvhooks top 10 GGN eigenvalues": lambda: curvhooks.eigenpairs(
+                operators["GGN"], 10, **top
+            ),
+        }
+    )
     return methods
 
 
@@ -171,7 +206,7 @@ def _peers_of(method: str) -> tuple[str, ...]:
 def main() -> None:
     parser = problems_parser(list(SETTINGS), repeats=3)
     args = parser.parse_args()
-    doc = ("operators", "Operators and spectra (resnet, batches of 64)")
+    doc = ("operators", "Operators and spectra (resnet and ResNet-18, batches of 64)")
     run_problems(args, __spec__.name, build_methods, _peers_of, list(SETTINGS), doc)
 
 

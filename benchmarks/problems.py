@@ -1,7 +1,8 @@
 """Benchmark problems. ``PROBLEMS``, shared by the per-step scripts: chains (``mlp``,
 ``cnn``, ``lenet5``), residual CNNs (``resnet``, ``resnet8`` with BatchNorm) and a
 transformer, each a model, a loss and one batch. ``residual``:
-a tiny residual CNN with a few batches, for the dense matrices (beside the visual tour).
+a tiny residual CNN with a few batches, for the dense matrices (beside the visual tour);
+``resnet18``: torchvision's ResNet-18 over 1,024 images, for the operators' memory.
 ``RESIDUAL`` names the problems whose model is not a chain (BackPACK needs its converter)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from examples.architectures import Transformer, lenet5, resnet8
+from examples.architectures import BasicBlock, Transformer, lenet5, resnet8
 
 Problem = tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]
 DenseProblem = tuple[nn.Module, nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -118,6 +119,30 @@ def resnet_8() -> Problem:
     with torch.no_grad():
         model(X)
     return model.eval(), nn.CrossEntropyLoss(), X, torch.randint(0, 10, (64,))
+
+
+def resnet18(batches: int = 16) -> DenseProblem:
+    """torchvision's ResNet-18 for 10 classes (a 7x7 stride-2 stem with BatchNorm, ReLU and
+    3x3 max pooling, four stages of two ``BasicBlock`` at 64, 128, 256 and 512 channels,
+    global average pooling, a Linear head: 11,181,642 parameters), BatchNorm in eval mode, on
+    ``batches`` batches of 64 random CIFAR-sized images ``[64, 3, 32, 32]``; cross-entropy."""
+    torch.manual_seed(0)
+    stages, channels = [], 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages += [BasicBlock(channels, width, stride), BasicBlock(width, width, 1)]
+        channels = width
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 7, 2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, padding=1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, 10),
+    ).eval()
+    data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))) for _ in range(batches)]
+    return model, nn.CrossEntropyLoss(), data
 
 
 def transformer() -> Problem:

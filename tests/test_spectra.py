@@ -188,3 +188,22 @@ def test_eigenvalues_converged_on_their_error_bound():
     assert counts["values"] <= counts["pairs"]
     with pytest.raises(ValueError, match="converge must be one of"):
         curvhooks.eigenpairs(operator, 2, converge="vectors")
+
+
+def test_default_tolerance_follows_the_dtype():
+    """By default Lanczos stops at residuals of the square root of the dtype's machine
+    epsilon (relative to the largest eigenvalue): float32 does not chase float64's 1.5e-8,
+    which its round-off cannot certify, and stops sooner."""
+    counts = {}
+    for dtype in (torch.float32, torch.float64):
+        entries = torch.cat([torch.tensor([2.0, 1.9]), torch.linspace(0, 1, 2000)]).to(dtype)
+        operator, products = Diagonal(entries), []
+        original = operator._matmat
+        operator._matmat = lambda columns, p=products, f=original: p.append(1) or f(columns)
+        values, vectors = curvhooks.eigenpairs(operator, 1, block_size=1)
+        tolerance = torch.finfo(dtype).eps ** 0.5
+        residual = (entries[:, None] * vectors - values * vectors).norm()
+        assert float(residual) <= 2 * tolerance * 2.0
+        torch.testing.assert_close(values, torch.tensor([2.0], dtype=dtype), rtol=tolerance, atol=0)
+        counts[dtype] = len(products)
+    assert counts[torch.float32] < counts[torch.float64] < 200

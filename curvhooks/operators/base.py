@@ -21,7 +21,7 @@ class CurvatureOperator:
 
     def _matmat(self, columns: Tensor) -> Tensor:
         """The product with ``columns`` ``[D, k]`` (contiguous, of the operator's dtype and
-        device): ``[D, k]``."""
+        device): ``[D, k]``, a fresh tensor that the caller may overwrite."""
         raise NotImplementedError
 
     @property
