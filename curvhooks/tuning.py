@@ -29,6 +29,11 @@ HESSIAN_CHUNK_SIZES = {"cpu": 256, "cuda": 1024}
 """Directions per vectorised Hessian-vector product of the autograd Hessian, by device type
 (others: the CPU's)."""
 
+COLUMN_CHUNK_BYTES = {"cpu": 2**25, "cuda": 2**30}
+"""Most bytes of a batch's module outputs times columns that one vectorised product of the
+data operators (``GGNOperator``, ``EmpiricalFisherOperator``, ``HessianOperator``) carries,
+by device type (others: the CPU's); more columns run in chunks (at least one each)."""
+
 PANEL = 512
 """Most rows of a panel in which Gram matrices ``F^T F`` of factors are built, each from its
 diagonal on."""

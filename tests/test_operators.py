@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvhooks
+from curvhooks.operators import dataset as dataset_operators
 from tests import reference
 from tests.problems import CASE_IDS, CASES, assert_close, by_name
 
@@ -88,6 +89,43 @@ def test_hessian_products_match_the_dense_matrix(kind, problem, loss):
 )
 def test_hessian_products_on_every_problem(kind, problem, loss):
     _check_products(kind, problem, loss)
+
+
+@pytest.mark.parametrize("kind", OPERATORS)
+@pytest.mark.parametrize("name", ["cnn-sigmoid", "conv-residual", "attention", "embedding-padding"])
+def test_products_in_chunks_of_one_column(kind, name, monkeypatch):
+    """Where a batch's module outputs times the columns exceed ``COLUMN_CHUNK_BYTES``, the
+    vectorised products run over chunks of columns; the numbers stay the same."""
+    monkeypatch.setattr(curvhooks.tuning, "FACTOR_PRODUCT_COLUMNS", 10**9)
+    monkeypatch.setattr(curvhooks.tuning, "COLUMN_CHUNK_BYTES", {"cpu": 1})
+    chunks = []
+    columns_per_chunk = dataset_operators._columns_per_chunk
+    monkeypatch.setattr(
+        dataset_operators,
+        "_columns_per_chunk",
+        lambda *args: chunks.append(columns_per_chunk(*args)) or chunks[-1],
+    )
+    _check_products(kind, by_name(name), "ce-mean")
+    assert chunks and set(chunks) == {1}
+
+
+@pytest.mark.parametrize("kind", OPERATORS)
+@pytest.mark.parametrize("chunk_bytes", [1, 2**25])
+def test_products_with_no_columns(kind, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(curvhooks.tuning, "COLUMN_CHUNK_BYTES", {"cpu": chunk_bytes})
+    model, loss_fn, _, _, loader, V = _setting(by_name("conv-residual"), "ce-mean")
+    product = OPERATORS[kind][0](model, loss_fn, loader) @ V[:, :0]
+    assert product.shape == (len(V), 0)
+
+
+def test_output_bytes_counts_what_leaf_modules_return_and_leaves_no_hook():
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    ).double()
+    with dataset_operators._output_bytes(model) as counted:
+        model(torch.randn(5, 3, dtype=torch.float64))
+    assert counted == [(5 * 4 + 5 * 4 + 5 * 2) * 8]
+    assert not any(module._forward_hooks for module in model.modules())
 
 
 @pytest.mark.parametrize("kind", OPERATORS)

@@ -108,11 +108,11 @@ def hook_factor(
     pieces, rows = [], 0
     factors = batch_factors(model, loss_fn, data, kind, params, total, progress, mc_samples, seed)
     with closing(factors):  # its hooks go at once, also on returning early
-        for factor, weight in factors:
-            rows += len(factor)
+        for blocks, weight in factors:
+            rows += len(blocks[0])
             if (rows * size + rows**2) * itemsize > max_memory:
                 return None
-            pieces.append(factor.mul_(weight**0.5))
+            pieces.append(torch.cat(blocks, 1).mul_(weight**0.5))
     factor = torch.cat(pieces)
     return factor / total.samples**0.5 if total.reduction == "mean" else factor
 
@@ -128,11 +128,12 @@ def batch_factors(
     progress: bool,
     mc_samples: int | None = None,
     seed: int = 0,
-) -> Iterator[tuple[Tensor, float]]:
+) -> Iterator[tuple[list[Tensor], float]]:
     """Per batch, the square-root factor ``F_b`` ``[R_b, D]`` of its reduced loss's GGN (the
     per-sample products of its stacks, ``R_b = V N_b`` rows; with ``mc_samples``, sampled from
     ``seed`` plus the batch's index) or empirical Fisher (the per-sample gradients, ``N_b``
-    rows), and the weight of ``F_b^T F_b`` in the whole-dataset matrix (``DatasetSum``: call
+    rows), as its column blocks per parameter (``[R_b, p.numel()]`` each, never joined), and
+    the weight of ``F_b^T F_b`` in the whole-dataset matrix (``DatasetSum``: call
     ``total.finish`` after the last)."""
     derivatives = _check(loss_fn, (kind,), Structure.FULL)
     extension = BatchGrad() if kind is Kind.EMPIRICAL_FISHER else SqrtGGN(mc_samples)
@@ -148,7 +149,7 @@ def batch_factors(
             count = next(v for v in values if v is not None).shape[:leading].numel()
             if kind is Kind.EMPIRICAL_FISHER:
                 weight = weight / derivatives.scale(loss_fn, output)
-            yield torch.cat([rows_or_zeros(v, p, count) for v, p in zip(values, params)], 1), weight
+            yield [rows_or_zeros(v, p, count) for v, p in zip(values, params)], weight
 
 
 def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):

@@ -178,6 +178,10 @@ class Extension:
         for every reduction that sums over the vectors."""
         return result + other
 
+    def finish(self, result: object) -> object:
+        """The result handed on, from what ``compute`` and ``combine`` built: itself."""
+        return result
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -15,9 +15,22 @@ from curvhooks.extensions.base import Extension, MonteCarloExtension, Target, re
 from curvhooks.extensions.stacks import IDENTITY, StackKind
 
 
-def _stacked(result: Tensor, other: Tensor) -> Tensor:
-    """Per-sample products of two parts of a stack's vectors, as those of the whole stack."""
-    return torch.cat([result, other])
+class _Parts(list):
+    """Per-sample products of consecutive parts of a stack's vectors, joined once."""
+
+
+def _stacked(result: Tensor | _Parts, other: Tensor) -> _Parts:
+    """Per-sample products of the stack's vectors so far and of its next part (joined by
+    ``_joined``: joining at each part would copy the products once per part)."""
+    if isinstance(result, _Parts):
+        result.append(other)
+        return result
+    return _Parts([result, other])
+
+
+def _joined(result: Tensor | _Parts) -> Tensor:
+    """The per-sample products of the whole stack ``[V, N, *p.shape]``."""
+    return torch.cat(result) if isinstance(result, _Parts) else result
 
 
 def _per_sample_products(target: Target, mat: Tensor, previous: Tensor | None) -> Tensor:
@@ -35,6 +48,7 @@ class SqrtGGN(MonteCarloExtension):
 
     attribute = "sqrt_ggn"
     combine = staticmethod(_stacked)
+    finish = staticmethod(_joined)
 
     def compute(self, target: Target, mat: Tensor, previous: Tensor | None = None) -> Tensor:
         return _per_sample_products(target, mat, previous)
@@ -49,6 +63,7 @@ class Jacobian(Extension):
 
     attribute = "jacobian"
     combine = staticmethod(_stacked)
+    finish = staticmethod(_joined)
 
     def stack_kind(self) -> StackKind:
         return IDENTITY

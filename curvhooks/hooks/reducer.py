@@ -24,7 +24,7 @@ class Reducer:
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self._gradients: dict[int, tuple[nn.Parameter, Tensor]] = {}
-        self._shared: dict[tuple[int, str], tuple[nn.Parameter, object]] = {}
+        self._shared: dict[tuple[int, str], tuple[nn.Parameter, Extension, object]] = {}
 
     def write(
         self, call: Call, extensions: list[Extension], stacks: list[Stack], shared: set[int]
@@ -56,8 +56,8 @@ class Reducer:
     def commit(self, call: Call) -> None:
         """Hand the call's results of this pass to the sink."""
         params = dict(call.params)
-        for (name, attribute), result in call.results.items():
-            self.sink.put(params[name], attribute, result)
+        for (name, attribute), (ext, result) in call.results.items():
+            self.sink.put(params[name], attribute, ext.finish(result))
         call.results = {}
 
     def reduce_shared(
@@ -105,8 +105,8 @@ class Reducer:
             target = SummedTarget(param, [products])
             for ext in first_order:
                 self._add_shared(param, ext, target, target.tokens[0])
-        for (_, attribute), (param, result) in self._shared.items():
-            self.sink.put(param, attribute, result)
+        for (_, attribute), (param, ext, result) in self._shared.items():
+            self.sink.put(param, attribute, ext.finish(result))
         self.clear()
 
     def clear(self) -> None:
@@ -119,12 +119,12 @@ class Reducer:
         if entry is None:
             result = ext.compute(target, stack, self.sink.previous(param, ext.attribute))
         else:
-            result = ext.combine(entry[1], ext.compute(target, stack))
-        self._shared[key] = (param, result)
+            result = ext.combine(entry[2], ext.compute(target, stack))
+        self._shared[key] = (param, ext, result)
 
     def _add(self, store: dict, key: object, param: nn.Parameter, ext, target, stack) -> None:
-        """``store[key]``: ``ext``'s result from ``stack``, combined with what it holds."""
+        """``store[key]``: ``(ext, its result from stack)``, combined with what it holds."""
         if key in store:
-            store[key] = ext.combine(store[key], ext.compute(target, stack))
+            store[key] = (ext, ext.combine(store[key][1], ext.compute(target, stack)))
         else:
-            store[key] = ext.compute(target, stack, self.sink.previous(param, ext.attribute))
+            store[key] = (ext, ext.compute(target, stack, self.sink.previous(param, ext.attribute)))

@@ -11,12 +11,15 @@ columns split per parameter:
   output, then ``J^T`` of ``r_n (r_n . J_n V) / s`` (s the batch's reduction factor);
 - Hessian: reverse-over-reverse products of the loss's gradient, batched over the columns.
 
+Columns are batched in chunks whose module outputs fit ``tuning.COLUMN_CHUNK_BYTES``.
+
 Batches are weighted as the whole-dataset loss (``DatasetSum``), also across processes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +37,7 @@ from curvhooks.derivatives import loss_gradient
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.base import check_mc_samples
 from curvhooks.hooks import check_eval_mode
+from curvhooks.hooks.calls import tensors_in
 from curvhooks.hooks.plan import check_loss
 from curvhooks.operators.base import CurvatureOperator
 
@@ -79,8 +83,10 @@ class DataOperator(CurvatureOperator):
         DatasetSum(loss_fn, process_group, batch_size_fn)  # checks the reduction
 
     def _matmat(self, columns: Tensor) -> Tensor:
-        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         result = torch.zeros_like(columns)
+        if not columns.shape[1]:
+            return result
+        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
         tangents = self._split(columns)
         batches = total.batches(self.data, model_device(self.model), self.progress)
         with math_attention(), torch.enable_grad():
@@ -143,9 +149,11 @@ class DataOperator(CurvatureOperator):
         ``[k, N, *out]`` (``J V``), and the reverse-mode product of output vectors
         ``[k, N, *out]`` with the Jacobian (``J^T U``, per parameter ``[k, *p.shape]``)."""
         function, point = self._function(X), self._point()
-        output, pullback = vjp(function, *point)
-        products = vmap(lambda *tangent: jvp(function, point, tangent)[1])(*tangents)
-        return output.detach(), products, vmap(pullback)
+        with _output_bytes(self.model) as counted:
+            output, pullback = vjp(function, *point)
+        chunk = _columns_per_chunk(counted[0], output.device)
+        forward = _over_columns(lambda *tangent: jvp(function, point, tangent)[1], chunk)
+        return output.detach(), forward(*tangents), _over_columns(pullback, chunk)
 
 
 class GGNOperator(DataOperator):
@@ -222,8 +230,12 @@ class GGNOperator(DataOperator):
             self.mc_samples,
             self.seed,
         )
-        for factor, weight in factors:
-            result.addmm_(factor.T, factor @ columns, alpha=weight)
+        sizes = [p.numel() for p in self.params]
+        for blocks, weight in factors:
+            parts = list(zip(blocks, columns.split(sizes), result.split(sizes)))
+            projected = sum(block @ part for block, part, _ in parts)  # F V, [R, k]
+            for block, _, out in parts:
+                out.addmm_(block.T, projected, alpha=weight)
         total.finish({"product": result})
         return result
 
@@ -320,7 +332,7 @@ class HessianOperator(DataOperator):
     after the first is then one batched second backward pass."""
 
     _kept: tuple | None = None
-    """``(X, y, the parameters' versions, the product)`` of a one-batch data set."""
+    """``(X, y, the parameters' versions, the vectorised product)`` of a one-batch data set."""
 
     def _matmat(self, columns: Tensor) -> Tensor:
         self._batches = 0
@@ -333,15 +345,19 @@ class HessianOperator(DataOperator):
         self._batches += 1
         versions = [p._version for p in self.params]
         kept = self._kept
-        if index or not (kept and kept[0] is X and kept[1] is y and kept[2] == versions):
-            function = self._function(X)
+        if not index and kept and kept[0] is X and kept[1] is y and kept[2] == versions:
+            return kept[3](*tangents)
+        function = self._function(X)
 
-            def loss(*values: Tensor) -> Tensor:
-                return self.loss_fn(function(*values), y)
+        def loss(*values: Tensor) -> Tensor:
+            return self.loss_fn(function(*values), y)
 
-            _, product = vjp(grad(loss, argnums=tuple(range(len(tangents)))), *self._point())
-            kept = self._kept = (X, y, versions, product) if not index else None
-        return vmap(kept[3] if kept else product)(tangents)
+        with _output_bytes(self.model) as counted:
+            _, pullback = vjp(grad(loss, argnums=tuple(range(len(tangents)))), *self._point())
+        chunk = _columns_per_chunk(counted[0], tangents[0].device)
+        product = _over_columns(lambda *columns: pullback(columns), chunk)
+        self._kept = (X, y, versions, product) if not index else None
+        return product(*tangents)
 
     def to_dense(self) -> Tensor:
         from curvhooks.dataset.functions import hessian
@@ -365,6 +381,48 @@ class HessianOperator(DataOperator):
         return hessian(
             self.model, self.loss_fn, self.data, structure="diag", route=route, **options
         )
+
+
+@contextmanager
+def _output_bytes(model: nn.Module) -> Iterator[list[int]]:
+    """``[bytes]``: the bytes of the tensors that the model's modules without children
+    return while the block runs (what one vectorised column of a product carries)."""
+    counted = [0]
+
+    def count(module: nn.Module, inputs: Any, output: Any) -> None:
+        counted[0] += sum(t.numel() * t.element_size() for t in tensors_in(output))
+
+    leaves = [module for module in model.modules() if next(module.children(), None) is None]
+    handles = [module.register_forward_hook(count) for module in leaves]
+    try:
+        yield counted
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _columns_per_chunk(column_bytes: int, device: torch.device) -> int:
+    """Columns per vectorised product: as many as fit ``tuning.COLUMN_CHUNK_BYTES`` at
+    ``column_bytes`` each, at least one."""
+    budgets = tuning.COLUMN_CHUNK_BYTES
+    return max(1, budgets.get(device.type, budgets["cpu"]) // max(1, column_bytes))
+
+
+def _over_columns(function: Callable, chunk: int) -> Callable:
+    """``function`` of tensors mapped over their leading dimension (the columns): by ``vmap``
+    over ``chunk`` columns at a time, or column by column where ``chunk`` or the number of
+    columns is 1 (``vmap``'s batching rules cost more than one column gains)."""
+
+    def mapped(*columns: Tensor) -> Tensor | tuple[Tensor, ...]:
+        count = len(columns[0])
+        if chunk > 1 and count > 1:
+            return vmap(function, chunk_size=chunk)(*columns)
+        results = [function(*(column[i] for column in columns)) for i in range(count)]
+        if isinstance(results[0], Tensor):
+            return torch.stack(results)
+        return tuple(torch.stack(parts) for parts in zip(*results))
+
+    return mapped
 
 
 def _factor(
