@@ -88,8 +88,9 @@ Columns: **first order** is `BatchGrad`, `BatchL2Grad`, `SumGradSquared`, `Varia
 `SqrtGGNMC`, `DiagGGN`, `BatchDiagGGN`, `Jacobian`, `curvhooks.ggn` and
 `curvhooks.empirical_fisher`. **Hessian** is `DiagHessian` and `HessianBlock`, with the
 module's own second derivative as given; `curvhooks.hessian` works for any model by autograd.
-**Kronecker** is `KFLR`, `KFAC` and `curvhooks.kfac` (weights and biases; leave other
-parameters out with `params=` or `requires_grad_(False)`).
+**Kronecker** is `KFLR`, `KFAC` and `curvhooks.kfac` (weights and biases); `curvhooks.kfac`
+gives every other parameter its exact diagonal (`others="diag"`, the default) or dense block
+(`"dense"`), or leaves it out (`"skip"`).
 """
 
 FOOTER = """

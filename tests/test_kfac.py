@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 
 import pytest
 import torch
 
 import curvhooks
 from curvhooks import SqrtGGN
+from curvhooks.operators.kronecker import Kronecker
 from tests import reference
 from tests.problems import assert_close, by_name, run_with
 from tests.test_kronecker_extensions import _layers
@@ -122,10 +124,85 @@ def test_operator_on_a_real_network(eigen_correction):
     assert_close(K.diag(), dense.diagonal())
 
 
+OTHERS_CASES = [
+    ("cnn-batchnorm", "ce-mean", "type-2"),
+    ("cnn-batchnorm", "mse-sum", "empirical"),
+    ("mlp-layernorm-gelu", "ce-sum", "type-2"),
+    ("mlp-layernorm-gelu", "ce-mean", "empirical"),
+    ("cnn-batchnorm", "ce-sum", "mc"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, loss, fisher", OTHERS_CASES, ids=["-".join(c) for c in OTHERS_CASES]
+)
+@pytest.mark.parametrize("others", ["diag", "dense"])
+@pytest.mark.parametrize("eigen_correction", [False, True], ids=["kfac", "ekfac"])
+def test_exact_blocks_of_parameters_without_factors(name, loss, fisher, others, eigen_correction):
+    """Norm layers' parameters get the exact GGN (empirical Fisher) block or its diagonal,
+    also under the Monte-Carlo Fisher; the Kronecker blocks are those without them, and
+    every method covers both."""
+    model, loss_fn, X, y, data = _data(name, loss)
+    K = curvhooks.kfac(
+        model,
+        loss_fn,
+        data,
+        fisher=fisher,
+        others=others,
+        eigen_correction=eigen_correction,
+        seed=0,
+    )
+    reference_of = reference.empirical_fisher if fisher == "empirical" else reference.ggn
+    exact, start = reference_of(model, loss_fn, X, y), 0
+    dense = K.to_dense()
+    assert K.others and K.params == [p for p in model.parameters() if p.requires_grad]
+    for param_name, param in zip(K.names, K.params):
+        rows = slice(start, start + param.numel())
+        start += param.numel()
+        if param_name in K.others:
+            block = exact[rows, rows]
+            expected = block.diagonal() if others == "diag" else block
+            assert_close(K.others[param_name], expected)
+            assert_close(dense[rows, rows], expected.diag() if others == "diag" else expected)
+    skipped = curvhooks.kfac(
+        model,
+        loss_fn,
+        data,
+        fisher=fisher,
+        others="skip",
+        eigen_correction=eigen_correction,
+        seed=0,
+    )
+    assert skipped.names == [n for n in K.names if n not in K.others]
+    for factors, expected in zip(K.factors.values(), skipped.factors.values(), strict=True):
+        for factor, expected_factor in zip(factors, expected, strict=True):
+            assert_close(factor, expected_factor)
+    v = torch.randn(K.shape[0], 3, dtype=X.dtype, generator=torch.Generator().manual_seed(0))
+    assert_close(K @ v, dense @ v)
+    assert_close(K.trace(), dense.trace())
+    assert_close(K.diag(), dense.diagonal())
+    assert_close(K.frobenius_norm(), dense.norm())
+    assert_close(K.inverse(0.1) @ (K @ v + 0.1 * v), v)
+    eye = partial(torch.eye, dtype=X.dtype)
+    assert_close(K.inverse(0.1).to_dense(), torch.linalg.inv(dense + 0.1 * eye(len(dense))))
+    shifted = Kronecker(  # positive definite: its logdet against the dense one's
+        {n: tuple(f + eye(len(f)) for f in fs) for n, fs in K.factors.items()},
+        K.params,
+        K.names,
+        others={n: b + (1 if b.dim() == 1 else eye(len(b))) for n, b in K.others.items()},
+    )
+    assert_close(shifted.logdet(), torch.linalg.slogdet(shifted.to_dense())[1])
+
+
 def test_bad_input():
     model, loss_fn, _, _, data = _data("cnn-batchnorm", "ce-mean")
-    with pytest.raises(curvhooks.UnsupportedError, match="BatchNorm2d.*params="):
-        curvhooks.kfac(model, loss_fn, data)
+    with pytest.raises(curvhooks.UnsupportedError, match="BatchNorm2d.*others='skip' or params="):
+        curvhooks.kfac(model, loss_fn, data, others="raise")
+    with pytest.raises(ValueError, match="others must be one of"):
+        curvhooks.kfac(model, loss_fn, data, others="exact")
+    with pytest.raises(ValueError, match="forward-only' has no exact blocks.*others='skip'"):
+        curvhooks.kfac(model, loss_fn, data, fisher="forward-only")
+    assert len(curvhooks.kfac(model, loss_fn, data, fisher="forward-only", others="skip").names)
     model, loss_fn, _, _, data = _data("mlp", "ce-mean")
     with pytest.raises(ValueError, match="mc_samples=3 applies to fisher='mc' only"):
         curvhooks.kfac(model, loss_fn, data, mc_samples=3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -233,3 +235,17 @@ def test_errors(damping):
         Kronecker(swapped, params, list(SHAPES))
     with pytest.raises(ValueError, match="pass both"):
         Kronecker(factors, params, list(SHAPES), eigenbases={})
+
+
+def test_exact_blocks_must_fit_their_parameters():
+    _, _, factors = _problem("kfac")
+    params = [torch.zeros(s) for s in SHAPES.values()]
+    name, param = next(iter(SHAPES.items()))
+    rest = {n: f for n, f in factors.items() if n != name}
+    size = math.prod(param)
+    with pytest.raises(ValueError, match=rf"others\['{name}'\].*expected \[{size}\]"):
+        Kronecker(rest, params, list(SHAPES), others={name: torch.ones(size + 1)})
+    with pytest.raises(ValueError, match="others must name parameters"):
+        Kronecker(factors, params, list(SHAPES), others={"nothing": torch.ones(1)})
+    with pytest.raises(ValueError, match="factors must have one entry per name"):
+        Kronecker(factors, params, list(SHAPES), others={name: torch.ones(size)})

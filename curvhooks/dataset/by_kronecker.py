@@ -2,8 +2,9 @@
 
 One pass over the data accumulates each parameter's factors from the hooks (``B`` weighted
 as the whole-dataset loss's curvature, ``A`` as a mean over all samples); EKFAC takes a
-second pass for the eigenvalues in the factors' eigenbasis. The result is a
-``curvhooks.operators.kronecker.Kronecker`` operator.
+second pass for the eigenvalues in the factors' eigenbasis. Parameters without Kronecker
+structure get their exact blocks from ``curvhooks.ggn`` or ``curvhooks.empirical_fisher``
+(one more pass). The result is a ``curvhooks.operators.kronecker.Kronecker`` operator.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from curvhooks.hooks import BatchResults, UnservableError, check_eval_mode, hook
 from curvhooks.operators.kronecker import Factor, Kronecker, eigenbases, factor_sides
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
+OTHERS = ("diag", "dense", "skip", "raise")
 
 
 def kfac(
@@ -40,6 +42,7 @@ def kfac(
     eigen_correction: bool = False,
     params: list[nn.Parameter] | None = None,
     *,
+    others: str = "diag",
     seed: int | None = None,
     progress: bool = False,
     process_group: object = None,
@@ -55,9 +58,14 @@ def kfac(
     layer output's stacks, scaled as the whole-dataset loss: the factors and the dense matrix
     of curvlinops' ``KFACLinearOperator`` (``separate_weight_and_bias=True``).
 
+    Parameters of other modules (norm layers, embeddings) have no Kronecker factors; they
+    get their exact blocks of the matrix KFAC approximates (``others``): the GGN's for
+    ``"type-2"`` and ``"mc"``, the empirical Fisher's for ``"empirical"``.
+
     Args:
-        model: A model whose selected parameters belong to ``Linear`` or ``Conv1d/2d/3d``
-            modules (each called once per forward pass), in any graph.
+        model: Any model whose ``Linear`` and ``Conv1d/2d/3d`` modules (each called once per
+            forward pass, in any graph) get Kronecker factors; the hooks (or autograd) must
+            serve its other parameters' exact blocks.
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, reduction
             ``"mean"`` or ``"sum"``.
         data: An iterable of ``(X, y)`` batches or one ``(X, y)`` pair.
@@ -73,6 +81,11 @@ def kfac(
             the per-sample gradients in the factors' eigenbasis (a second pass over the
             data).
         params: The parameters (default: all that require grad).
+        others: What the parameters without Kronecker factors get: ``"diag"`` (default,
+            their exact diagonal), ``"dense"`` (their exact block per parameter), ``"skip"``
+            (left out of the operator and its ``params``) or ``"raise"``
+            (``UnsupportedError``). ``fisher="forward-only"`` has no exact blocks: there,
+            ``"skip"`` or ``"raise"``.
         seed: Seed of the labels sampled for ``fisher="mc"`` (the global random state is
             left as it was).
         progress: Show a progress bar over the batches.
@@ -84,6 +97,8 @@ def kfac(
         ``logdet``, ``frobenius_norm``, ``diag``, ``factors`` and ``params``.
     """
     model = unwrap(model)
+    if others not in OTHERS:
+        raise ValueError(f"others must be one of {OTHERS}, got {others!r}")
     kind = _stack_kind(fisher, mc_samples)
     factors_of = KroneckerExtension(kind, approx, thin=True)  # checks approx
     if eigen_correction and fisher == "forward-only":
@@ -93,28 +108,71 @@ def kfac(
         )
     check_eval_mode(model)
     plan = layout(model, params, Structure.PARAM, max_memory=2**62)
-    names = _names_of(model, plan.params)
-    passes = _Passes(
-        model, loss_fn, data, plan.params, names, progress, process_group, batch_size_fn
-    )
+    rows = _names_of(model, plan.params, others)  # (name, param, has Kronecker factors)
+    exact = [(name, param) for name, param, factored in rows if not factored]
+    if exact and fisher == "forward-only" and others != "skip":
+        raise ValueError(
+            "fisher='forward-only' has no exact blocks for parameters without Kronecker "
+            f"factors ({', '.join(name for name, _ in exact)}); pass others='skip' to leave "
+            "them out"
+        )
+    if others == "skip":
+        rows = [row for row in rows if row[2]]
+    options = {"process_group": process_group, "batch_size_fn": batch_size_fn}
+    blocks = _exact_blocks(model, loss_fn, data, fisher, exact, others, progress, options)
+    names = [name for name, _, factored in rows if factored]
+    params = [param for _, param, factored in rows if factored]
+    passes = _Passes(model, loss_fn, data, params, names, progress, **options)
     with seeded(seed, model_device(model)):
         try:
-            factors = passes.accumulate(factors_of, _factor_shapes)
+            factors = passes.accumulate(factors_of, _factor_shapes) if params else {}
         except UnservableError as error:
             raise UnsupportedError(
                 f"curvhooks.kfac: {error.what()}; leave them out with params="
             ) from error
         if fisher == "forward-only":
-            identities = {name: _identity(p) for name, p in zip(names, plan.params)}
+            identities = {name: _identity(p) for name, p in zip(names, params)}
             factors = {name: (identities[name], *f[1:]) for name, f in factors.items()}
         corrected, bases = None, None
-        if eigen_correction:
+        if eigen_correction and params:
             factors = {name: tuple(map(formed, f)) for name, f in factors.items()}
             bases = {name: eigenbases(f) for name, f in factors.items()}
-            by_id = {id(p): bases[name] for name, p in zip(names, plan.params)}
+            by_id = {id(p): bases[name] for name, p in zip(names, params)}
             correction = EigenCorrection(kind, by_id)
             corrected = {n: f[0] for n, f in passes.accumulate(correction, _eigen_shapes).items()}
-    return Kronecker(factors, plan.params, names, corrected=corrected, eigenbases=bases)
+    all_names, all_params = [row[0] for row in rows], [row[1] for row in rows]
+    return Kronecker(
+        factors, all_params, all_names, corrected=corrected, eigenbases=bases, others=blocks
+    )
+
+
+def _exact_blocks(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    data: Iterable | tuple[Any, Tensor],
+    fisher: str,
+    exact: list[tuple[str, nn.Parameter]],
+    others: str,
+    progress: bool,
+    options: dict[str, Any],
+) -> dict[str, Tensor]:
+    """Name -> the exact diagonal ``[n]`` (``others="diag"``) or dense block ``[n, n]``
+    (``"dense"``) of each ``(name, parameter)`` in ``exact``, of the whole-dataset GGN (the
+    empirical Fisher for ``fisher="empirical"``); none for ``"skip"``."""
+    from curvhooks.dataset.functions import empirical_fisher, ggn
+
+    if not exact or others == "skip":
+        return {}
+    matrix_of = empirical_fisher if fisher == "empirical" else ggn
+    structure = "diag" if others == "diag" else "param"
+    params = [param for _, param in exact]
+    matrix = matrix_of(model, loss_fn, data, params, structure, progress=progress, **options)
+    blocks, start = {}, 0
+    for name, param in exact:
+        rows = slice(start, start + param.numel())
+        blocks[name] = matrix[rows] if others == "diag" else matrix[rows, rows].clone()
+        start += param.numel()
+    return blocks
 
 
 Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
@@ -217,30 +275,30 @@ def _stack_kind(fisher: str, mc_samples: int) -> StackKind:
     return {"type-2": GGN_ROWS, "mc": MonteCarloStack(mc_samples)}.get(fisher, GRADIENT)
 
 
-def _names_of(model: nn.Module, params: list[nn.Parameter]) -> list[str]:
-    """Each parameter's name in ``model``; raises where its module has no Kronecker
-    factors."""
+def _names_of(
+    model: nn.Module, params: list[nn.Parameter], others: str
+) -> list[tuple[str, nn.Parameter, bool]]:
+    """Each parameter with its name in ``model`` and whether its module gives it Kronecker
+    factors; raises for one without them under ``others="raise"``."""
     owners = {}
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), (path, name, module))
-    names = []
+    rows = []
     for param in params:
         path, name, module = owners[id(param)]
         derivatives = module_derivatives(module)
-        if (
-            derivatives is None
-            or not derivatives.has_kronecker_factors
-            or name
-            not in (
-                "weight",
-                "bias",
-            )
-        ):
+        factored = (
+            derivatives is not None
+            and derivatives.has_kronecker_factors
+            and name in ("weight", "bias")
+        )
+        if not factored and others == "raise":
             raise UnsupportedError(
-                f"curvhooks.kfac supports the weights and biases of Linear and Conv1d/2d/3d "
-                f"modules, not {path}.{name} of {type(module).__name__}; leave it out with "
-                "params="
+                f"curvhooks.kfac gives Kronecker factors to the weights and biases of Linear "
+                f"and Conv1d/2d/3d modules, not to {path}.{name} of {type(module).__name__}; "
+                "pass others='diag' or 'dense' for its exact block, others='skip' or params= "
+                "to leave it out"
             )
-        names.append(f"{path}.{name}" if path else name)
-    return names
+        rows.append((f"{path}.{name}" if path else name, param, factored))
+    return rows

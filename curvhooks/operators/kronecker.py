@@ -7,6 +7,9 @@ semi-definite, and its block is ``torch.kron(B, A)`` acting on ``p.flatten()`` (
 index ``o * I + i``), i.e. ``P -> B P A``. A 1-D parameter (a bias) has factors ``(B,)`` and
 block ``B``. Every block, and every inverse, is applied factor by factor along the axes of
 ``P``: ``kron(M, N) vec(P) = vec(M P N^T)``.
+
+Parameters without Kronecker structure (norm layers, embeddings) may have exact blocks
+instead (``others``): a diagonal ``[n]`` or a dense ``[n, n]`` block for ``p.flatten()``.
 """
 
 from __future__ import annotations
@@ -46,18 +49,20 @@ def eigenbases(factors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) -> Tensor:
-    """``kron(*mats) @ x`` for ``x`` ``[O' * I', k]`` (or ``[O', k]`` for one matrix), as
-    ``M P N^T`` for each column's ``P`` ``[O', I']`` (``M`` ``[O, O']``, ``N`` ``[I, I']``),
-    without forming the Kronecker product; written into ``out`` (``[O * I, k]``) if given.
+    """``kron(*mats) @ x`` for ``x`` ``[O' * I', k]`` (or ``[O', k]`` for one matrix, ``x``
+    itself for none), as ``M P N^T`` for each column's ``P`` ``[O', I']`` (``M``
+    ``[O, O']``, ``N`` ``[I, I']``), without forming the Kronecker product; written into
+    ``out`` (``[O * I, k]``) if given.
 
     A thin ``Gram`` acts through its root ``R`` (``R^T (R P)``), projecting first: with ``M``
     thin, ``P`` shrinks to ``[r, I]`` by one matrix product before ``N`` acts by batched
     products over its r rows; else ``N`` acts on the O rows (before ``M`` if ``N`` is thin).
     The last product is written into ``out`` rather than copied there."""
     k = x.shape[-1]
-    out = x.new_empty(math.prod(m.shape[0] for m in mats), k) if out is None else out
-    if len(mats) == 1:
-        return out.copy_(mats[0] @ x)
+    if out is None:
+        out = x.new_empty(math.prod(m.shape[0] for m in mats) if mats else len(x), k)
+    if len(mats) < 2:
+        return out.copy_(mats[0] @ x if mats else x)
     left, right = mats
     (size, size_in), (inputs, inputs_in) = left.shape, right.shape
     columns = x.reshape(size_in, inputs_in, k)
@@ -100,6 +105,8 @@ def _eigen_apply(
 def _eigen_dense(bases: tuple[Tensor, ...], values: Tensor, rest: float | None = None) -> Tensor:
     """``Q diag(values.flatten()) Q^T`` (plus ``rest`` on the rest of the space, see
     ``_eigen_apply``) with ``Q = kron(*bases)``, formed."""
+    if not bases:
+        return torch.diag(values)
     basis = bases[0] if len(bases) == 1 else torch.kron(*(b.contiguous() for b in bases))
     if rest is None:
         return (basis * values.flatten()) @ basis.T
@@ -168,22 +175,26 @@ class _BlockDiagonal(CurvatureOperator):
 
 
 class Kronecker(_BlockDiagonal):
-    """KFAC, or EKFAC when ``corrected`` is given: one Kronecker block per parameter.
+    """KFAC, or EKFAC when ``corrected`` is given: one Kronecker block per parameter, or an
+    exact block for the parameters in ``others``.
 
     Args:
         factors: Parameter name -> ``(B, A)`` for a parameter ``[O, *rest]`` with at least
             two dimensions (``A`` ``[I, I]``, ``I = prod(rest)``), ``(B,)`` for a 1-D one;
             symmetric positive semi-definite, all of one dtype and device (the operator's);
             each a tensor or a ``Gram`` of its root (formed only where needed: products use
-            the root).
+            the root). One entry per name not in ``others``.
         params: The parameters, in the order of the operator's rows (only shapes are used).
         names: ``names[k]`` is the name of ``params[k]``, its key in the dicts.
         corrected: EKFAC: name -> eigenvalues ``E`` in the eigenbasis of the factors,
             ``[O, I]`` for a weight (block ``(Q_B ⊗ Q_A) diag(E.flatten()) (Q_B ⊗ Q_A)^T``),
-            ``[O]`` for a bias (block ``Q_B diag(E) Q_B^T``).
+            ``[O]`` for a bias (block ``Q_B diag(E) Q_B^T``); one per entry of ``factors``.
         eigenbases: With ``corrected`` only: name -> ``(Q_B, Q_A)`` or ``(Q_B,)``, the basis
             in which ``corrected`` was computed (see :func:`eigenbases`); by default that of
             ``torch.linalg.eigh`` of the factors.
+        others: Name -> the exact block of a parameter without Kronecker factors, for
+            ``p.flatten()`` of ``n`` entries: its diagonal ``[n]`` (nonnegative) or the dense
+            symmetric positive semi-definite ``[n, n]`` block.
 
     Raises:
         ValueError: If names, factors, corrected eigenvalues or bases do not match the
@@ -201,29 +212,46 @@ class Kronecker(_BlockDiagonal):
         names: list[str],
         corrected: dict[str, Tensor] | None = None,
         eigenbases: dict[str, tuple[Tensor, ...]] | None = None,
+        others: dict[str, Tensor] | None = None,
     ) -> None:
         if len(names) != len(params):
             raise ValueError(f"got {len(names)} names for {len(params)} params; pass one each.")
-        _check_keys("factors", factors, names)
+        others = others or {}
+        if set(others) - set(names):
+            raise ValueError(f"others must name parameters: {sorted(set(others) - set(names))}.")
+        kronecker = [name for name in names if name not in others]
+        _check_keys("factors", factors, kronecker)
         if eigenbases is not None and corrected is None:
             raise ValueError("eigenbases= is the basis of corrected=; pass both or neither.")
         if corrected is not None:
-            _check_keys("corrected", corrected, names)
+            _check_keys("corrected", corrected, kronecker)
         if eigenbases is not None:
-            _check_keys("eigenbases", eigenbases, names)
+            _check_keys("eigenbases", eigenbases, kronecker)
         self.params = list(params)
         self.names = list(names)
-        self._factors = {name: tuple(factors[name]) for name in names}
-        self.corrected = None if corrected is None else {n: corrected[n] for n in names}
+        self._factors = {name: tuple(factors[name]) for name in kronecker}
+        self.corrected = None if corrected is None else {n: corrected[n] for n in kronecker}
+        self.others = {name: others[name] for name in names if name in others}
+        """Name -> the exact block of a parameter without Kronecker factors: ``[n]`` (its
+        diagonal) or ``[n, n]``."""
         self._sizes = [param.numel() for param in params]
-        self._bases = {} if eigenbases is None else {n: tuple(eigenbases[n]) for n in names}
+        self._bases = {} if eigenbases is None else {n: tuple(eigenbases[n]) for n in kronecker}
         self._values: dict[str, tuple[Tensor, ...]] = {}
         self._spectra: dict[str, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         for name, param in zip(names, params):
             self._check_block(name, param)
 
     def _check_block(self, name: str, param: Tensor) -> None:
-        """Raise unless the factors (and corrected eigenvalues, bases) fit ``param``."""
+        """Raise unless the factors (and corrected eigenvalues, bases), or the exact block,
+        fit ``param``."""
+        if name in self.others:
+            shape = list(self.others[name].shape)
+            if shape not in ([param.numel()], [param.numel()] * 2):
+                raise ValueError(
+                    f"others[{name!r}] for a parameter of {param.numel()} entries: expected "
+                    f"[{param.numel()}] or [{param.numel()}, {param.numel()}], got {shape}."
+                )
+            return
         if param.dim() == 0:
             raise ValueError(f"{name!r} is a scalar; Kronecker blocks need 1-D or more.")
         sides = factor_sides(param)
@@ -240,8 +268,8 @@ class Kronecker(_BlockDiagonal):
     @property
     def factors(self) -> dict[str, tuple[Tensor, ...]]:
         """Parameter name -> ``(B, A)`` or ``(B,)``, formed (those kept as thin roots are
-        formed here, once)."""
-        return {name: self._formed(name) for name in self.names}
+        formed here, once); the parameters in ``others`` have none."""
+        return {name: self._formed(name) for name in self._factors}
 
     def _formed(self, name: str) -> tuple[Tensor, ...]:
         """``name``'s factors, formed once where kept as thin roots."""
@@ -270,18 +298,25 @@ class Kronecker(_BlockDiagonal):
         return self._spectra[name]
 
     def _sample(self) -> Tensor:
+        if self.others:
+            return next(iter(self.others.values()))
         factor = self._factors[self.names[0]][0]
         return factor.root if isinstance(factor, Gram) else factor
 
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         name = self.names[index]
-        if self.corrected is None:
+        if name in self.others:
+            _exact_apply(self.others[name], x, out)
+        elif self.corrected is None:
             _kron_apply(self._factors[name], x, out)
         else:
             _eigen_apply(self._eigen(name)[0], self.corrected[name], x, out)
 
     def _block_dense(self, index: int) -> Tensor:
         name = self.names[index]
+        if name in self.others:
+            block = self.others[name]
+            return torch.diag(block) if block.dim() == 1 else block
         if self.corrected is None:
             factors = self._formed(name)
             return factors[0] if len(factors) == 1 else torch.kron(*factors)
@@ -301,6 +336,9 @@ class Kronecker(_BlockDiagonal):
         (A + damping I)^{-1}`` where either mean trace is not positive; a bias's is
         ``(B + damping I)^{-1}``.
 
+        An exact block (``others``) is damped exactly: ``(diag + damping)^{-1}``, or by its
+        eigendecomposition.
+
         Args:
             damping: Added to the diagonal; must be positive.
             heuristic: Whether to use π-damping (KFAC factors only).
@@ -319,6 +357,12 @@ class Kronecker(_BlockDiagonal):
             )
         bases, scales, rests = [], [], []
         for name in self.names:
+            if name in self.others:
+                basis, values = _exact_spectrum(self.others[name])
+                bases.append(basis)
+                scales.append(1 / (values + damping))
+                rests.append(None)
+                continue
             exact_kfac = self.corrected is None and not heuristic
             basis, values = self._spectrum(name) if exact_kfac else self._eigen(name)
             if self.corrected is not None:
@@ -340,18 +384,24 @@ class Kronecker(_BlockDiagonal):
         return self.trace()
 
     def trace(self) -> Tensor:
-        """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``)."""
+        """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``), plus the
+        exact blocks' traces."""
+        exact = sum(_exact_diagonal(block).sum() for block in self.others.values())
         if self.corrected is not None:
-            return sum(values.sum() for values in self.corrected.values())
-        return sum(math.prod(f.trace() for f in factors) for factors in self._factors.values())
+            return exact + sum(values.sum() for values in self.corrected.values())
+        factors = self._factors.values()
+        return exact + sum(math.prod(f.trace() for f in parts) for parts in factors)
 
     def logdet(self) -> Tensor:
         """``log det(K)`` (0-dim): ``Σ I logdet(B) + O logdet(A)`` over blocks from the
-        eigenvalues clamped at 0 (EKFAC: ``Σ log E``); ``-inf`` where K is singular."""
+        eigenvalues clamped at 0 (EKFAC: ``Σ log E``), plus the exact blocks' (from their
+        eigenvalues clamped at 0); ``-inf`` where K is singular."""
+        total = sum(_exact_spectrum(block)[1].log().sum() for block in self.others.values())
         if self.corrected is not None:
-            return sum(values.log().sum() for values in self.corrected.values())
-        total = 0
+            return total + sum(values.log().sum() for values in self.corrected.values())
         for name, param in zip(self.names, self.params):
+            if name in self.others:
+                continue
             for values, side in zip(self._spectrum(name)[1], factor_sides(param)):
                 if values.numel() < side:  # a thin factor: singular
                     return values.new_tensor(-math.inf).sum()
@@ -360,19 +410,22 @@ class Kronecker(_BlockDiagonal):
 
     def frobenius_norm(self) -> Tensor:
         """``||K||_F`` (0-dim): ``sqrt(Σ ||B||_F^2 ||A||_F^2)`` over blocks (EKFAC:
-        ``sqrt(Σ E^2)``)."""
+        ``sqrt(Σ E^2)``), the exact blocks' squared entries added."""
+        exact = sum(block.square().sum() for block in self.others.values())
         if self.corrected is not None:
-            return sum(values.square().sum() for values in self.corrected.values()).sqrt()
-        squares = (
-            math.prod(_squared_norm(f) for f in factors) for factors in self._factors.values()
-        )
-        return sum(squares).sqrt()
+            return (exact + sum(values.square().sum() for values in self.corrected.values())).sqrt()
+        factors = self._factors.values()
+        return (exact + sum(math.prod(_squared_norm(f) for f in parts) for parts in factors)).sqrt()
 
     def diag(self) -> Tensor:
         """The diagonal ``[D]``: per weight ``outer(diag B, diag A).flatten()``, per bias
-        ``diag B`` (EKFAC: ``(Q_B^2 @ E @ (Q_A^2)^T).flatten()``, ``Q_B^2 @ E``)."""
+        ``diag B`` (EKFAC: ``(Q_B^2 @ E @ (Q_A^2)^T).flatten()``, ``Q_B^2 @ E``); the exact
+        blocks' diagonals."""
         parts = []
         for name in self.names:
+            if name in self.others:
+                parts.append(_exact_diagonal(self.others[name]))
+                continue
             if self.corrected is None:
                 diagonals = [factor.diagonal() for factor in self._factors[name]]
                 parts.append(diagonals[0] if len(diagonals) == 1 else torch.outer(*diagonals))
@@ -393,7 +446,7 @@ class KroneckerInverse(_BlockDiagonal):
     Args:
         params: The parameters, in the order of the operator's rows.
         bases: Per parameter, ``(Q_B, Q_A)`` or ``(Q_B,)``, orthonormal columns: ``[O, O]``,
-            ``[I, I]`` or fewer columns.
+            ``[I, I]`` or fewer columns; ``()`` for the identity (a diagonal block).
         scales: Per parameter, the inverse's eigenvalues ``s`` on ``Q``'s columns, one per
             column of each basis: ``[., .]`` or ``[.]``.
         rests: Per parameter, the eigenvalue on the rest of the space, or ``None`` where the
@@ -411,7 +464,7 @@ class KroneckerInverse(_BlockDiagonal):
         self.bases = bases
         self.scales = scales
         self.rests = [None] * len(scales) if rests is None else rests
-        self._sizes = [math.prod(basis.shape[0] for basis in block) for block in bases]
+        self._sizes = [param.numel() for param in params]
 
     def _sample(self) -> Tensor:
         return self.scales[0]
@@ -421,6 +474,29 @@ class KroneckerInverse(_BlockDiagonal):
 
     def _block_dense(self, index: int) -> Tensor:
         return _eigen_dense(self.bases[index], self.scales[index], self.rests[index])
+
+
+def _exact_apply(block: Tensor, x: Tensor, out: Tensor) -> None:
+    """An exact block (a diagonal ``[n]`` or ``[n, n]``) times ``x`` ``[n, k]``, into
+    ``out``."""
+    if block.dim() == 1:
+        out.copy_(x * block[:, None])
+    else:
+        _matmul_into(block, x, out)
+
+
+def _exact_diagonal(block: Tensor) -> Tensor:
+    """An exact block's diagonal ``[n]``."""
+    return block if block.dim() == 1 else block.diagonal()
+
+
+def _exact_spectrum(block: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """An exact block's eigenbasis (none for a diagonal: the identity) and its eigenvalues
+    clamped at 0."""
+    if block.dim() == 1:
+        return (), block.clamp(min=0)
+    basis, values = _decomposition(block)
+    return (basis,), values
 
 
 def _squared_norm(factor: Factor) -> Tensor:
