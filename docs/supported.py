@@ -101,7 +101,8 @@ FOOTER = """
 | `Sequential`, nested, and custom containers of any graph | yes | yes (analytic pushes along chains, autograd's batched products elsewhere) | yes |
 | any parameter-free operation or module between supported modules (residual additions, `torch.cat`, views, attention from torch functions) | yes | yes | where it is linear or piecewise linear (else `UnsupportedError` naming the operation) |
 | a module called twice, weights tied between modules | yes (uses summed per sample) | yes | where no use feeds another |
-| other modules with trainable parameters | `UnsupportedError`, or skipped with `unsupported="skip"` | the same; `curvhooks.ggn`/`empirical_fisher` take their autograd route | `curvhooks.hessian` only |
+| other modules with trainable parameters and no child modules (a layer of your own, a subclass with its own `forward`) | by `torch.func` on each call, as a function of its first argument acting on each sample alone (checked at each call; one warning names them; `extend(..., generic=False)` turns it off) | the same in `extend` (not KFAC); `curvhooks.ggn`/`empirical_fisher` take their autograd route | `curvhooks.hessian` only (the Hessian extensions refuse it) |
+| other modules with trainable parameters and child modules (parameters used in a container's own `forward`) | `UnsupportedError`, or skipped with `unsupported="skip"` | the same | `curvhooks.hessian` only |
 | a module run inside a `torch.func` transform in `forward` | `UnsupportedError` | `UnsupportedError` | `curvhooks.hessian` only |
 
 Reductions `"mean"` and `"sum"` are supported; `"none"` raises `ValueError`. Losses other

@@ -169,7 +169,7 @@ def test_cuda_matches_cpu(problem, loss):
 def test_unsupported_module_names_path_class_extension_and_support():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4), Scaled(4)))
     with pytest.raises(curvhooks.UnsupportedError) as error:
-        curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
+        curvhooks.extend(model, nn.MSELoss(), BatchGrad(), generic=False).__enter__()
     message = str(error.value)
     assert "'1.1'" in message and "Scaled" in message and "BatchGrad()" in message
     assert "Linear" in message and "Conv2d" in message and "LayerNorm" in message
@@ -252,7 +252,7 @@ def test_unsupported_loss_arguments(loss_fn, target, pattern):
 def test_unsupported_module_with_parameters_is_named_by_second_order():
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.ReLU(), Scaled(4)))
     with pytest.raises(curvhooks.UnsupportedError, match=r"'1.1' \(Scaled\).*DiagGGN\(\)"):
-        curvhooks.extend(model, nn.MSELoss(), DiagGGN()).__enter__()
+        curvhooks.extend(model, nn.MSELoss(), DiagGGN(), generic=False).__enter__()
 
 
 def test_backward_through_a_stale_forward_pass_is_rejected():
@@ -340,14 +340,20 @@ def test_modules_run_inside_a_torch_func_transform_are_refused():
     assert_close(curvhooks.hessian(model, loss_fn, (X, y)), expected)  # autograd route
 
 
-def test_a_subclass_that_overrides_forward_gets_no_derivatives():
+def test_a_subclass_that_overrides_forward_gets_the_generic_derivatives():
     class Doubled(nn.Linear):
         def forward(self, x):
             return 2 * super().forward(x)
 
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Doubled(4, 2))
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Doubled(4, 2)).double()
     with pytest.raises(curvhooks.UnsupportedError, match=r"'2' \(Doubled\)"):
-        curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
+        curvhooks.extend(model, nn.MSELoss(), BatchGrad(), generic=False).__enter__()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'2' \(Doubled\) and serves them by torch.func"):
+        found = run_with(model, nn.MSELoss(), X, y, BatchGrad())
+    assert_close(
+        found["2.weight"]["grad_batch"], per_sample_grads(model, nn.MSELoss(), X, y)["2.weight"]
+    )
 
 
 def test_unsupported_skip_leaves_those_parameters_out():
@@ -358,7 +364,9 @@ def test_unsupported_skip_leaves_those_parameters_out():
     loss_fn = nn.CrossEntropyLoss()
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.warns(UserWarning, match=r"'1' \(Scaled\)"):
-        with curvhooks.extend(model, loss_fn, BatchGrad(), DiagGGN(), unsupported="skip"):
+        with curvhooks.extend(
+            model, loss_fn, BatchGrad(), DiagGGN(), unsupported="skip", generic=False
+        ):
             loss_fn(model(X), y).backward()
     assert not hasattr(model[1].weight, "grad_batch") and not hasattr(model[1].weight, "diag_ggn")
     grads = per_sample_grads(model, loss_fn, X, y)

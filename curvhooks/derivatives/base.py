@@ -103,6 +103,10 @@ class ModuleDerivatives:
         allocating and page-faulting a fresh stack at every activation."""
         return None
 
+    generic: bool = False
+    """Whether these are the generic derivatives of a module curvhooks has no class for
+    (``torch.func`` on its call; no second derivatives of its own)."""
+
     has_curvature: bool = False
     """Whether the module adds curvature of its own in its input (``residual_roots`` can be
     nonzero): not linear or piecewise linear in it."""

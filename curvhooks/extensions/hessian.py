@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
+from curvhooks.derivatives.base import ModuleDerivatives
 from curvhooks.extensions.base import Extension, Target
 from curvhooks.extensions.stacks import HESSIAN, StackKind
 
@@ -32,6 +33,15 @@ class HessianExtension(Extension):
 
     def stack_kind(self) -> StackKind:
         return HESSIAN
+
+    def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
+        if derivatives.generic:
+            return (
+                "it has no curvhooks derivatives, and its own second derivatives (it may be "
+                "nonlinear in its parameters) are unknown to the generic torch.func fallback; "
+                "use curvhooks.hessian, which differentiates any model by autograd"
+            )
+        return None
 
 
 def _signed_sum(reduce: Callable[[Tensor], Tensor], stack: tuple[Tensor, Tensor]) -> Tensor:

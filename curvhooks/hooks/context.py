@@ -34,6 +34,12 @@ class extend:
             chain where the recorded calls form one).
         params: The parameters to compute results for (default: every parameter that
             requires grad on entering); the others get none and cost nothing.
+        generic: Serve a module with parameters that curvhooks has no derivatives for (a
+            layer of your own, a subclass with its own ``forward``; no child modules) by
+            ``torch.func`` on its call, as a function of its first argument acting on each
+            sample alone (checked on each call; one warning names such modules). Exact, for
+            the first-order and GGN-family extensions and ``Jacobian``; the Hessian
+            extensions and KFAC refuse it. ``False``: such modules are unsupported.
 
     Every result is a quantity of the reduced loss that ``loss_fn`` returns and is written
     to an attribute of each served parameter (``p.grad_batch``, ...). Entering clears earlier
@@ -49,6 +55,7 @@ class extend:
         unsupported: str = "raise",
         route: str = "auto",
         params: Iterable[nn.Parameter] | None = None,
+        generic: bool = True,
     ) -> None:
         check_arguments(model, loss_fn, extensions, route, unsupported)
         self.model = model
@@ -58,6 +65,7 @@ class extend:
             "unsupported": unsupported,
             "route": route,
             "params": None if params is None else list(params),
+            "generic": generic,
         }
         self._results = ParameterAttributes()
         self._backward: AutogradBackward | None = None

@@ -24,6 +24,7 @@ from curvhooks.derivatives import (
     module_derivatives,
     supported_names,
 )
+from curvhooks.derivatives.generic import GenericDerivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import StackKind
@@ -81,18 +82,19 @@ class HookPlan:
         route: str = "auto",
         params: Iterable[nn.Parameter] | None = None,
         records_leaves: bool = False,
+        generic: bool = False,
     ) -> HookPlan:
         """Check the modules (``check_arguments`` checks the arguments); ``params`` limits
-        the parameters served
-        (default: all that require grad); ``records_leaves`` records every leaf module (to
-        push along a chain), else only those with parameters and, for second order, the
-        leaves."""
+        the parameters served (default: all that require grad); ``records_leaves`` records
+        every leaf module (to push along a chain), else only those with parameters and, for
+        second order, the leaves; ``generic`` serves leaf modules with parameters that
+        curvhooks has no derivatives for by ``GenericDerivatives`` (one warning names
+        them)."""
         second_order = tuple(ext for ext in extensions if ext.stack_kind() is not None)
         kinds = {ext.stack_kind().key: ext.stack_kind() for ext in second_order}
         selected = None if params is None else check_params(model, list(params))
-        modules = _modules_to_hook(
-            model, extensions, unsupported, selected, records_leaves or bool(second_order)
-        )
+        records = records_leaves or bool(second_order)
+        modules = _modules_to_hook(model, extensions, unsupported, selected, records, generic)
         return cls(
             model,
             loss_fn,
@@ -220,18 +222,24 @@ def _modules_to_hook(
     unsupported: str,
     selected: set[int] | None,
     records_leaves: bool,
+    generic: bool,
 ) -> tuple[HookedModule, ...]:
     """The modules to hook; raises for a module with served parameters that curvhooks cannot
-    handle, or with ``unsupported="skip"`` leaves it out (one warning names them)."""
+    handle, or with ``unsupported="skip"`` leaves it out (one warning names them); with
+    ``generic``, a leaf module with parameters and no derivatives of its own gets the
+    generic ones (one warning names them)."""
     check_eval_mode(model)
-    hooked, skipped = [], []
+    hooked, skipped, generically = [], [], []
     for path, module in model.named_modules():
         params = trainable_params(module, selected)
         is_leaf = next(module.children(), None) is None
         if not (params or (is_leaf and records_leaves)):
             continue
         derivatives = module_derivatives(module)
-        if params and unsupported == "skip" and unsupported_module(module):
+        if derivatives is None and generic and params and is_leaf:
+            derivatives = GENERIC
+            generically.append(describe(path, module))
+        if params and unsupported == "skip" and _refused(module, derivatives):
             skipped.append(describe(path, module))
             continue
         if params and unsupported == "skip":  # extensions that refuse it leave it out alone
@@ -245,22 +253,32 @@ def _modules_to_hook(
         hooked.append(HookedModule(path, module, derivatives, params))
     if skipped:
         warn_skipped(skipped)
+    if generically:
+        _warn(
+            f"curvhooks has no derivatives for {', '.join(generically)} and serves them by "
+            "torch.func on each sample (exact, slower; generic=False turns this off)"
+        )
     return tuple(hooked)
 
 
 def warn_skipped(described: list[str], what: str = "the parameters of unsupported modules") -> None:
     """The one warning of ``unsupported="skip"``, naming what gets no results; it points at
     the user's line (the first frame outside curvhooks and torch)."""
+    listed = ", ".join(described)
+    _warn(f"curvhooks skips {what} {listed} (unsupported='skip'): they get no results")
+
+
+def _warn(message: str) -> None:
+    """Warn, pointing at the user's line (the first frame outside curvhooks and torch)."""
     frame, level = inspect.currentframe(), 1
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
         frame, level = frame.f_back, level + 1
-    warnings.warn(
-        f"curvhooks skips {what} {', '.join(described)} (unsupported='skip'): they get no results",
-        stacklevel=level,
-    )
+    warnings.warn(message, stacklevel=level)
 
 
 _LIBRARIES = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
+
+GENERIC = GenericDerivatives()
 
 
 def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:
@@ -275,7 +293,11 @@ def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Par
 
 def unsupported_module(module: nn.Module) -> bool:
     """Whether curvhooks lacks derivatives for ``module`` or for its arguments."""
-    derivatives = module_derivatives(module)
+    return _refused(module, module_derivatives(module))
+
+
+def _refused(module: nn.Module, derivatives: ModuleDerivatives | None) -> bool:
+    """Whether ``derivatives`` (``None``: none) cannot serve ``module``."""
     return derivatives is None or derivatives.unsupported_reason(module) is not None
 
 

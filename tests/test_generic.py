@@ -1,0 +1,196 @@
+"""Modules with parameters that curvhooks has no derivatives for, served by ``torch.func`` on
+their own calls (``curvhooks.derivatives.generic``): the first-order and GGN-family
+extensions and ``Jacobian`` against ``tests.reference`` and finite differences, on both
+routes; the refusals (samples mixed, randomness, more arguments, the Hessian extensions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import curvhooks
+from curvhooks import (
+    KFAC,
+    BatchDiagGGN,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGN,
+    DiagHessian,
+    Jacobian,
+    SqrtGGN,
+    SumGradSquared,
+    Variance,
+)
+from tests import reference
+from tests.checks import check_first_order, check_ggn
+from tests.problems import CE_MSE, Problem
+
+FIRST_ORDER = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
+GGN_FAMILY = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
+
+
+class Gated(nn.Module):
+    """``tanh(x W^T) * sigmoid(g) + x * g^2``: nonlinear in its input and its parameters."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features, features) / features**0.5)
+        self.gate = nn.Parameter(torch.randn(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.weight.T) * torch.sigmoid(self.gate) + x * self.gate**2
+
+
+class OwnConvolution(nn.Module):
+    """A user's convolution by ``F.conv2d``, with a frozen bias."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(channels, channels, 3, 3) / 3)
+        self.bias = nn.Parameter(torch.randn(channels), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class Residual(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.block(x)
+
+
+PROBLEMS = [
+    Problem(
+        "gated-chain",
+        lambda: nn.Sequential(nn.Linear(4, 5), Gated(5), nn.ReLU(), nn.Linear(5, 3)),
+        (4,),
+    ),
+    Problem(
+        "own-conv-residual",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.Sigmoid(),
+            Residual(OwnConvolution(3)),
+            nn.Flatten(),
+            nn.Linear(12, 3),
+        ),
+        (2, 4, 4),
+        is_chain=False,
+    ),
+    Problem("gated-batch-of-one", lambda: nn.Sequential(Gated(3), nn.Linear(3, 2)), (3,), 1),
+]
+CASES = [
+    pytest.param(problem, loss, route, id=f"{problem.name}-{loss}-{route}")
+    for problem in PROBLEMS
+    for loss in CE_MSE
+    for route in (("chain", "graph") if problem.is_chain else ("graph",))
+]
+
+
+@pytest.mark.parametrize("problem, loss, route", CASES)
+def test_first_order_and_ggn_family(problem, loss, route):
+    model, loss_fn, X, y = problem.make(loss)
+    with pytest.warns(UserWarning, match="serves them by torch.func"):
+        with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY, route=route):
+            loss_fn(model(X), y).backward()
+    results = {
+        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    results.update({n: {} for n, p in model.named_parameters() if not p.requires_grad})
+    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
+    expected = reference.ggn_per_sample(model, loss_fn, X, y)
+    check_ggn(model, results, expected, reference.jacobians(model, X))
+
+
+def test_per_sample_gradients_match_finite_differences():
+    """The generic module's per-sample gradients against central differences of each
+    sample's loss (float64, step 1e-6)."""
+    model, loss_fn, X, y = PROBLEMS[0].make("ce-sum", num_samples=4)
+    with pytest.warns(UserWarning, match="torch.func"):
+        with curvhooks.extend(model, loss_fn, BatchGrad()):
+            loss_fn(model(X), y).backward()
+    weight, step = model[1].weight, 1e-6
+    for n in range(len(X)):
+        for index in [(0, 0), (2, 4), (4, 1)]:
+            with torch.no_grad():
+                weight[index] += step
+                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                weight[index] -= 2 * step
+                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                weight[index] += step
+            difference = (up - down) / (2 * step)
+            torch.testing.assert_close(
+                weight.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9
+            )
+
+
+class MixesSamples(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - x.mean(0)) * self.weight
+
+
+class Random(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, 0.5, training=True) * self.weight
+
+
+class TwoArguments(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        return x * self.weight * scale
+
+
+class CallsWithScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TwoArguments()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.inner(x, scale=3.0))
+
+
+@pytest.mark.parametrize(
+    "layer", [MixesSamples(), Random(), None], ids=["mixes-samples", "random", "two-arguments"]
+)
+def test_a_module_that_is_not_a_per_sample_function_of_its_input_is_refused(layer):
+    torch.manual_seed(0)
+    model = CallsWithScale() if layer is None else nn.Sequential(layer, nn.Linear(3, 2))
+    model = model.double()
+    X, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.warns(UserWarning, match="torch.func"):
+        with curvhooks.extend(model, loss_fn, BatchGrad()):
+            with pytest.raises(curvhooks.UnsupportedError, match="mixes samples, is random"):
+                loss_fn(model(X), y).backward()
+
+
+def test_the_hessian_extensions_and_kfac_refuse_it():
+    model, loss_fn, _, _ = PROBLEMS[0].make("ce-mean")
+    for extension, refused in ((DiagHessian(), "own second derivatives"), (KFAC(), "Kronecker")):
+        with pytest.raises(curvhooks.UnsupportedError, match=rf"'1' \(Gated\).*{refused}"):
+            curvhooks.extend(model, loss_fn, extension).__enter__()
+
+
+def test_generic_false_refuses_it():
+    model, loss_fn, _, _ = PROBLEMS[0].make("ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match=r"'1' \(Gated\) is not supported"):
+        curvhooks.extend(model, loss_fn, BatchGrad(), generic=False).__enter__()
