@@ -223,7 +223,7 @@ def autograd_factor_matrices(
         )
     results = {kind: plan.new_result() for kind in kinds}
     for X, y, weight, _ in total.batches(data, model_device(model), progress):
-        output, jacobians = _per_sample_jacobians(model, plan.params, X)
+        output, jacobians = per_sample_jacobians(model, plan.params, X)
         reason = derivatives.unsupported_reason(loss_fn, output, y)
         if reason is not None:
             raise UnsupportedError(f"loss {type(loss_fn).__name__} is not supported: {reason}")
@@ -244,11 +244,11 @@ def autograd_factor_matrices(
     return results
 
 
-def _per_sample_jacobians(
-    model: nn.Module, params: list[nn.Parameter], X: object
+def per_sample_jacobians(
+    model: nn.Module, params: list[nn.Parameter], X: object, differentiable: bool = False
 ) -> tuple[Tensor, list[Tensor]]:
     """The batch output ``[N, *out]`` and, per parameter, each sample's Jacobian
-    ``[N, *out, *p.shape]``."""
+    ``[N, *out, *p.shape]``; with ``differentiable``, both differentiable in ``X``."""
     points = tuple(p.detach() for p in params)
     fixed = {id(p): p.detach() for p in model.parameters()}
 
@@ -257,7 +257,7 @@ def _per_sample_jacobians(
         with parameters_replaced(model, {**fixed, **dict(zip(map(id, params), values))}):
             return model(batched)[0]
 
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         output = model(X)
     try:
         return output, list(vmap(jacrev(sample_output), in_dims=(None, 0))(points, X))
