@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 
 import numpy as np
@@ -10,13 +11,42 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from torch import Tensor
+from torch import Tensor, nn
 
-TRANSFORMS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str]] = {
-    "logabs": (lambda m: np.log10(np.abs(m) + 1e-5), "Logarithmic absolute entries"),
-    "none": (lambda m: m, "Unaltered matrix entries"),
-}
+from curvhooks.dataset.plan import layers
+
+DIVERGING = "RdBu_r"
+LOG_OFFSET = 1e-5
+"""Added to ``|x|`` before ``log10`` in the ``"logabs"`` transform, so that zeros have a colour."""
 PANEL_INCHES = 7.0
+AXIS_LABEL = "parameter index"
+NAME_FONTSIZE = 9
+
+
+@dataclass(frozen=True)
+class Transform:
+    """What a panel shows of a matrix.
+
+    Attributes:
+        function: ``[D, D]`` entries -> ``[D, D]`` values to colour.
+        label: The colorbar's label, naming the transform of an entry ``x``.
+        signed: Whether the values' sign is meaningful: then values of both signs get a
+            diverging colormap centred at zero.
+    """
+
+    function: Callable[[np.ndarray], np.ndarray]
+    label: str
+    signed: bool
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "logabs": Transform(
+        lambda m: np.log10(np.abs(m) + LOG_OFFSET),
+        "log10(|x| + 1e-5), x: matrix entry",
+        signed=False,
+    ),
+    "none": Transform(lambda m: m, "x: matrix entry", signed=True),
+}
 
 
 def matrices(
@@ -24,42 +54,75 @@ def matrices(
     layer_sizes: Sequence[int] | None = None,
     transform: str | Callable[[Tensor], Tensor] = "logabs",
     label: str | None = None,
+    *,
+    layer_names: Sequence[str] | None = None,
 ) -> tuple[Figure, list[Axes]]:
     """One panel per matrix in a row, on one shared color scale, with one colorbar.
 
+    Values of both signs (``"none"``, or a callable's) get a diverging colormap centred at
+    zero (red positive, blue negative) and black boundary lines; otherwise viridis from the
+    smallest to the largest value and white lines. Both axes of every panel are labelled
+    ``"parameter index"``.
+
     Args:
         named: ``{title: [D, D] matrix}``; all matrices share D.
-        layer_sizes: Parameters per layer (e.g. ``curvhooks.layer_sizes(model)``); thin white
-            dashed lines mark the boundaries between layers (none at the edges, one per
-            distinct boundary, so layers without parameters add none).
+        layer_sizes: Parameters per layer (e.g. ``curvhooks.layer_sizes(model)``, or
+            ``p.numel()`` per parameter for blocks per weight and bias); thin dashed lines
+            mark the boundaries between layers (none at the edges, one per distinct boundary,
+            so zero sizes add none).
         transform: ``"logabs"`` (``log10(|x| + 1e-5)``), ``"none"``, or a callable
             matrix -> matrix.
-        label: The colorbar's label; defaults to the transform's (a callable's name).
+        label: The colorbar's label; defaults to the transform written out (e.g.
+            ``"log10(|x| + 1e-5), x: matrix entry"``; a callable by its name: ``"sign(x)"``).
+        layer_names: One name per entry of ``layer_sizes`` (e.g.
+            ``curvhooks.plot.layer_names(model)``), written right of each panel at the middle
+            of its layer's rows.
 
     Returns:
         The figure and its matrix axes.
+
+    Raises:
+        ValueError: If ``named`` is empty, ``transform`` unknown, or ``layer_names`` not one
+            per layer size.
     """
     if not named:
         raise ValueError("named must hold at least one matrix")
-    function, default_label = _transform(transform)
-    images = {title: function(_numpy(matrix)) for title, matrix in named.items()}
-    low = min(float(np.nanmin(image)) for image in images.values())
-    high = max(float(np.nanmax(image)) for image in images.values())
+    shown = _transform(transform)
+    sizes = list(layer_sizes or [])
+    if layer_names is not None and len(layer_names) != len(sizes):
+        raise ValueError(
+            f"layer_names must name each of the {len(sizes)} layer_sizes, got "
+            f"{len(layer_names)} names; pass one name per size"
+        )
+    images = {title: shown.function(_numpy(matrix)) for title, matrix in named.items()}
+    scale = _color_scale(list(images.values()), shown.signed)
     figure = Figure(figsize=(PANEL_INCHES * len(images) + 1.5, PANEL_INCHES), layout="constrained")
     axes = list(figure.subplots(1, len(images), squeeze=False)[0])
     for ax, (title, image) in zip(axes, images.items()):
-        shown = ax.imshow(image, vmin=low, vmax=high, cmap="viridis", interpolation="nearest")
+        drawn = ax.imshow(image, interpolation="nearest", **scale)
         ax.set_title(title)
-        for boundary in layer_boundaries(layer_sizes or [], image.shape[0]):
-            ax.axhline(boundary - 0.5, color="white", linestyle="--", linewidth=0.6)
-            ax.axvline(boundary - 0.5, color="white", linestyle="--", linewidth=0.6)
-    figure.colorbar(shown, ax=axes, label=label or default_label, shrink=0.8)
+        ax.set_xlabel(AXIS_LABEL)
+        ax.set_ylabel(AXIS_LABEL)
+        _mark_layers(ax, sizes, layer_names, image.shape[0], _line_color(scale["cmap"]))
+    figure.colorbar(drawn, ax=axes, label=label or shown.label, shrink=0.8)
     return figure, axes
+
+
+def layer_names(model: nn.Module, params: list[nn.Parameter] | None = None) -> list[str]:
+    """A name per entry of ``curvhooks.layer_sizes(model, params)``: the module's name and
+    class, e.g. ``"features.0 (Conv2d)"``, for ``matrices(layer_names=...)``."""
+    return [name for name, _ in layers(model, params)]
 
 
 def layer_boundaries(layer_sizes: Sequence[int], dim: int) -> list[int]:
     """Distinct cumulative layer sizes strictly between 0 and ``dim``."""
     return sorted({edge for edge in accumulate(layer_sizes) if 0 < edge < dim})
+
+
+def _line_color(cmap: str) -> str:
+    """Boundary lines that show on the colormap: black on the diverging one (white at
+    zero), white on viridis."""
+    return "black" if cmap == DIVERGING else "white"
 
 
 def block_shares(matrix: Tensor, layer_sizes: Sequence[int]) -> list[float]:
@@ -147,15 +210,47 @@ def spectrum(
     return ax.figure, ax
 
 
-def _transform(transform) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+def _transform(transform: str | Callable[[Tensor], Tensor]) -> Transform:
     if callable(transform):
-        name = getattr(transform, "__name__", "transformed")
-        return lambda m: _numpy(transform(torch.from_numpy(m))), f"{name} of entries"
+
+        def function(matrix: np.ndarray) -> np.ndarray:
+            return _numpy(transform(torch.from_numpy(matrix)))
+
+        name = getattr(transform, "__name__", "f")
+        return Transform(function, f"{name}(x), x: matrix entry", signed=True)
     if transform not in TRANSFORMS:
         raise ValueError(
             f"transform must be one of {tuple(TRANSFORMS)} or a callable, got {transform!r}"
         )
     return TRANSFORMS[transform]
+
+
+def _color_scale(images: list[np.ndarray], signed: bool) -> dict[str, object]:
+    """``imshow``'s colormap and limits shared by ``images``: symmetric about zero on the
+    diverging colormap where ``signed`` values have both signs, else the values' range."""
+    low = min(float(np.nanmin(image)) for image in images)
+    high = max(float(np.nanmax(image)) for image in images)
+    if signed and low < 0 < high:
+        bound = max(-low, high)
+        return {"cmap": DIVERGING, "vmin": -bound, "vmax": bound}
+    return {"cmap": "viridis", "vmin": low, "vmax": high}
+
+
+def _mark_layers(
+    ax: Axes, sizes: list[int], names: Sequence[str] | None, dim: int, color: str
+) -> None:
+    """Dashed lines at the boundaries between layers; the names, if any, right of the panel
+    at the middle of each nonempty layer's block."""
+    for boundary in layer_boundaries(sizes, dim):
+        ax.axhline(boundary - 0.5, color=color, linestyle="--", linewidth=0.6)
+        ax.axvline(boundary - 0.5, color=color, linestyle="--", linewidth=0.6)
+    if names is None:
+        return
+    ends = list(accumulate(sizes))
+    named = [(end - size / 2 - 0.5, name) for end, size, name in zip(ends, sizes, names) if size]
+    right = ax.secondary_yaxis("right")
+    right.set_yticks([middle for middle, _ in named], [name for _, name in named])
+    right.tick_params(labelsize=NAME_FONTSIZE, length=0)
 
 
 def _numpy(matrix: Tensor | np.ndarray) -> np.ndarray:

@@ -111,10 +111,10 @@ def main() -> None:
     stages["after training"] = curvature(model, loss_fn, loader, "after training")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    names = [f"{type(child).__name__} {i}" for i, child in enumerate(model) if sizes[i]]
+    names = curvhooks.plot.layer_names(model)
     for stage, named in stages.items():
         slug = stage.split()[0]
-        figure, _ = curvhooks.plot.matrices(named, layer_sizes=sizes)
+        figure, _ = curvhooks.plot.matrices(named, layer_sizes=sizes, layer_names=names)
         figure.suptitle(f"digits CNN, {stage}")
         figure.savefig(args.out / f"digits_{slug}.png", dpi=80)
         figure, _ = curvhooks.plot.block_mass(named, sizes, layer_names=names)

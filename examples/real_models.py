@@ -112,19 +112,27 @@ def report(title: str, found: dict[str, object]) -> None:
 
 
 def plot(results: dict[str, dict[str, object]], path: Path) -> None:
-    """Per model: each layer's share of the GGN trace (bars), and the per-sample gradient
-    norms (histogram)."""
-    figure = Figure(figsize=(6 * len(results), 7), layout="constrained")
-    axes = figure.subplots(2, len(results))
-    for column, (title, found) in enumerate(results.items()):
+    """Per model (a column): each layer's share of the GGN trace (horizontal bars, one row
+    per layer, named), and the per-sample gradient norms (histogram)."""
+    rows = max(len(found["layers"]) for found in results.values())
+    figure = Figure(
+        figsize=(7 * len(results), 0.3 * rows + 4.5),
+        layout="constrained",
+    )
+    shares_row, norms_row = figure.subfigures(2, 1, height_ratios=[0.3 * rows, 3])
+    for shares, norms, (title, found) in zip(
+        shares_row.subplots(1, len(results)), norms_row.subplots(1, len(results)), results.items()
+    ):
         layers = found["layers"]
         traces = torch.tensor([row["trace (block)"] for row in layers.values()])
-        shares = axes[0, column]
-        shares.bar(range(len(layers)), (traces / traces.sum()).numpy())
-        shares.set_xticks(range(len(layers)), list(layers), rotation=90, fontsize=6)
+        shares.barh(range(len(layers)), (traces / traces.sum()).numpy())
+        shares.set_yticks(range(len(layers)), list(layers), fontsize=9)
+        shares.invert_yaxis()
+        shares.set_xlabel("share of the GGN trace")
         shares.set_title(f"{title}: share of the GGN trace per layer")
-        norms = axes[1, column]
         norms.hist(found["norms"].numpy(), bins=20)
+        norms.set_xlabel("per-sample gradient norm")
+        norms.set_ylabel("samples")
         norms.set_title(f"{title}: per-sample gradient norms")
     figure.savefig(path, dpi=120)
 

@@ -3,8 +3,10 @@
 The setting of the published tutorial this project grew out of: 50 random images of shape
 (3, 10, 10) with 5 classes, in batches of 20, 20 and 10; a 683-parameter CNN; cross-entropy
 averaged over the whole data set. Writes three figures to ``--out`` (default ``figures/``):
-``visual_tour_logabs.png`` (log10 of absolute entries), ``visual_tour_unaltered.png``, and
-``visual_tour_kfac.png``: the GGN beside its KFAC and EKFAC approximations.
+``visual_tour_logabs.png`` (log10(|x| + 1e-5) of the entries x), ``visual_tour_unaltered.png``
+(the entries on a colormap centred at zero), both with the layers' boundaries and names, and
+``visual_tour_kfac.png``: the GGN beside its KFAC and EKFAC approximations, with the
+boundaries of their blocks (one per weight and per bias).
 
 Run: ``python examples/visual_tour.py [--out DIR]``
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -74,15 +77,20 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     named = {TITLES[kind]: matrix for kind, matrix in found.items()}
+    layers = {"layer_sizes": sizes, "layer_names": curvhooks.plot.layer_names(model)}
     for transform, name in (("logabs", "logabs"), ("none", "unaltered")):
-        figure, _ = curvhooks.plot.matrices(named, layer_sizes=sizes, transform=transform)
-        path = args.out / f"visual_tour_{name}.png"
-        figure.savefig(path, dpi=100)
-        print(f"wrote {path}")
+        figure, _ = curvhooks.plot.matrices(named, transform=transform, **layers)
+        save(figure, args.out / f"visual_tour_{name}.png")
 
     kronecker = kronecker_approximations(model, loss_fn, loader, found["ggn"])
-    figure, _ = curvhooks.plot.matrices(kronecker, layer_sizes=sizes)
-    path = args.out / "visual_tour_kfac.png"
+    per_param = {name: p.numel() for name, p in model.named_parameters()}  # KFAC's blocks
+    figure, _ = curvhooks.plot.matrices(
+        kronecker, layer_sizes=list(per_param.values()), layer_names=list(per_param)
+    )
+    save(figure, args.out / "visual_tour_kfac.png")
+
+
+def save(figure: Figure, path: Path) -> None:
     figure.savefig(path, dpi=100)
     print(f"wrote {path}")
 

@@ -141,8 +141,8 @@ def test_identities():
 
 def test_layer_sizes():
     model, *_ = PROBLEMS[0].make("ce-mean")
-    assert curvhooks.layer_sizes(model) == [35, 0, 24, 0, 15]
-    assert curvhooks.layer_sizes(model, params=[model[2].weight]) == [0, 0, 20, 0, 0]
+    assert curvhooks.layer_sizes(model) == [35, 24, 15]
+    assert curvhooks.layer_sizes(model, params=[model[2].weight]) == [20]
 
 
 # ------------------------------------------------------------------------------ errors

@@ -33,7 +33,7 @@ def tour():
 
 def test_tour_setting(tour):
     model, _, loader, _ = tour
-    assert curvhooks.layer_sizes(model) == [112, 0, 404, 0, 37, 0, 130]
+    assert curvhooks.layer_sizes(model) == [112, 404, 37, 130]
     assert [len(X) for X, _ in loader] == [20, 20, 10]
 
 
@@ -51,6 +51,8 @@ def test_tour_facts_float32(tour):
         torch.testing.assert_close(matrix, matrix.T)
         in_blocks = sum(curvhooks.plot.block_shares(matrix, curvhooks.layer_sizes(model))[:-1])
         assert 0.4 <= in_blocks <= 0.6
+        last_convolution = matrix[516:553].square().sum() / matrix.square().sum()
+        assert 0.565 <= last_convolution <= 0.625  # 57-62 %: the tour's unaltered figure
     assert torch.linalg.eigvalsh(found["hessian"].double())[0].item() == pytest.approx(
         -0.37, abs=0.01
     )
@@ -83,7 +85,7 @@ def _run(script: str, *arguments: str) -> str:
 
 def test_visual_tour_runs(tmp_path):
     output = _run("visual_tour.py", "--out", str(tmp_path))
-    assert "683 in total" in output
+    assert "683 in total, per layer [112, 404, 37, 130]" in output
     assert "EKFAC" in output and "relative Frobenius distance to the GGN" in output
     assert {p.name for p in tmp_path.iterdir()} == {
         "visual_tour_logabs.png",

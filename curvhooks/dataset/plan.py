@@ -125,17 +125,24 @@ def _blocks(model: nn.Module, params: list[nn.Parameter], structure: Structure) 
         return [indices]
     if structure in (Structure.PARAM, Structure.DIAG):
         return [[index] for index in indices]
-    owner: dict[int, int] = {}  # a tied parameter belongs to the first module holding it
-    for module_id, module in enumerate(model.modules()):
+    return [block for _, block in layer_groups(model, params)]
+
+
+def layer_groups(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[str, list[int]]]:
+    """The diagonal blocks of ``structure="layer"``: each run of consecutive ``params`` held by
+    one module, as the module's name in ``model.named_modules()`` and the indices of its
+    parameters in ``params``. A tied parameter belongs to the first module holding it."""
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
-            owner.setdefault(id(p), module_id)
-    blocks: list[list[int]] = []
+            owner.setdefault(id(p), name)
+    groups: list[tuple[str, list[int]]] = []
     for index, param in enumerate(params):
-        if blocks and owner[id(params[blocks[-1][-1]])] == owner[id(param)]:
-            blocks[-1].append(index)
+        if groups and groups[-1][0] == owner[id(param)]:
+            groups[-1][1].append(index)
         else:
-            blocks.append([index])
-    return blocks
+            groups.append((owner[id(param)], [index]))
+    return groups
 
 
 def _check_memory(result: Layout, max_memory: int) -> None:
@@ -152,18 +159,32 @@ def _check_memory(result: Layout, max_memory: int) -> None:
         )
 
 
-def layer_sizes(model: nn.Module, params: list[nn.Parameter] | None = None) -> list[int]:
-    """The number of selected parameters held by each of ``model.children()``, zeros included.
+def layers(model: nn.Module, params: list[nn.Parameter] | None = None) -> list[tuple[str, int]]:
+    """The diagonal blocks of ``structure="layer"`` as ``(name, size)``: per module holding
+    selected parameters (a run of them, in the order of ``params``), its name and class (e.g.
+    ``"features.0 (Conv2d)"``; the model itself by its class alone) and their total count.
 
     ``params`` defaults to the parameters that require grad, as in ``ggn``; the sizes then sum
     to D, the side of the dataset-level matrices.
     """
     model = unwrap(model)
-    selected = {id(p) for p in selected_params(model, params)}
-    return [
-        sum(p.numel() for p in child.parameters() if id(p) in selected)
-        for child in model.children()
-    ]
+    params = selected_params(model, params)
+    found = []
+    for name, block in layer_groups(model, params):
+        kind = type(model.get_submodule(name)).__name__
+        found.append((f"{name} ({kind})" if name else kind, sum(params[i].numel() for i in block)))
+    return found
+
+
+def layer_sizes(model: nn.Module, params: list[nn.Parameter] | None = None) -> list[int]:
+    """The side of each diagonal block of ``structure="layer"``: per module holding selected
+    parameters, their total count, in the order of ``params`` (see ``layers``); modules
+    without selected parameters have no entry.
+
+    ``params`` defaults to the parameters that require grad, as in ``ggn``; the sizes then sum
+    to D, the side of the dataset-level matrices.
+    """
+    return [size for _, size in layers(model, params)]
 
 
 def check_same_layout(plan: Layout, group: object) -> None:
