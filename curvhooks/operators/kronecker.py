@@ -383,6 +383,16 @@ class Kronecker(_BlockDiagonal):
     def exact_trace(self) -> Tensor:
         return self.trace()
 
+    def __repr__(self) -> str:
+        kind = "KFAC" if self.corrected is None else "EKFAC"
+        blocks = f"blocks={len(self.names)}: {len(self._factors)} Kronecker-factored"
+        if self.others:
+            dense = sum(block.dim() == 2 for block in self.others.values())
+            diagonal = len(self.others) - dense
+            blocks += f", {len(self.others)} exact ({diagonal} diagonal, {dense} dense)"
+        where = f"dtype={self.dtype}, device={self.device}"
+        return f"{type(self).__name__}({kind}, D={self.shape[0]}, {blocks}, {where})"
+
     def trace(self) -> Tensor:
         """``tr(K)`` (0-dim): ``Σ tr(B) tr(A)`` over blocks (EKFAC: ``Σ E``), plus the
         exact blocks' traces."""
@@ -468,6 +478,10 @@ class KroneckerInverse(_BlockDiagonal):
 
     def _sample(self) -> Tensor:
         return self.scales[0]
+
+    def __repr__(self) -> str:
+        where = f"dtype={self.dtype}, device={self.device}"
+        return f"{type(self).__name__}(D={self.shape[0]}, blocks={len(self.scales)}, {where})"
 
     def _block_matmul(self, index: int, x: Tensor, out: Tensor) -> None:
         _eigen_apply(self.bases[index], self.scales[index], x, out, self.rests[index])
