@@ -55,14 +55,17 @@ def ggn(
 
     Args:
         model: Any model whose modules with trainable parameters are supported.
-        loss_fn: ``CrossEntropyLoss`` or ``MSELoss``, reduction ``"mean"`` or ``"sum"``.
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, reduction
+            ``"mean"`` or ``"sum"``.
         data: An iterable of ``(X, y)`` batches (e.g. a ``DataLoader``) or one ``(X, y)`` pair;
             ``X`` a tensor or any nested dict, list, tuple or ``Mapping`` of tensors, moved
             to the model's device.
         params: Parameters to differentiate (default: all that require grad, in
             ``model.parameters()`` order); D is their total size.
-        structure: ``"full"``, ``"layer"`` or ``"param"`` (``[D, D]``, zero off the diagonal
-            blocks), or ``"diag"`` (``[D]``).
+        structure: ``"full"`` (``[D, D]``); ``"layer"`` (``[D, D]``, zero off one diagonal
+            block per module holding parameters, whose sides
+            ``curvhooks.layer_sizes(model, params)`` gives); ``"param"`` (``[D, D]``, zero off
+            one diagonal block per parameter); or ``"diag"`` (``[D]``).
         max_memory: Largest dense result in bytes; a larger one raises ``ValueError``.
         progress: Show a progress bar over the batches.
         route: ``"chain"`` (the hooks run the backward pass themselves along a chain of
@@ -114,10 +117,12 @@ def empirical_fisher(
     """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set.
 
     ``l_n`` is sample n's loss under reduction ``"sum"`` and ``s`` the whole-dataset
-    reduction's factor (1 for ``"sum"``; 1/N for cross-entropy ``"mean"``; 1/(N C) for
-    ``MSELoss`` ``"mean"``). One gradient per sample, also for outputs with extra dimensions
-    (curvlinops' ``EFLinearOperator`` counts each position as a term instead: reshape the
-    positions into the batch for that one). Arguments and structures as in ``ggn``.
+    reduction's factor (1 for ``"sum"``; 1/N for ``CrossEntropyLoss`` ``"mean"``; 1/(N C) for
+    ``MSELoss`` and ``BCEWithLogitsLoss`` ``"mean"``, which average over all N C output
+    entries). One gradient per sample, also for outputs with extra dimensions (curvlinops'
+    ``EFLinearOperator`` counts each position as a term instead: reshape the positions into
+    the batch for that one). Arguments (``loss_fn`` one of those three) and structures as in
+    ``ggn``.
     """
     return matrices(
         model,

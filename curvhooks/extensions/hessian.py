@@ -2,11 +2,12 @@
 
 Representation: signed square-root stacks. The Hessian of the loss in a module's output is
 ``P P^T - Q Q^T`` for a pair of stacks ``(P, Q)``. The loss starts ``P`` with its square
-root (cross-entropy's and squared error's Hessians are positive semi-definite) and ``Q``
-empty. Each module pushes both to its input; a nonlinearity then adds its own curvature:
-an element-wise one the per-sample diagonal ``r = f''(x) * dL/d(out)``, as unit vectors
-scaled by ``sqrt(max(r, 0))`` to ``P`` and by ``sqrt(max(-r, 0))`` to ``Q``; a normalisation
-layer one dense block per normalised group, as its eigenvectors scaled the same way.
+root (the Hessians of cross-entropy, squared error and binary cross-entropy with logits
+are positive semi-definite) and ``Q`` empty. Each module pushes both to its input; a
+nonlinearity then adds its own curvature: an element-wise one the per-sample diagonal
+``r = f''(x) * dL/d(out)``, as unit vectors scaled by ``sqrt(max(r, 0))`` to ``P`` and by
+``sqrt(max(-r, 0))`` to ``Q``; a normalisation layer one dense block per normalised group, as
+its eigenvectors scaled the same way.
 
 Why this representation: it reuses the square-root GGN's propagation and every parameter
 reduction unchanged, and the stacks grow only where the residual is non-zero (Sigmoid; ReLU

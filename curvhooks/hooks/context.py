@@ -23,8 +23,8 @@ class extend:
             functions between modules. Its modules with trainable parameters must be
             supported.
         loss_fn: The loss module whose output is differentiated (reduction ``"mean"`` or
-            ``"sum"``). Second-order extensions need a supported loss called on the model's
-            output.
+            ``"sum"``). Second-order extensions need a supported loss (``CrossEntropyLoss``,
+            ``MSELoss`` or ``BCEWithLogitsLoss``) called on the model's output.
         *extensions: Extension instances, e.g. ``BatchGrad(), DiagGGN()``.
         unsupported: ``"raise"``: a module with trainable parameters curvhooks does not
             support raises ``UnsupportedError``; ``"skip"``: its parameters get no results

@@ -160,7 +160,7 @@ class GGNOperator(DataOperator):
     """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss:
     ``curvhooks.ggn(...)`` as an operator (also ``mc_samples=`` sampled square roots of the
     loss Hessian, fixed per operator by ``seed=``). Arguments as ``DataOperator``'s;
-    ``loss_fn`` one of curvhooks' supported losses."""
+    ``loss_fn`` a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``."""
 
     def __init__(
         self,
@@ -291,7 +291,8 @@ class GGNOperator(DataOperator):
 class EmpiricalFisherOperator(DataOperator):
     """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set:
     ``curvhooks.empirical_fisher(...)`` as an operator. Arguments as ``DataOperator``'s;
-    ``loss_fn`` one of curvhooks' supported losses (its reduction factor is needed)."""
+    ``loss_fn`` a ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (its reduction
+    factor is needed)."""
 
     def _batch_product(self, index, X, y, tangents):
         output, products, pullback = self._output_products(X, tangents)
