@@ -541,3 +541,29 @@ def test_one_shot_data_is_iterated_again_only_from_its_first_batch():
     one_shot = iter([(X[:3], y[:3]), (X[3:], y[3:])])
     with pytest.raises(ValueError, match="past its first batch already"):
         curvhooks.matrices(model, loss_fn, one_shot, ("ggn", "hessian"))
+
+
+@pytest.mark.parametrize("name, loss", [("conv-residual", "ce-mean"), ("mlp", "bce-sum")])
+def test_monte_carlo_ggn(name, loss):
+    """``mc_samples``: the same matrix on every route and structure at a seed, the caller's
+    random state left as it was; another seed another matrix; its mean over many samples
+    tends to the exact GGN."""
+    model, loss_fn, X, y = by_name(name).make(loss, num_samples=7)
+    data = list(zip(X.split(4), y.split(4)))
+    state = torch.random.get_rng_state()
+    sampled = {
+        route: curvhooks.ggn(model, loss_fn, data, mc_samples=2, seed=3, route=route)
+        for route in ("hooks", "graph", "autograd")
+    }
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for matrix in sampled.values():
+        assert_close(matrix, sampled["hooks"])
+    diagonal = curvhooks.ggn(model, loss_fn, data, structure="diag", mc_samples=2, seed=3)
+    assert_close(diagonal, sampled["hooks"].diagonal())
+    other = curvhooks.ggn(model, loss_fn, data, mc_samples=2, seed=4)
+    assert (other - sampled["hooks"]).abs().max() > 1e-3 * other.abs().max()
+    exact = reference.ggn(model, loss_fn, X, y)
+    mean = curvhooks.ggn(model, loss_fn, data, mc_samples=4000, seed=0)
+    assert (mean - exact).abs().max() < 0.05 * exact.abs().max()
+    with pytest.raises(ValueError, match="mc_samples"):
+        curvhooks.ggn(model, loss_fn, data, mc_samples=0)

@@ -26,9 +26,11 @@ from curvhooks import tuning
 from curvhooks._compat import math_attention
 from curvhooks.dataset.blocks import accumulate, mirror_upper_panels
 from curvhooks.dataset.plan import Kind, Layout, Structure, model_device
+from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum, map_tensors
 from curvhooks.derivatives import (
     LOSS_DERIVATIVES,
+    LossDerivatives,
     loss_derivatives,
     loss_gradient,
     supported_names,
@@ -207,13 +209,16 @@ def autograd_factor_matrices(
     plan: Layout,
     total: DatasetSum,
     progress: bool,
+    mc_samples: int | None = None,
+    seed: int | None = None,
 ) -> dict[Kind, Tensor]:
     """GGN and empirical Fisher of any model from per-sample Jacobians (``torch.func``).
 
     Per batch, the Jacobians ``J_n`` ``[N, *out, *p]`` of each sample's output in the
     parameters give the GGN factor ``S^T J`` (S the loss's square root, as on the hooks
-    route) and the per-sample gradients ``g_n^T J`` (g the output gradient of the batch's
-    reduced loss); their Gram matrices accumulate as on the hooks route.
+    route; with ``mc_samples``, sampled as there from ``seed`` plus the batch's index) and
+    the per-sample gradients ``g_n^T J`` (g the output gradient of the batch's reduced
+    loss); their Gram matrices accumulate as on the hooks route.
     """
     derivatives = loss_derivatives(loss_fn)
     if derivatives is None:
@@ -222,14 +227,17 @@ def autograd_factor_matrices(
             f"Fisher; supported losses: {supported_names(LOSS_DERIVATIVES)}"
         )
     results = {kind: plan.new_result() for kind in kinds}
-    for X, y, weight, _ in total.batches(data, model_device(model), progress):
+    batches = total.batches(data, model_device(model), progress)
+    for index, (X, y, weight, _) in enumerate(batches):
         output, jacobians = per_sample_jacobians(model, plan.params, X)
         reason = derivatives.unsupported_reason(loss_fn, output, y)
         if reason is not None:
             raise UnsupportedError(f"loss {type(loss_fn).__name__} is not supported: {reason}")
         for kind in kinds:
             if kind is Kind.GGN:
-                stack, kind_weight = derivatives.sqrt_hessian(loss_fn, output, y), weight
+                with seeded(None if seed is None else seed + index, model_device(model)):
+                    stack = _ggn_root(derivatives, loss_fn, output, y, mc_samples)
+                kind_weight = weight
             else:  # rows s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once
                 stack = loss_gradient(loss_fn, output, y)[None]
                 kind_weight = weight / derivatives.scale(loss_fn, output)
@@ -242,6 +250,19 @@ def autograd_factor_matrices(
             mirror_upper_panels(results[kind], plan)
     total.finish(results)
     return results
+
+
+def _ggn_root(
+    derivatives: LossDerivatives,
+    loss_fn: nn.Module,
+    output: Tensor,
+    y: Tensor,
+    mc_samples: int | None,
+) -> Tensor:
+    """The loss Hessian's square root ``[C, N, *out]``, or ``mc_samples`` sampled ones."""
+    if mc_samples is None:
+        return derivatives.sqrt_hessian(loss_fn, output, y)
+    return derivatives.sqrt_hessian_mc(loss_fn, output, y, mc_samples)
 
 
 def per_sample_jacobians(

@@ -54,21 +54,32 @@ def hook_matrices(
     total: DatasetSum,
     route: Route,
     progress: bool,
+    mc_samples: int | None = None,
+    seed: int | None = None,
 ) -> dict[Kind, Tensor]:
     """GGN, empirical Fisher and (structures ``PARAM``, ``DIAG``) Hessian, as ``kinds``
     asks, sharing one backward pass per batch; ``route`` is ``HOOKS``, ``CHAIN`` or
-    ``GRAPH``."""
+    ``GRAPH``. With ``mc_samples``, the GGN of ``mc_samples`` sampled square roots of the
+    loss Hessian per sample (drawn from ``seed`` plus the batch's index, or from the global
+    random state for ``seed=None``)."""
     derivatives = _check(loss_fn, kinds, plan.structure)
     diag = plan.structure is Structure.DIAG
-    extensions = {kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1]() for kind in kinds}
+    extensions = {
+        kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1](
+            *([mc_samples] if kind is Kind.GGN and mc_samples else [])
+        )
+        for kind in kinds
+    }
     results = {kind: plan.new_result() for kind in kinds}
     batch = BatchResults()
     with hooked(
         model, loss_fn, tuple(extensions.values()), batch, route_of(route), plan.params
     ) as hooks:
-        for X, y, weight, _ in total.batches(data, model_device(model), progress):
+        batches = total.batches(data, model_device(model), progress)
+        for index, (X, y, weight, _) in enumerate(batches):
             batch.new_batch()
-            output = hooks.run_batch(X, y)
+            with seeded(None if seed is None else seed + index, model_device(model)):
+                output = hooks.run_batch(X, y)
             for kind, extension in extensions.items():
                 if kind is Kind.EMPIRICAL_FISHER:
                     # grad_batch[n] = s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once.

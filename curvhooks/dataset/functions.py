@@ -24,6 +24,7 @@ from curvhooks.dataset.plan import (
 )
 from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
 from curvhooks.errors import UnsupportedError
+from curvhooks.extensions.base import check_mc_samples
 from curvhooks.hooks import (
     UnservableError,
     check_eval_mode,
@@ -50,6 +51,8 @@ def ggn(
     unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
+    mc_samples: int | None = None,
+    seed: int | None = None,
 ) -> Tensor:
     """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss.
 
@@ -79,6 +82,11 @@ def ggn(
             form the whole data set (default: all, when ``torch.distributed`` is
             initialised); each passes its own ``data`` and receives the combined matrix.
         batch_size_fn: The number of samples in a batch's ``X`` (default: ``y.shape[0]``).
+        mc_samples: The Monte-Carlo GGN: each sample's loss Hessian replaced by the mean of
+            ``s s^T`` over ``mc_samples`` square roots sampled from the model's predictive
+            distribution (an unbiased estimate; default: exact).
+        seed: Seed of those samples, plus each batch's index (default: the global random
+            state, which is then advanced; given, it is left as it was).
 
     Returns:
         The GGN of ``L = s * sum_n l_n`` over all samples (``s`` = 1 for ``"sum"``, the
@@ -97,6 +105,8 @@ def ggn(
         unsupported=unsupported,
         process_group=process_group,
         batch_size_fn=batch_size_fn,
+        mc_samples=mc_samples,
+        seed=seed,
     )[Kind.GGN]
 
 
@@ -200,14 +210,19 @@ def matrices(
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
     chunk_size: int | None = None,
+    mc_samples: int | None = None,
+    seed: int | None = None,
 ) -> dict[str, Tensor]:
     """``{kind: matrix}`` for ``kinds`` among ``"hessian"``, ``"ggn"``, ``"empirical_fisher"``.
 
     GGN and empirical Fisher (and the Hessian on the hooks route) share one backward pass per
     batch; the autograd Hessian takes its own pass. Arguments as in ``curvhooks.ggn`` and
-    ``curvhooks.hessian``; the data is iterated once or twice, so a one-shot iterator is not
-    enough when the autograd Hessian and another kind are both asked for.
+    ``curvhooks.hessian`` (``mc_samples`` and ``seed`` apply to the GGN); the data is iterated
+    once or twice, so a one-shot iterator is not enough when the autograd Hessian and another
+    kind are both asked for.
     """
+    if mc_samples is not None:
+        check_mc_samples(mc_samples)
     model = unwrap(model)
     asked = _parse_kinds(kinds)
     structure = parse(Structure, structure, "structure")
@@ -232,6 +247,7 @@ def matrices(
         process_group=process_group,
         batch_size_fn=batch_size_fn,
         chunk_size=chunk_size,
+        sampling=(mc_samples, seed),
     )
     try:
         results = compute(params, by_autograd)
@@ -258,9 +274,11 @@ def _compute(
     process_group: object,
     batch_size_fn: Callable[[Any], int] | None,
     chunk_size: int | None,
+    sampling: tuple[int | None, int | None],
 ) -> dict[Kind, Tensor]:
     """The ``asked`` matrices, ``by_autograd`` by the autograd route, the others by the hooks
-    (first: they may find, on the first batch, parameters they cannot serve)."""
+    (first: they may find, on the first batch, parameters they cannot serve); ``sampling``
+    is the GGN's ``(mc_samples, seed)``."""
     plan = layout(model, params, structure, max_memory)
     hooked = tuple(kind for kind in asked if kind not in by_autograd)
     factor_kinds = tuple(kind for kind in by_autograd if kind is not Kind.HESSIAN)
@@ -269,7 +287,9 @@ def _compute(
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         hook_route = Route.HOOKS if route is Route.AUTO else route
         results.update(
-            hook_matrices(model, loss_fn, data, hooked, plan, total, hook_route, progress)
+            hook_matrices(
+                model, loss_fn, data, hooked, plan, total, hook_route, progress, *sampling
+            )
         )
     if Kind.HESSIAN in by_autograd:
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
@@ -279,7 +299,9 @@ def _compute(
     if factor_kinds:
         total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
         results.update(
-            autograd_factor_matrices(model, loss_fn, data, factor_kinds, plan, total, progress)
+            autograd_factor_matrices(
+                model, loss_fn, data, factor_kinds, plan, total, progress, *sampling
+            )
         )
     return results
 
