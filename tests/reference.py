@@ -3,8 +3,8 @@
 ``functional_call`` runs on a copy of the model: on a model holding one module twice (an
 unrolled recurrence) it leaves plain tensors in place of that module's parameters (torch 2.13).
 
-Scaling follows docs/concepts.md: the reduced loss is ``L = s * sum_n l_n`` with ``l_n`` sample n's loss
-under reduction ``"sum"``; per-sample quantities are those of ``s * l_n``.
+Scaling follows docs/concepts.md: the reduced loss is ``L = s * sum_n l_n`` with ``l_n``
+sample n's loss under reduction ``"sum"``; per-sample quantities are those of ``s * l_n``.
 """
 
 from __future__ import annotations

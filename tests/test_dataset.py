@@ -567,3 +567,20 @@ def test_monte_carlo_ggn(name, loss):
     assert (mean - exact).abs().max() < 0.05 * exact.abs().max()
     with pytest.raises(ValueError, match="mc_samples"):
         curvhooks.ggn(model, loss_fn, data, mc_samples=0)
+
+
+@pytest.mark.parametrize("kind", FUNCTIONS)
+@pytest.mark.parametrize("problem, loss", CASES[::7], ids=CASE_IDS[::7])
+def test_return_loss(problem, loss, kind):
+    """``return_loss=True``: the matrix as without it, and the whole-dataset loss of all the
+    samples as one batch, over unequal batches, on the route each kind takes."""
+    model, loss_fn, X, y, data = _data(problem, loss)
+    function = FUNCTIONS[kind][0]
+    matrix, found = function(model, loss_fn, data, structure="diag", return_loss=True)
+    assert_close(matrix, function(model, loss_fn, data, structure="diag"))
+    assert found.dim() == 0 and not found.requires_grad
+    with torch.no_grad():
+        assert_close(found, loss_fn(model(X), y))
+    both = curvhooks.matrices(model, loss_fn, data, ("ggn", "hessian"), return_loss=True)
+    assert set(both) == {"ggn", "hessian", "loss"}
+    assert_close(both["loss"], found)

@@ -41,7 +41,7 @@ def _compute(model, loss_fn, data, group=None) -> dict[str, torch.Tensor]:
             results[f"{kind}-{structure}"] = function(
                 model, loss_fn, data, structure=structure, process_group=group
             )
-    found = curvhooks.matrices(model, loss_fn, data, process_group=group)
+    found = curvhooks.matrices(model, loss_fn, data, process_group=group, return_loss=True)
     results.update({f"matrices-{kind}": matrix for kind, matrix in found.items()})
     for eigen_correction in (False, True):
         kronecker = curvhooks.kfac(

@@ -59,6 +59,9 @@ def autograd_hessian(
     with math_attention():  # second derivatives through F.scaled_dot_product_attention
         for X, y, weight, _ in total.batches(data, device, progress):
             stage_inputs = _stage_inputs(stages, X)
+            if total.keeps_loss:
+                with torch.no_grad():
+                    total.add_loss(stages[-1](stage_inputs[-1]), y, weight)
             for task in _tasks(plan, stages):
                 _add_task(result, plan, task, stages, stage_inputs, loss_fn, y, weight, chunk_size)
     total.finish({Kind.HESSIAN: result})
@@ -230,6 +233,7 @@ def autograd_factor_matrices(
     batches = total.batches(data, model_device(model), progress)
     for index, (X, y, weight, _) in enumerate(batches):
         output, jacobians = per_sample_jacobians(model, plan.params, X)
+        total.add_loss(output, y, weight)
         reason = derivatives.unsupported_reason(loss_fn, output, y)
         if reason is not None:
             raise UnsupportedError(f"loss {type(loss_fn).__name__} is not supported: {reason}")

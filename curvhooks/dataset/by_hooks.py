@@ -80,6 +80,7 @@ def hook_matrices(
             batch.new_batch()
             with seeded(None if seed is None else seed + index, model_device(model)):
                 output = hooks.run_batch(X, y)
+            total.add_loss(output, y, weight)
             for kind, extension in extensions.items():
                 if kind is Kind.EMPIRICAL_FISHER:
                     # grad_batch[n] = s_b grad(l_n): s_b^2 G^T G is off by s_b, divide once.

@@ -13,7 +13,6 @@ from curvhooks.dataset.by_hooks import HESSIAN_STRUCTURES, hook_matrices
 from curvhooks.dataset.plan import (
     DEFAULT_MAX_MEMORY,
     Kind,
-    Layout,
     Route,
     Structure,
     check_same_layout,
@@ -53,7 +52,8 @@ def ggn(
     batch_size_fn: Callable[[Any], int] | None = None,
     mc_samples: int | None = None,
     seed: int | None = None,
-) -> Tensor:
+    return_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The generalized Gauss-Newton ``sum_n J_n^T H_n J_n`` of the whole-dataset loss.
 
     Args:
@@ -87,12 +87,14 @@ def ggn(
             distribution (an unbiased estimate; default: exact).
         seed: Seed of those samples, plus each batch's index (default: the global random
             state, which is then advanced; given, it is left as it was).
+        return_loss: Also return the whole-dataset loss ``L`` (0-dim, detached) from the
+            same pass over the data: ``(matrix, loss)``.
 
     Returns:
         The GGN of ``L = s * sum_n l_n`` over all samples (``s`` = 1 for ``"sum"``, the
         reduction's factor over the whole data set for ``"mean"``), in the parameters' dtype.
     """
-    return matrices(
+    found = matrices(
         model,
         loss_fn,
         data,
@@ -107,7 +109,9 @@ def ggn(
         batch_size_fn=batch_size_fn,
         mc_samples=mc_samples,
         seed=seed,
-    )[Kind.GGN]
+        return_loss=return_loss,
+    )
+    return _with_loss(found, Kind.GGN, return_loss)
 
 
 def empirical_fisher(
@@ -123,7 +127,8 @@ def empirical_fisher(
     unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
-) -> Tensor:
+    return_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The empirical Fisher ``s * sum_n grad(l_n) grad(l_n)^T`` over the whole data set.
 
     ``l_n`` is sample n's loss under reduction ``"sum"`` and ``s`` the whole-dataset
@@ -134,7 +139,7 @@ def empirical_fisher(
     the batch for that one). Arguments (``loss_fn`` one of those three) and structures as in
     ``ggn``.
     """
-    return matrices(
+    found = matrices(
         model,
         loss_fn,
         data,
@@ -147,7 +152,9 @@ def empirical_fisher(
         unsupported=unsupported,
         process_group=process_group,
         batch_size_fn=batch_size_fn,
-    )[Kind.EMPIRICAL_FISHER]
+        return_loss=return_loss,
+    )
+    return _with_loss(found, Kind.EMPIRICAL_FISHER, return_loss)
 
 
 def hessian(
@@ -164,7 +171,8 @@ def hessian(
     unsupported: str = "raise",
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
-) -> Tensor:
+    return_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The exact Hessian of the whole-dataset loss ``L = s * sum_n l_n``.
 
     Arguments, structures and batch weighting as in ``curvhooks.ggn``; ``"layer"`` and
@@ -178,7 +186,7 @@ def hessian(
     """
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return matrices(
+    found = matrices(
         model,
         loss_fn,
         data,
@@ -192,7 +200,9 @@ def hessian(
         process_group=process_group,
         batch_size_fn=batch_size_fn,
         chunk_size=chunk_size,
-    )[Kind.HESSIAN]
+        return_loss=return_loss,
+    )
+    return _with_loss(found, Kind.HESSIAN, return_loss)
 
 
 def matrices(
@@ -212,14 +222,16 @@ def matrices(
     chunk_size: int | None = None,
     mc_samples: int | None = None,
     seed: int | None = None,
+    return_loss: bool = False,
 ) -> dict[str, Tensor]:
     """``{kind: matrix}`` for ``kinds`` among ``"hessian"``, ``"ggn"``, ``"empirical_fisher"``.
 
     GGN and empirical Fisher (and the Hessian on the hooks route) share one backward pass per
     batch; the autograd Hessian takes its own pass. Arguments as in ``curvhooks.ggn`` and
-    ``curvhooks.hessian`` (``mc_samples`` and ``seed`` apply to the GGN); the data is iterated
-    once or twice, so a one-shot iterator is not enough when the autograd Hessian and another
-    kind are both asked for.
+    ``curvhooks.hessian`` (``mc_samples`` and ``seed`` apply to the GGN); with
+    ``return_loss``, also ``"loss"``: the whole-dataset loss from the same pass. The data is
+    iterated once or twice, so a one-shot iterator is not enough when the autograd Hessian
+    and another kind are both asked for.
     """
     if mc_samples is not None:
         check_mc_samples(mc_samples)
@@ -248,6 +260,7 @@ def matrices(
         batch_size_fn=batch_size_fn,
         chunk_size=chunk_size,
         sampling=(mc_samples, seed),
+        keeps_loss=return_loss,
     )
     try:
         results = compute(params, by_autograd)
@@ -256,7 +269,8 @@ def matrices(
         if unsupported == "skip":
             by_autograd = _kinds_by_autograd(asked, model, loss_fn, params, structure, route)
         results = compute(params, by_autograd if unsupported == "skip" else asked)
-    return {kind.value: results[kind] for kind in asked}
+    found = {kind.value: results[kind] for kind in asked}
+    return {**found, "loss": results["loss"]} if return_loss else found
 
 
 def _compute(
@@ -275,16 +289,25 @@ def _compute(
     batch_size_fn: Callable[[Any], int] | None,
     chunk_size: int | None,
     sampling: tuple[int | None, int | None],
-) -> dict[Kind, Tensor]:
+    keeps_loss: bool,
+) -> dict[Kind | str, Tensor]:
     """The ``asked`` matrices, ``by_autograd`` by the autograd route, the others by the hooks
     (first: they may find, on the first batch, parameters they cannot serve); ``sampling``
-    is the GGN's ``(mc_samples, seed)``."""
+    is the GGN's ``(mc_samples, seed)``; with ``keeps_loss`` also the whole-dataset loss
+    (``"loss"``), from the first pass."""
     plan = layout(model, params, structure, max_memory)
     hooked = tuple(kind for kind in asked if kind not in by_autograd)
     factor_kinds = tuple(kind for kind in by_autograd if kind is not Kind.HESSIAN)
-    results = {}
+    results, totals = {}, []
+
+    def fresh_total() -> DatasetSum:
+        total = DatasetSum(loss_fn, process_group, batch_size_fn, keeps_loss and not totals)
+        check_same_layout(plan, total.group)
+        totals.append(total)
+        return total
+
     if hooked:
-        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
+        total = fresh_total()
         hook_route = Route.HOOKS if route is Route.AUTO else route
         results.update(
             hook_matrices(
@@ -292,18 +315,27 @@ def _compute(
             )
         )
     if Kind.HESSIAN in by_autograd:
-        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
+        total = fresh_total()
         results[Kind.HESSIAN] = autograd_hessian(
             model, loss_fn, data, plan, total, chunk_size, progress
         )
     if factor_kinds:
-        total = _dataset_sum(loss_fn, process_group, batch_size_fn, plan)
+        total = fresh_total()
         results.update(
             autograd_factor_matrices(
                 model, loss_fn, data, factor_kinds, plan, total, progress, *sampling
             )
         )
+    if keeps_loss:
+        results["loss"] = totals[0].loss
     return results
+
+
+def _with_loss(
+    found: dict[str, Tensor], kind: Kind, return_loss: bool
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``kind``'s matrix among ``matrices``' results, with the loss where asked."""
+    return (found[kind.value], found["loss"]) if return_loss else found[kind.value]
 
 
 def _parse_kinds(kinds: tuple[str, ...]) -> list[Kind]:
@@ -367,15 +399,3 @@ def _without_unservable(
         return params
     fixes = "use route='auto' or 'autograd', unsupported='skip', or params= without them"
     raise UnsupportedError(f"{error.what()}; {fixes}") from error
-
-
-def _dataset_sum(
-    loss_fn: nn.Module,
-    process_group: object,
-    batch_size_fn: Callable[[Any], int] | None,
-    plan: Layout,
-) -> DatasetSum:
-    """A fresh weighting over the data, with the processes checked to agree on ``plan``."""
-    total = DatasetSum(loss_fn, process_group, batch_size_fn)
-    check_same_layout(plan, total.group)
-    return total

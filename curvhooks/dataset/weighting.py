@@ -30,6 +30,7 @@ class DatasetSum:
         process_group: Under ``torch.distributed``, the processes to combine (default: all,
             when initialised).
         batch_size_fn: The sample count of a batch's input (default: ``y.shape[0]``).
+        keeps_loss: Whether ``add_loss`` sums the whole-dataset loss (``loss``).
     """
 
     def __init__(
@@ -37,11 +38,23 @@ class DatasetSum:
         loss_fn: nn.Module,
         process_group: object,
         batch_size_fn: Callable[[Inputs], int] | None = None,
+        keeps_loss: bool = False,
     ) -> None:
+        self.loss_fn = loss_fn
         self.batch_size_fn = batch_size_fn
         self.reduction = _reduction_of(loss_fn)
         self.group = _process_group_of(process_group, self.reduction)
         self.samples = 0
+        self.keeps_loss = keeps_loss
+        self.loss: Tensor | None = None
+        """With ``keeps_loss``, after ``finish``: the whole-dataset loss ``L`` (0-dim)."""
+
+    def add_loss(self, output: Tensor, y: Tensor, weight: float) -> None:
+        """With ``keeps_loss``, add the batch's reduced loss on its model ``output`` with the
+        batch's ``weight``; nothing otherwise."""
+        if self.keeps_loss:  # forward: the hooks on the loss would record this call
+            loss = self.loss_fn.forward(output.detach(), y).detach() * weight
+            self.loss = loss if self.loss is None else self.loss.add_(loss)
 
     def batches(
         self, data: Iterable | tuple[Inputs, Tensor], device: torch.device, progress: bool
@@ -70,6 +83,8 @@ class DatasetSum:
         Sample counts are summed first, so the mean is over every process's samples.
         """
         means = means or {}
+        if self.loss is not None:  # weighted and reduced as every other sum
+            results = {**results, _LOSS: self.loss}
         total = self.samples
         if self.group is not None:
             device = next(iter({**results, **means}.values())).device
@@ -87,6 +102,10 @@ class DatasetSum:
         if self.reduction == "mean":
             for result in results.values():
                 result.div_(total)
+
+
+_LOSS = object()
+"""``finish``'s key of the summed loss."""
 
 
 def _reduction_of(loss_fn: nn.Module) -> str | None:
