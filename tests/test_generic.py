@@ -25,7 +25,7 @@ from curvhooks import (
 )
 from tests import reference
 from tests.checks import check_first_order, check_ggn
-from tests.problems import CE_MSE, Problem
+from tests.problems import CE_MSE, Problem, run_with
 
 FIRST_ORDER = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
 GGN_FAMILY = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
@@ -53,6 +53,18 @@ class OwnConvolution(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class Unused(nn.Module):
+    """``x * weight`` with a parameter that takes no part (its products are zero)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+        self.unused = nn.Parameter(torch.randn(2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
 
 
 class Residual(nn.Module):
@@ -83,6 +95,13 @@ PROBLEMS = [
         is_chain=False,
     ),
     Problem("gated-batch-of-one", lambda: nn.Sequential(Gated(3), nn.Linear(3, 2)), (3,), 1),
+    Problem(  # torch.func batches prelu's backward wrongly under nested vmap (torch 2.13)
+        "prelu-gated-inplace",
+        lambda: nn.Sequential(
+            nn.Linear(4, 3), nn.PReLU(3), Gated(3), nn.ReLU(inplace=True), nn.Linear(3, 3)
+        ),
+        (4,),
+    ),
 ]
 CASES = [
     pytest.param(problem, loss, route, id=f"{problem.name}-{loss}-{route}")
@@ -194,3 +213,39 @@ def test_generic_false_refuses_it():
     model, loss_fn, _, _ = PROBLEMS[0].make("ce-mean")
     with pytest.raises(curvhooks.UnsupportedError, match=r"'1' \(Gated\) is not supported"):
         curvhooks.extend(model, loss_fn, BatchGrad(), generic=False).__enter__()
+
+
+class Tied(nn.Module):
+    """One parameter under two names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encode = nn.Parameter(torch.randn(3, 3))
+        self.decode = self.encode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.encode.T) @ self.decode
+
+
+def _hooked(module: nn.Module) -> nn.Module:
+    module.register_forward_pre_hook(lambda module, args: None)
+    return module
+
+
+@pytest.mark.parametrize("layer", [Tied(), _hooked(Gated(3))], ids=["tied-names", "own-hooks"])
+def test_modules_the_fallback_cannot_see_through_are_not_served(layer):
+    model = nn.Sequential(layer, nn.Linear(3, 2)).double()
+    with pytest.raises(curvhooks.UnsupportedError, match=r"'0' \((Tied|Gated)\) is not supported"):
+        curvhooks.extend(model, nn.MSELoss(), BatchGrad()).__enter__()
+
+
+def test_a_parameter_that_takes_no_part_gets_zeros():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), Unused(3), nn.Linear(3, 2)).double()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.warns(UserWarning, match="torch.func"):
+        found = run_with(model, nn.CrossEntropyLoss(), X, y, BatchGrad(), DiagGGN())
+    assert torch.equal(found["1.unused"]["grad_batch"], torch.zeros(5, 2, dtype=torch.float64))
+    assert torch.equal(found["1.unused"]["diag_ggn"], torch.zeros(2, dtype=torch.float64))
+    expected = reference.per_sample_grads(model, nn.CrossEntropyLoss(), X, y)["1.weight"]
+    torch.testing.assert_close(found["1.weight"]["grad_batch"], expected, rtol=1e-10, atol=1e-12)

@@ -70,3 +70,21 @@ def test_the_hooks_serve_a_supported_model_in_one_backward_pass(monkeypatch):
     model, _, X, _ = by_name("conv-residual").make("ce-mean")
     J, _ = curvhooks.jacobians(model, X)
     assert_close(J, _expected(model, X))
+
+
+def test_frozen_parameters_and_a_batching_rule_torch_gets_wrong():
+    """A frozen parameter asked for by ``params=`` (the hooks serve none) and ``nn.PReLU``
+    (whose backward ``vmap`` of ``jacrev`` batches wrongly in torch 2.13; three samples and
+    three outputs, where the wrong shapes broadcast): both ways against the reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 3)).double()
+    model[0].weight.requires_grad_(False)
+    X = torch.randn(3, 3, dtype=torch.float64)
+    for create_graph in (False, True):
+        J, _ = curvhooks.jacobians(model, X, [model[0].weight], create_graph=create_graph)
+        model[0].weight.requires_grad_(True)
+        expected = _expected(model, X)[:, :, :12]
+        model[0].weight.requires_grad_(False)
+        assert_close(J, expected)
+    J, _ = curvhooks.jacobians(model, X, create_graph=True)
+    assert_close(J, _expected(model, X))

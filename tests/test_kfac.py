@@ -203,6 +203,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="forward-only' has no exact blocks.*others='skip'"):
         curvhooks.kfac(model, loss_fn, data, fisher="forward-only")
     assert len(curvhooks.kfac(model, loss_fn, data, fisher="forward-only", others="skip").names)
+    with pytest.raises(ValueError, match="twice here.*not a one-shot iterator"):
+        curvhooks.kfac(model, loss_fn, iter(data))
+    norms = [model[1].weight, model[1].bias]
+    with pytest.raises(ValueError, match="none of the parameters has Kronecker factors"):
+        curvhooks.kfac(model, loss_fn, data, params=norms, others="skip")
+    assert len(curvhooks.kfac(model, loss_fn, data, params=norms).others) == 2
     model, loss_fn, _, _, data = _data("mlp", "ce-mean")
     with pytest.raises(ValueError, match="mc_samples=3 applies to fisher='mc' only"):
         curvhooks.kfac(model, loss_fn, data, mc_samples=3)

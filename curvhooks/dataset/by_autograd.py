@@ -285,13 +285,40 @@ def per_sample_jacobians(
     with torch.set_grad_enabled(differentiable):
         output = model(X)
     try:
-        return output, list(vmap(jacrev(sample_output), in_dims=(None, 0))(points, X))
+        jacobians = list(vmap(jacrev(sample_output), in_dims=(None, 0))(points, X))
+        if _sum_agrees(model, params, X, output, jacobians):
+            return output, jacobians
     except RuntimeError:  # a model vmap cannot batch (nn.GRU, nn.LSTM): a sample at a time
-        per_sample = [
-            jacrev(sample_output)(points, map_tensors(lambda tensor, n=n: tensor[n], X))
-            for n in range(len(output))
-        ]
-        return output, [torch.stack(parts) for parts in zip(*per_sample)]
+        pass
+    per_sample = [
+        jacrev(sample_output)(points, map_tensors(lambda tensor, n=n: tensor[n], X))
+        for n in range(len(output))
+    ]
+    return output, [torch.stack(parts) for parts in zip(*per_sample)]
+
+
+def _sum_agrees(
+    model: nn.Module, params: list[nn.Parameter], X: object, output: Tensor, jacobians: list
+) -> bool:
+    """Whether the per-sample Jacobians, combined with random weights over the samples and
+    outputs, agree with one reverse-mode product over the batch (``vmap`` of ``jacrev`` hits
+    wrong batching rules, e.g. of ``prelu``'s backward in torch 2.13)."""
+    seeded = torch.Generator(output.device).manual_seed(0)  # the caller's state untouched
+    weights = torch.randn(output.shape, dtype=output.dtype, device=output.device, generator=seeded)
+    fixed = {id(p): p.detach() for p in model.parameters()}
+
+    def batch_output(*values: Tensor) -> Tensor:
+        with parameters_replaced(model, {**fixed, **dict(zip(map(id, params), values))}):
+            return model(X)
+
+    _, pullback = vjp(batch_output, *(p.detach() for p in params))
+    tolerance = torch.finfo(output.dtype).eps ** 0.5
+    for jacobian, expected in zip(jacobians, pullback(weights)):
+        found = torch.tensordot(weights, jacobian.detach(), dims=weights.dim())
+        scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
+        if expected.numel() and (found - expected).abs().max() > tolerance * scale:
+            return False
+    return True
 
 
 def _contract(stack: Tensor, jacobian: Tensor, output_dims: int) -> Tensor:

@@ -9,7 +9,7 @@ structure get their exact blocks from ``curvhooks.ggn`` or ``curvhooks.empirical
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,17 @@ def kfac(
         )
     if others == "skip":
         rows = [row for row in rows if row[2]]
+    if not rows:
+        raise ValueError(
+            "curvhooks.kfac: none of the parameters has Kronecker factors and others='skip' "
+            "leaves them all out; pass others='diag' or 'dense', or other params="
+        )
+    second_pass = eigen_correction or (exact and others != "skip")
+    if second_pass and isinstance(data, Iterator):
+        raise ValueError(
+            "curvhooks.kfac passes over the data twice here (EKFAC's correction, or the exact "
+            "blocks of others=); pass a list or a DataLoader, not a one-shot iterator"
+        )
     options = {"process_group": process_group, "batch_size_fn": batch_size_fn}
     blocks = _exact_blocks(model, loss_fn, data, fisher, exact, others, progress, options)
     names = [name for name, _, factored in rows if factored]

@@ -39,7 +39,8 @@ def jacobians(
     model = unwrap(model)
     check_eval_mode(model)
     params = selected_params(model, params)
-    found = None if create_graph else _by_hooks(model, X, params)
+    frozen = any(not param.requires_grad for param in params)  # the hooks serve none
+    found = None if create_graph or frozen else _by_hooks(model, X, params)
     if found is not None:
         return found
     with torch.enable_grad():

@@ -82,8 +82,8 @@ class ModuleDerivatives:
 
     def take_saved(self, io: ModuleIO, output: Tensor) -> None:
         """At the forward pass: keep in ``io.cache`` what autograd saved for the module's
-        backward (``output.grad_fn``) that these derivatives would otherwise recompute. By
-        default nothing."""
+        backward (``output.grad_fn``) that these derivatives would otherwise recompute, or
+        check the call (``GenericDerivatives``). By default nothing."""
 
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         """Push a stack ``[V, N, *out]`` from the output to the input: ``[V, N, *in]``.

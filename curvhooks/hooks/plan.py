@@ -236,7 +236,7 @@ def _modules_to_hook(
         if not (params or (is_leaf and records_leaves)):
             continue
         derivatives = module_derivatives(module)
-        if derivatives is None and generic and params and is_leaf:
+        if derivatives is None and generic and params and is_leaf and GENERIC.serves(module):
             derivatives = GENERIC
             generically.append(describe(path, module))
         if params and unsupported == "skip" and _refused(module, derivatives):

@@ -166,15 +166,14 @@ class Recorder:
         it, the output for derivatives that need it, both shapes, and what the derivatives
         take from autograd's saved tensors."""
         keeps = self.keeps_leaves and derivatives is not None
-        keeps_output = derivatives is not None and derivatives.needs_output and (keeps or params)
         io = ModuleIO(
             module=module,
             input=inp.detach() if params or (keeps and derivatives.needs_input) else None,
-            output=output.detach() if keeps_output else None,
+            output=output.detach() if keeps and derivatives.needs_output else None,
             input_shape=inp.shape,
             output_shape=output.shape,
         )
-        if keeps:
+        if derivatives is not None and (keeps or params):
             derivatives.take_saved(io, output)
         return io
 
