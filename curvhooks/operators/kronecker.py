@@ -74,9 +74,10 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
         projected = torch.matmul(right.root, columns)  # [O', r, k]
         mixed = (left @ projected.view(size_in, -1)).view(size, -1, k)
         _matmul_into(right.root.T, mixed, out.view(size, inputs, k))
-    else:
+    else:  # N acts on the k columns of all O rows at once, by one product of the rows
         mixed = (left @ columns.view(size_in, -1)).view(size, inputs_in, k)
-        _matmul_into(right, mixed, out.view(size, inputs, k))
+        rows = mixed.transpose(1, 2).reshape(-1, inputs_in)  # [O k, I'], one copy
+        out.view(size, inputs, k).copy_((rows @ right.T).view(size, k, inputs).transpose(1, 2))
     return out
 
 
