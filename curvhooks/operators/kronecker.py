@@ -56,8 +56,8 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
 
     A thin ``Gram`` acts through its root ``R`` (``R^T (R P)``), projecting first: with ``M``
     thin, ``P`` shrinks to ``[r, I]`` by one matrix product before ``N`` acts by batched
-    products over its r rows; else ``N`` acts on the O rows (before ``M`` if ``N`` is thin).
-    The last product is written into ``out`` rather than copied there."""
+    products over its r rows, and the last product is written into ``out``; else ``N`` acts
+    by one product over the rows of all columns' ``P`` (before ``M`` if ``N`` is thin)."""
     k = x.shape[-1]
     if out is None:
         out = x.new_empty(math.prod(m.shape[0] for m in mats) if mats else len(x), k)
@@ -70,14 +70,13 @@ def _kron_apply(mats: tuple[Factor, ...], x: Tensor, out: Tensor | None = None) 
         projected = (left.root @ columns.view(size_in, -1)).view(-1, inputs_in, k)  # [r, I, k]
         mixed = right @ projected  # a Gram through its root
         _matmul_into(left.root.T, mixed.view(len(mixed), -1), out.view(size, -1))
-    elif isinstance(right, Gram):
-        projected = torch.matmul(right.root, columns)  # [O', r, k]
-        mixed = (left @ projected.view(size_in, -1)).view(size, -1, k)
-        _matmul_into(right.root.T, mixed, out.view(size, inputs, k))
-    else:  # N acts on the k columns of all O rows at once, by one product of the rows
-        mixed = (left @ columns.view(size_in, -1)).view(size, inputs_in, k)
-        rows = mixed.transpose(1, 2).reshape(-1, inputs_in)  # [O k, I'], one copy
-        out.view(size, inputs, k).copy_((rows @ right.T).view(size, k, inputs).transpose(1, 2))
+    else:  # N acts on all O' rows and k columns at once, as rows [O' k, I'] (copied)
+        rows = columns.transpose(1, 2).reshape(-1, inputs_in)
+        projected = rows @ (right.root.T if isinstance(right, Gram) else right.T)
+        mixed = (left @ projected.view(size_in, -1)).view(size * k, -1)  # [O k, r or I]
+        if isinstance(right, Gram):
+            mixed = mixed @ right.root
+        out.view(size, inputs, k).copy_(mixed.view(size, k, inputs).transpose(1, 2))
     return out
 
 
