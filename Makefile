@@ -10,12 +10,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: tour test
+.PHONY: tour test test-slow
 tour: $(VENV)/.installed
 	$(PYTHON) examples/visual_tour.py --out figures
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -m slow
 
 .PHONY: docs
 docs: $(VENV)/.installed
