@@ -209,6 +209,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="none of the parameters has Kronecker factors"):
         curvhooks.kfac(model, loss_fn, data, params=norms, others="skip")
     assert len(curvhooks.kfac(model, loss_fn, data, params=norms).others) == 2
+    wide = torch.nn.Sequential(torch.nn.Linear(2, 12000), torch.nn.LayerNorm(12000)).double()
+    X, y = torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 12000, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"others='dense'.*\[24000, 24000\].*others='diag'"):
+        curvhooks.kfac(wide, torch.nn.MSELoss(), (X, y), others="dense")
     model, loss_fn, _, _, data = _data("mlp", "ce-mean")
     with pytest.raises(ValueError, match="mc_samples=3 applies to fisher='mc' only"):
         curvhooks.kfac(model, loss_fn, data, mc_samples=3)

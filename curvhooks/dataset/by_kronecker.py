@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvhooks.dataset.plan import Structure, layout, model_device, unwrap
+from curvhooks.dataset.plan import DEFAULT_MAX_MEMORY, Structure, layout, model_device, unwrap
 from curvhooks.dataset.seeding import seeded
 from curvhooks.dataset.weighting import DatasetSum
 from curvhooks.derivatives import module_derivatives
@@ -177,6 +177,14 @@ def _exact_blocks(
     matrix_of = empirical_fisher if fisher == "empirical" else ggn
     structure = "diag" if others == "diag" else "param"
     params = [param for _, param in exact]
+    size = sum(param.numel() for param in params)
+    if others == "dense" and size**2 * params[0].element_size() > DEFAULT_MAX_MEMORY:
+        raise ValueError(
+            f"curvhooks.kfac(others='dense'): the exact blocks of the {size} parameters without "
+            f"Kronecker factors are computed within one [{size}, {size}] matrix, more than "
+            f"{DEFAULT_MAX_MEMORY / 2**30:.0f} GiB; pass others='diag', or leave some out with "
+            "params= or others='skip'"
+        )
     matrix = matrix_of(model, loss_fn, data, params, structure, progress=progress, **options)
     blocks, start = {}, 0
     for name, param in exact:
