@@ -14,8 +14,7 @@ it works for any differentiable model and any scalar loss module, supported or n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +35,7 @@ from curvhooks.derivatives import (
     supported_names,
 )
 from curvhooks.errors import UnsupportedError
+from curvhooks.functional import agree, check_weights, parameters_replaced
 
 
 @torch.enable_grad()  # also inside a caller's torch.no_grad() block
@@ -76,30 +76,6 @@ class _Task:
     rows: list[int]
     columns: list[int]
     start: int
-
-
-@contextmanager
-def parameters_replaced(model: nn.Module, values: dict[int, Tensor]) -> Iterator[None]:
-    """Run the block with each parameter of ``model`` whose id is in ``values`` replaced by
-    that tensor, in every module holding it, then put the parameters back.
-
-    ``torch.func.functional_call`` restores a module that appears twice in a model (an
-    unrolled recurrence) wrongly, leaving plain tensors in place of its parameters (torch
-    2.13); this records every holder before replacing anything.
-    """
-    holders = [
-        (module, name, param)
-        for module in model.modules()
-        for name, param in module._parameters.items()
-        if param is not None and id(param) in values
-    ]
-    try:
-        for module, name, param in holders:
-            module._parameters[name] = values[id(param)]
-        yield
-    finally:
-        for module, name, param in holders:
-            module._parameters[name] = param
 
 
 def _stages(model: nn.Module) -> list[nn.Module]:
@@ -303,8 +279,7 @@ def _sum_agrees(
     """Whether the per-sample Jacobians, combined with random weights over the samples and
     outputs, agree with one reverse-mode product over the batch (``vmap`` of ``jacrev`` hits
     wrong batching rules, e.g. of ``prelu``'s backward in torch 2.13)."""
-    seeded = torch.Generator(output.device).manual_seed(0)  # the caller's state untouched
-    weights = torch.randn(output.shape, dtype=output.dtype, device=output.device, generator=seeded)
+    weights = check_weights(output)
     fixed = {id(p): p.detach() for p in model.parameters()}
 
     def batch_output(*values: Tensor) -> Tensor:
@@ -312,13 +287,10 @@ def _sum_agrees(
             return model(X)
 
     _, pullback = vjp(batch_output, *(p.detach() for p in params))
-    tolerance = torch.finfo(output.dtype).eps ** 0.5
-    for jacobian, expected in zip(jacobians, pullback(weights)):
-        found = torch.tensordot(weights, jacobian.detach(), dims=weights.dim())
-        scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
-        if expected.numel() and (found - expected).abs().max() > tolerance * scale:
-            return False
-    return True
+    return all(
+        agree(torch.tensordot(weights, jacobian.detach(), dims=weights.dim()), expected)
+        for jacobian, expected in zip(jacobians, pullback(weights))
+    )
 
 
 def _contract(stack: Tensor, jacobian: Tensor, output_dims: int) -> Tensor:

@@ -64,12 +64,7 @@ def hook_matrices(
     random state for ``seed=None``)."""
     derivatives = _check(loss_fn, kinds, plan.structure)
     diag = plan.structure is Structure.DIAG
-    extensions = {
-        kind: {**FACTORS, **BLOCKS}[kind][0 if diag else 1](
-            *([mc_samples] if kind is Kind.GGN and mc_samples else [])
-        )
-        for kind in kinds
-    }
+    extensions = {kind: _extension(kind, diag, mc_samples) for kind in kinds}
     results = {kind: plan.new_result() for kind in kinds}
     batch = BatchResults()
     with hooked(
@@ -162,6 +157,13 @@ def batch_factors(
             if kind is Kind.EMPIRICAL_FISHER:
                 weight = weight / derivatives.scale(loss_fn, output)
             yield [rows_or_zeros(v, p, count) for v, p in zip(values, params)], weight
+
+
+def _extension(kind: Kind, diag: bool, mc_samples: int | None) -> Extension:
+    """The extension that gives ``kind``'s diagonal (``diag``) or factor or blocks; the GGN's
+    from ``mc_samples`` sampled square roots where given."""
+    extension = {**FACTORS, **BLOCKS}[kind][0 if diag else 1]
+    return extension(mc_samples) if kind is Kind.GGN else extension()
 
 
 def _check(loss_fn: nn.Module, kinds: tuple[Kind, ...], structure: Structure):

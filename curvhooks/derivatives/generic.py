@@ -32,6 +32,7 @@ from torch.func import vjp, vmap
 
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
+from curvhooks.functional import agree, check_weights, parameters_replaced
 
 _PRODUCTS = "generic_products"
 
@@ -60,7 +61,7 @@ class GenericDerivatives(ModuleDerivatives):
         except (TypeError, RuntimeError) as error:
             raise _refusal(io.module, f"it fails when run again on its input ({error})") from error
         for where, value in (("on the batch", batched), ("on each sample alone", alone)):
-            if not _agree(value, output.detach()):
+            if not agree(value, output.detach()):
                 raise _refusal(
                     io.module,
                     f"run again {where} it gives another output than in the forward pass (it "
@@ -100,16 +101,13 @@ def _refusal_reason(module: nn.Module) -> str | None:
 def _call(module: nn.Module, values: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
     """The module's ``forward`` on an input (no hooks: the recorder's would record the call),
     its parameters detached and replaced by ``values`` where given."""
+    replaced = {
+        id(param): values.get(name, param.detach()) for name, param in module.named_parameters()
+    }
 
     def output(x: Tensor) -> Tensor:
-        held = dict(module._parameters)
-        try:
-            for name, param in held.items():
-                if param is not None:
-                    module._parameters[name] = values.get(name, param.detach())
+        with parameters_replaced(module, replaced):
             return module.forward(x)
-        finally:
-            module._parameters.update(held)
 
     return output
 
@@ -144,27 +142,16 @@ def _check_batching(
     """Raise unless ``products`` (``[V, N, ...]`` each, summed over the samples if
     ``summed``) agree with one plain reverse-mode product of a random combination of the
     stack's vectors over the batch."""
-    seeded = torch.Generator(mat.device).manual_seed(0)  # the caller's random state untouched
-    weights = torch.randn(len(mat), dtype=mat.dtype, device=mat.device, generator=seeded)
+    weights = check_weights(mat, (len(mat),))
     expected = pullback(torch.einsum("v,v...->...", weights, mat))
     for found, reference in zip(products, expected):
         combined = torch.einsum("v,v...->...", weights, found.sum(1) if summed else found)
-        if found.shape[0] != len(mat) or not _agree(combined, reference):
+        if found.shape[0] != len(mat) or not agree(combined, reference):
             raise _refusal(
                 module,
                 "torch.func's batched products disagree with a plain one over the batch (a "
                 "batching rule of this torch version)",
             )
-
-
-def _agree(found: Tensor, expected: Tensor) -> bool:
-    """Whether two tensors agree to the square root of their dtype's machine epsilon,
-    relative to the larger magnitude (at least 1)."""
-    if found.shape != expected.shape:
-        return False
-    scale = max(float(expected.abs().max()) if expected.numel() else 0.0, 1.0)
-    tolerance = torch.finfo(expected.dtype).eps ** 0.5 * scale
-    return bool((found - expected).abs().max() <= tolerance) if found.numel() else True
 
 
 def _refusal(module: nn.Module, why: str) -> UnsupportedError:

@@ -28,7 +28,6 @@ from torch.func import grad, jvp, vjp, vmap
 
 from curvhooks import tuning
 from curvhooks._compat import math_attention
-from curvhooks.dataset.by_autograd import parameters_replaced
 from curvhooks.dataset.by_hooks import batch_factors, hook_factor
 from curvhooks.dataset.plan import Kind, model_device, selected_params, unwrap
 from curvhooks.dataset.seeding import seeded
@@ -36,6 +35,7 @@ from curvhooks.dataset.weighting import DatasetSum, FirstBatchKept
 from curvhooks.derivatives import loss_gradient
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions.base import check_mc_samples
+from curvhooks.functional import parameters_replaced
 from curvhooks.hooks import check_eval_mode
 from curvhooks.hooks.calls import tensors_in
 from curvhooks.hooks.plan import check_loss
