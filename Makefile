@@ -10,15 +10,43 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: tour test test-slow
+# The libraries the tests compare with (laplace-torch and its curvlinops and BackPACK
+# backends), beside the CPU torch: without their dependencies, since BackPACK and
+# laplace-torch ask for torchvision, which pulls a multi-GB CUDA torch; then those
+# dependencies that are light.
+PEERS := backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 laplace-torch==0.3 \
+	asdfghjkl==0.1a4 torchmetrics lightning-utilities
+PEER_DEPENDENCIES := einops unfoldNd einconv linear_operator opt-einsum scipy tqdm packaging
+
+$(VENV)/.peers: $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet --no-deps $(PEERS)
+	$(PYTHON) -m pip install --quiet $(PEER_DEPENDENCIES)
+	touch $@
+
+# The newest torch the package index offers (a CUDA build of several GB from PyPI; pip's
+# cap on this machine's torch is lifted for this environment only).
+NEWEST := .venv-newest
+NEWEST_PIP := PIP_CONSTRAINT=/dev/null $(NEWEST)/bin/python -m pip
+
+$(NEWEST)/.installed: pyproject.toml
+	python3 -m venv $(NEWEST)
+	$(NEWEST_PIP) install --quiet --upgrade torch
+	$(NEWEST_PIP) install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: tour test test-slow test-newest
 tour: $(VENV)/.installed
 	$(PYTHON) examples/visual_tour.py --out figures
 
-test: $(VENV)/.installed
+test: $(VENV)/.peers
 	$(PYTHON) -m pytest -q
 
-test-slow: $(VENV)/.installed
+test-slow: $(VENV)/.peers
 	$(PYTHON) -m pytest -q -m slow
+
+test-newest: $(NEWEST)/.installed
+	$(NEWEST)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(NEWEST)/bin/python -m pytest -q
 
 .PHONY: docs
 docs: $(VENV)/.installed

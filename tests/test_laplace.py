@@ -1,0 +1,210 @@
+"""``curvhooks.laplace``: laplace-torch fitted with the curvhooks backends equals it fitted with
+its curvlinops and BackPACK backends (float64), for regression and classification, every
+curvature structure and all, last-layer and subnetwork weights; the backends' Jacobians and
+gradients equal laplace-torch's own ``torch.func`` ones. Skipped without laplace-torch (and
+its peer backends)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pytest.importorskip("laplace")
+pytest.importorskip("curvlinops")
+pytest.importorskip("backpack")
+
+from laplace import Laplace  # noqa: E402
+from laplace.curvature import (  # noqa: E402
+    BackPackEF,
+    BackPackGGN,
+    CurvatureInterface,
+    CurvlinopsEF,
+    CurvlinopsGGN,
+    CurvlinopsHessian,
+)
+
+import curvhooks  # noqa: E402
+from curvhooks.laplace import CurvhooksEF, CurvhooksGGN, CurvhooksHessian  # noqa: E402
+from tests import reference  # noqa: E402
+from tests.problems import assert_close  # noqa: E402
+
+LIKELIHOODS = ("regression", "classification")
+ARCHITECTURES = ("mlp", "cnn")
+PEERS = [  # (ours, structure, laplace-torch's backend giving the same matrix)
+    (CurvhooksGGN, "full", CurvlinopsGGN),
+    (CurvhooksGGN, "full", BackPackGGN),
+    (CurvhooksGGN, "kron", CurvlinopsGGN),
+    (CurvhooksGGN, "kron", BackPackGGN),
+    (CurvhooksGGN, "diag", CurvlinopsGGN),
+    (CurvhooksGGN, "diag", BackPackGGN),
+    (CurvhooksEF, "full", CurvlinopsEF),
+    (CurvhooksEF, "full", BackPackEF),
+    (CurvhooksEF, "kron", CurvlinopsEF),
+    (CurvhooksEF, "diag", BackPackEF),
+    (CurvhooksHessian, "full", CurvlinopsHessian),
+]
+
+
+@pytest.fixture(autouse=True)
+def float64_by_default():
+    """laplace-torch's curvlinops backend multiplies by ``torch.eye`` of the default dtype."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
+
+
+def _problem(likelihood: str, architecture: str) -> tuple[nn.Module, DataLoader]:
+    """A small float64 model and 20 samples in batches of 8, 8 and 4."""
+    torch.manual_seed(0)
+    outputs = 3 if likelihood == "classification" else 2
+    if architecture == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, outputs))
+        X = torch.randn(20, 4)
+    else:
+        convolution = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        model = nn.Sequential(convolution, nn.ReLU(), nn.Flatten(), nn.Linear(12, outputs))
+        X = torch.randn(20, 2, 4, 4)
+    y = torch.randint(0, 3, (20,)) if likelihood == "classification" else torch.randn(20, 2)
+    return model.double(), DataLoader(TensorDataset(X.double(), y), batch_size=8)
+
+
+def _fitted(backend: type, likelihood: str, architecture: str, **options) -> Laplace:
+    model, loader = _problem(likelihood, architecture)
+    laplace = Laplace(model, likelihood, backend=backend, **options)
+    laplace.fit(loader)
+    return laplace
+
+
+def _matrix(laplace: Laplace) -> torch.Tensor:
+    return laplace.H.to_matrix() if hasattr(laplace.H, "to_matrix") else laplace.H
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("weights", ["all", "last_layer"])
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("ours, structure, peer", PEERS, ids=lambda v: getattr(v, "__name__", v))
+def test_laplace_equals_its_peer_backends(ours, structure, peer, likelihood, weights, architecture):
+    if (peer, structure, weights, architecture) == (BackPackGGN, "kron", "all", "cnn"):
+        pytest.skip("BackPACK's KFLR of a convolution takes another convention than KFAC's")
+    options = {"subset_of_weights": weights, "hessian_structure": structure}
+    fitted = _fitted(ours, likelihood, architecture, **options)
+    expected = _fitted(peer, likelihood, architecture, **options)
+    assert_close(_matrix(fitted), _matrix(expected))
+    assert_close(fitted.loss, expected.loss)
+    if ours is CurvhooksHessian:
+        return  # indefinite: no Gaussian posterior to predict with
+    X = next(iter(_problem(likelihood, architecture)[1]))[0]
+    for got, want in zip(fitted(X), expected(X)):  # the GLM predictive
+        assert_close(got, want)
+
+
+SUBNETWORK = torch.tensor([0, 3, 7, 20, 40])
+REFERENCES = {
+    CurvhooksGGN: reference.ggn,
+    CurvhooksEF: reference.empirical_fisher,
+    CurvhooksHessian: reference.hessian_matrix,
+}
+
+
+def _restricted_reference(ours: type, likelihood: str) -> torch.Tensor:
+    """The reference matrix of all weights over the whole data set, the subnetwork's rows
+    and columns, scaled as laplace-torch's."""
+    model, loader = _problem(likelihood, "mlp")
+    X, y = (torch.cat(parts) for parts in zip(*loader))
+    backend = ours(model, likelihood)
+    full = backend.factor * REFERENCES[ours](model, backend.lossfunc, X, y)
+    return full[SUBNETWORK][:, SUBNETWORK]
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("structure", ["full", "diag"])
+@pytest.mark.parametrize("ours", [CurvhooksGGN, CurvhooksEF])
+def test_a_subnetwork_is_the_full_matrix_restricted(ours, structure, likelihood):
+    options = {"subset_of_weights": "subnetwork", "subnetwork_indices": SUBNETWORK}
+    fitted = _fitted(ours, likelihood, "mlp", hessian_structure=structure, **options)
+    expected = _restricted_reference(ours, likelihood)
+    assert_close(_matrix(fitted), expected if structure == "full" else expected.diagonal())
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_the_hessian_of_a_subnetwork_by_products(likelihood):
+    """laplace-torch takes subnetworks of the GGN and EF only; the backend itself serves
+    the Hessian's, from products with the subnetwork's unit vectors."""
+    model, loader = _problem(likelihood, "mlp")
+    backend = CurvhooksHessian(model, likelihood, subnetwork_indices=SUBNETWORK)
+    blocks = [backend.full(X, y)[1] for X, y in loader]
+    assert_close(sum(blocks), _restricted_reference(CurvhooksHessian, likelihood))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_jacobians_and_gradients_equal_laplace_torch_s_own(likelihood, architecture):
+    model, loader = _problem(likelihood, architecture)
+    X, y = next(iter(loader))
+    ours = CurvhooksEF(model, likelihood)
+    theirs = CurvatureInterface(model, likelihood)  # torch.func
+    for got, want in zip(ours.jacobians(X), theirs.jacobians(X)):
+        assert_close(got, want)
+    for got, want in zip(ours.gradients(X, y), theirs.gradients(X, y)):
+        assert_close(got, want)
+    assert all(param.grad is None for param in model.parameters())
+
+
+def test_last_layer_jacobians_are_differentiable_in_the_input():
+    fitted = _fitted(CurvhooksGGN, "classification", "mlp", subset_of_weights="last_layer")
+    X = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    J, f = fitted.backend.last_layer_jacobians(X, enable_backprop=True)
+    expected = CurvatureInterface.last_layer_jacobians(fitted.backend, X, enable_backprop=True)
+    assert_close(J, expected[0])
+    assert_close(f, expected[1])
+    (gradient,) = torch.autograd.grad(J.square().sum() + f.sum(), X)
+    (want,) = torch.autograd.grad(expected[0].square().sum() + expected[1].sum(), X)
+    assert_close(gradient, want)
+
+
+def test_kron_gives_norm_layers_their_exact_blocks():
+    """A model with a BatchNorm (eval mode): its parameters' blocks in ``kron`` are the
+    exact GGN's; the Linear layers' are KFAC's (curvhooks.kfac, tested elsewhere)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    model.double().eval()
+    model[1].running_mean.normal_()
+    X, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    options = {"subset_of_weights": "all", "hessian_structure": "kron"}
+    laplace = Laplace(model, "classification", backend=CurvhooksGGN, **options)
+    laplace.fit(loader)
+    matrix = laplace.H.to_matrix()
+    exact = reference.ggn(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
+    norm = slice(25, 35)  # the BatchNorm's weight and bias, after the first Linear's 25
+    assert_close(matrix[norm, norm].diagonal(), exact[norm, norm].diagonal())
+    assert_close(matrix[25:30, 25:30], exact[25:30, 25:30])
+    assert_close(matrix[30:35, 30:35], exact[30:35, 30:35])
+    kfac = curvhooks.kfac(model, nn.CrossEntropyLoss(reduction="sum"), [(X, y)], others="dense")
+    assert_close(matrix, kfac.to_dense())
+
+
+def test_stochastic_ggn_approaches_the_ggn():
+    """``stochastic=True``: the Monte Carlo GGN of many sampled labels is near the GGN."""
+    options = {"subset_of_weights": "all", "hessian_structure": "diag"}
+    model, loader = _problem("classification", "mlp")
+    stochastic = {"stochastic": True, "num_samples": 4000}
+    laplace = Laplace(
+        model, "classification", backend=CurvhooksGGN, backend_kwargs=stochastic, **options
+    )
+    laplace.fit(loader)
+    exact = _fitted(CurvhooksGGN, "classification", "mlp", **options)
+    relative = (laplace.H - exact.H).norm() / exact.H.norm()
+    assert 0 < relative < 0.05
+
+
+def test_dict_inputs_and_the_hessian_s_kron_are_refused():
+    model, _ = _problem("regression", "mlp")
+    backend = CurvhooksHessian(model, "regression")
+    with pytest.raises(ValueError, match="tensor inputs"):
+        backend.jacobians({"input_ids": torch.zeros(2, 4)})
+    with pytest.raises(NotImplementedError, match="CurvhooksGGN or CurvhooksEF"):
+        backend.kron(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 2), N=2)
