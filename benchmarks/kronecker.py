@@ -4,8 +4,10 @@ over a data set, and the hook-level ``KFLR``/``KFAC`` against BackPACK's ``KFLR`
 Dataset level (the visual tour's three batches, and the MLP and the CNN of
 ``benchmarks.problems`` as one batch): building the factors and one product with a
 ``[D, 10]`` block, for the type-2 and the empirical Fisher; on the tour also a hand-written
-floor of the empirical factors' work. Hook level (the MLP and the CNN):
-one backward pass with the extension, against a plain backward pass.
+floor of the empirical factors' work. The product ``K @ V`` alone (type-2 KFAC, built once)
+against its floor: one ``torch.mm`` of contiguous square matrices with as many floating-point
+operations as ``K @ V``'s matrix products (counted by ``torch.profiler``). Hook level (the
+MLP and the CNN): one backward pass with the extension, against a plain backward pass.
 
 Run: ``python -m benchmarks.kronecker [--repeats 10] [--problem NAME]``; writes
 docs/benchmarks/kronecker.md when it ran every problem.
@@ -104,7 +106,24 @@ def _dataset_methods(model, loss_fn, data, device) -> dict[str, Callable[[], obj
                 )
                 @ block
             )
+    operator = curvhooks.kfac(model, loss_fn, data)
+    methods["curvhooks K @ V"] = lambda: operator @ block
+    methods["torch.mm floor of K @ V"] = _mm_floor(lambda: operator @ block, device)
     return methods
+
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+
+
+def _mm_floor(product: Callable[[], Tensor], device: torch.device) -> Callable[[], Tensor]:
+    """One ``torch.mm`` of two contiguous square ``[n, n]`` matrices with as many operations
+    (``2 n^3``) as the matrix products of ``product`` (the floor of its arithmetic)."""
+    with torch.profiler.profile(with_flops=True) as profile:
+        product()
+    flops = sum(e.flops for e in profile.key_averages() if e.key in MATRIX_PRODUCTS)
+    side = max(1, round((flops / 2) ** (1 / 3)))
+    first, second = torch.randn(2, side, side, device=device)
+    return lambda: torch.mm(first, second)
 
 
 def _hook_methods(model, loss_fn, X, y) -> dict[str, Callable[[], object]]:
@@ -123,6 +142,8 @@ def _hook_methods(model, loss_fn, X, y) -> dict[str, Callable[[], object]]:
 def _peers_of(method: str) -> tuple[str, ...]:
     if method.startswith("curvhooks kfac"):
         return (method.replace("curvhooks", "curvlinops"),)
+    if method == "curvhooks K @ V":
+        return ("torch.mm floor of K @ V",)
     if method.startswith("curvhooks K"):
         return (method.replace("curvhooks", "backpack"),)
     return ()
@@ -130,7 +151,11 @@ def _peers_of(method: str) -> tuple[str, ...]:
 
 def main() -> None:
     args = problems_parser(list(SETTINGS), repeats=10).parse_args()
-    groups = (("curvhooks kfac", "curvlinops kfac", "hand-written"), ("curvhooks K", "backpack K"))
+    groups = (
+        ("curvhooks kfac", "curvlinops kfac", "hand-written"),
+        ("curvhooks K @", "torch.mm"),
+        ("curvhooks KF", "backpack K"),
+    )
     doc = ("kronecker", "Kronecker factors (KFAC over a data set; KFLR, KFAC per step)")
     run_problems(args, __spec__.name, build_methods, _peers_of, list(SETTINGS), doc, groups)
 
