@@ -32,6 +32,8 @@ $(NEWEST)/.installed: pyproject.toml
 	python3 -m venv $(NEWEST)
 	$(NEWEST_PIP) install --quiet --upgrade torch
 	$(NEWEST_PIP) install --quiet -e ".[test]"
+	$(NEWEST_PIP) install --quiet --no-deps $(PEERS)
+	$(NEWEST_PIP) install --quiet $(PEER_DEPENDENCIES)
 	touch $@
 
 .PHONY: tour test test-slow test-newest

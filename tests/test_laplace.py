@@ -6,6 +6,8 @@ its peer backends)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -208,3 +210,113 @@ def test_dict_inputs_and_the_hessian_s_kron_are_refused():
         backend.jacobians({"input_ids": torch.zeros(2, 4)})
     with pytest.raises(NotImplementedError, match="CurvhooksGGN or CurvhooksEF"):
         backend.kron(torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 2), N=2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kron_of_one_by_one_weights_over_several_batches(bias):
+    """A ``[1, 1]`` weight keeps two factors, so that the batches' sums are those of the
+    factors (as BackPACK's backend gives them), not of their products."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1, bias=bias), nn.Tanh(), nn.Linear(1, 1, bias=bias))
+    X, y = torch.randn(12, 1), torch.randn(12, 1)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    matrices = []
+    for backend in (CurvhooksGGN, BackPackGGN):
+        laplace = Laplace(
+            copy.deepcopy(model), "regression", backend=backend, subset_of_weights="all",
+            hessian_structure="kron",
+        )  # fmt: skip
+        laplace.fit(loader)
+        matrices.append(_matrix(laplace))
+    assert_close(*matrices)
+
+
+def test_kron_refuses_a_factorless_parameter_of_two_dimensions():
+    """laplace-torch's ``Kron`` holds a 2-D parameter only as two factors; an ``Embedding``
+    has none: a clear error, while ``full`` serves the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 2))
+    X, y = torch.randint(0, 6, (8, 2)), torch.randn(8, 2)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)
+    options = {"subset_of_weights": "all"}
+    kron = Laplace(model, "regression", backend=CurvhooksGGN, hessian_structure="kron", **options)
+    with pytest.raises(ValueError, match="only as two Kronecker factors"):
+        kron.fit(loader)
+    fitted = Laplace(model, "regression", backend=CurvhooksGGN, hessian_structure="full", **options)
+    fitted.fit(loader)
+    expected = Laplace(
+        model, "regression", backend=CurvlinopsGGN, hessian_structure="full", **options
+    )
+    expected.fit(loader)
+    assert_close(fitted.H, expected.H)
+
+
+@pytest.mark.parametrize("structure", ["full", "diag"])
+@pytest.mark.parametrize("ours, peer", [(CurvhooksGGN, CurvlinopsGGN), (CurvhooksEF, CurvlinopsEF)])
+def test_frozen_parameters_are_left_out(ours, peer, structure):
+    """Parameters with ``requires_grad=False`` have no rows; the rest as curvlinops'
+    (whose dense matrix gives the diagonal)."""
+    matrices = []
+    for backend, kind in ((ours, structure), (peer, "full")):
+        model, loader = _problem("classification", "mlp")
+        model[0].weight.requires_grad_(False)
+        model[2].bias.requires_grad_(False)
+        laplace = Laplace(
+            model, "classification", backend=backend, subset_of_weights="all",
+            hessian_structure=kind,
+        )  # fmt: skip
+        laplace.fit(loader)
+        matrices.append(_matrix(laplace))
+    ours_matrix, full = matrices
+    assert_close(ours_matrix, full if structure == "full" else full.diagonal())
+
+
+def test_a_second_fit_without_override_adds_to_the_first():
+    options = {"subset_of_weights": "all", "hessian_structure": "kron"}
+    matrices = []
+    for backend in (CurvhooksGGN, CurvlinopsGGN):
+        model, loader = _problem("classification", "cnn")
+        laplace = Laplace(model, "classification", backend=backend, **options)
+        laplace.fit(loader)
+        laplace.fit(loader, override=False)
+        matrices.append(_matrix(laplace))
+    assert_close(*matrices)
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_the_hessian_s_diagonal(likelihood):
+    options = {"subset_of_weights": "all", "hessian_structure": "diag"}
+    fitted = _fitted(CurvhooksHessian, likelihood, "mlp", **options)
+    model, loader = _problem(likelihood, "mlp")
+    X, y = (torch.cat(parts) for parts in zip(*loader))
+    expected = reference.hessian_matrix(model, fitted.backend.lossfunc, X, y).diagonal()
+    assert_close(fitted.H, fitted.backend.factor * expected)
+
+
+def test_stochastic_kron_approaches_kron():
+    """``stochastic=True`` with ``hessian_structure="kron"``: the output factors of many
+    sampled labels are near the exact ones."""
+    options = {"subset_of_weights": "all", "hessian_structure": "kron"}
+    model, loader = _problem("classification", "mlp")
+    stochastic = {"stochastic": True, "num_samples": 4000}
+    laplace = Laplace(
+        model, "classification", backend=CurvhooksGGN, backend_kwargs=stochastic, **options
+    )
+    laplace.fit(loader)
+    exact = _fitted(CurvhooksGGN, "classification", "mlp", **options)
+    got, want = _matrix(laplace), _matrix(exact)
+    assert 0 < (got - want).norm() / want.norm() < 0.05
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_fitting_leaves_the_model_as_it_was(structure):
+    """No ``p.grad``, no result attributes and no hooks left on the model."""
+    model, loader = _problem("classification", "cnn")
+    options = {"subset_of_weights": "all", "hessian_structure": structure}
+    Laplace(model, "classification", backend=CurvhooksGGN, **options).fit(loader)
+    for param in model.parameters():
+        assert param.grad is None
+        assert set(vars(param)) <= {"_is_param"}, vars(param)
+    for module in model.modules():
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
+        assert not any(hooks), module
