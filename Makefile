@@ -40,15 +40,19 @@ $(NEWEST)/.installed: pyproject.toml
 tour: $(VENV)/.installed
 	$(PYTHON) examples/visual_tour.py --out figures
 
+# Two worker processes of one thread each (tests/conftest.py pins the threads): they use
+# two cores without the waits of two OpenMP threads on a shared machine.
+WORKERS := -n 2
+
 test: $(VENV)/.peers
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(WORKERS)
 
 test-slow: $(VENV)/.peers
-	$(PYTHON) -m pytest -q -m slow
+	$(PYTHON) -m pytest -q $(WORKERS) -m slow
 
 test-newest: $(NEWEST)/.installed
 	$(NEWEST)/bin/python -c "import torch; print('torch', torch.__version__)"
-	$(NEWEST)/bin/python -m pytest -q
+	$(NEWEST)/bin/python -m pytest -q $(WORKERS)
 
 .PHONY: docs
 docs: $(VENV)/.installed
