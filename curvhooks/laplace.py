@@ -116,14 +116,17 @@ class CurvhooksInterface(CurvatureInterface):
         ``self.factor``."""
         if self.subnetwork_indices is not None:
             raise ValueError("laplace-torch's Kron has no subnetwork form; use 'full' or 'diag'")
-        data = self._data(x, y)
-        operator = curvhooks.kfac(
-            self.model, self.lossfunc, data, params=self.params, others="dense", **options
+        operator, loss = curvhooks.kfac(
+            self.model,
+            self.lossfunc,
+            self._data(x, y),
+            params=self.params,
+            others="dense",
+            return_loss=True,
+            **options,
         )
         named = dict(zip(map(id, operator.params), operator.names))
         blocks = [self._kron_block(operator, named[id(p)], p, len(y) / N) for p in self.params]
-        with torch.no_grad():
-            loss = self.lossfunc(self.model(data[0][0]), y)
         return self.factor * loss, Kron(blocks) * self.factor
 
     @staticmethod

@@ -194,6 +194,27 @@ def test_exact_blocks_of_parameters_without_factors(name, loss, fisher, others, 
     assert_close(shifted.logdet(), torch.linalg.slogdet(shifted.to_dense())[1])
 
 
+@pytest.mark.parametrize(
+    "name, loss", [("mlp", "ce-mean"), ("conv1d", "mse-sum"), ("cnn-batchnorm", "ce-mean")]
+)
+@pytest.mark.parametrize("eigen_correction", [False, True], ids=["kfac", "ekfac"])
+def test_return_loss(name, loss, eigen_correction):
+    """``return_loss=True``: the operator as without it, and the whole-dataset loss of all
+    the samples as one batch, over unequal batches; also where only exact blocks are asked
+    for (the BatchNorm's parameters alone)."""
+    model, loss_fn, X, y, data = _data(name, loss)
+    options = {"eigen_correction": eigen_correction, "others": "dense"}
+    operator, found = curvhooks.kfac(model, loss_fn, data, return_loss=True, **options)
+    assert_close(operator.to_dense(), curvhooks.kfac(model, loss_fn, data, **options).to_dense())
+    assert found.dim() == 0 and not found.requires_grad
+    with torch.no_grad():
+        assert_close(found, loss_fn(model(X), y))
+    if name == "cnn-batchnorm":
+        norms = [model[1].weight, model[1].bias]
+        _, alone = curvhooks.kfac(model, loss_fn, data, params=norms, return_loss=True)
+        assert_close(alone, found)
+
+
 def test_bad_input():
     model, loss_fn, _, _, data = _data("cnn-batchnorm", "ce-mean")
     with pytest.raises(curvhooks.UnsupportedError, match="BatchNorm2d.*others='skip' or params="):

@@ -10,7 +10,7 @@ structure get their exact blocks from ``curvhooks.ggn`` or ``curvhooks.empirical
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,8 @@ def kfac(
     progress: bool = False,
     process_group: object = None,
     batch_size_fn: Callable[[Any], int] | None = None,
-) -> Kronecker:
+    return_loss: bool = False,
+) -> Kronecker | tuple[Kronecker, Tensor]:
     """Kronecker-factored approximation of the whole-dataset loss's GGN (or Fisher).
 
     Each selected weight ``[O, *rest]`` gets factors ``(B, A)``, ``B`` ``[O, O]`` and ``A``
@@ -91,10 +92,13 @@ def kfac(
         progress: Show a progress bar over the batches.
         process_group: Under ``torch.distributed``, the processes whose data to combine.
         batch_size_fn: The sample count of a batch's input (default: ``y.shape[0]``).
+        return_loss: Also return the whole-dataset loss ``L`` (0-dim, detached) from the
+            same pass over the data.
 
     Returns:
         A ``Kronecker`` operator with ``@``, ``to_dense``, ``inverse``, ``trace``,
-        ``logdet``, ``frobenius_norm``, ``diag``, ``factors`` and ``params``.
+        ``logdet``, ``frobenius_norm``, ``diag``, ``factors`` and ``params``; with
+        ``return_loss``, ``(operator, L)``.
     """
     model = unwrap(model)
     if others not in OTHERS:
@@ -130,10 +134,14 @@ def kfac(
             "blocks of others=); pass a list or a DataLoader, not a one-shot iterator"
         )
     options = {"process_group": process_group, "batch_size_fn": batch_size_fn}
-    blocks = _exact_blocks(model, loss_fn, data, fisher, exact, others, progress, options)
     names = [name for name, _, factored in rows if factored]
     params = [param for _, param, factored in rows if factored]
-    passes = _Passes(model, loss_fn, data, params, names, progress, **options)
+    blocks, loss = _exact_blocks(
+        model, loss_fn, data, fisher, exact, others, progress, options, return_loss and not params
+    )
+    passes = _Passes(
+        model, loss_fn, data, params, names, progress, **options, keeps_loss=return_loss
+    )
     with seeded(seed, model_device(model)):
         try:
             factors = passes.accumulate(factors_of, _factor_shapes) if params else {}
@@ -152,9 +160,10 @@ def kfac(
             correction = EigenCorrection(kind, by_id)
             corrected = {n: f[0] for n, f in passes.accumulate(correction, _eigen_shapes).items()}
     all_names, all_params = [row[0] for row in rows], [row[1] for row in rows]
-    return Kronecker(
+    operator = Kronecker(
         factors, all_params, all_names, corrected=corrected, eigenbases=bases, others=blocks
     )
+    return (operator, passes.loss if params else loss) if return_loss else operator
 
 
 def _exact_blocks(
@@ -166,14 +175,16 @@ def _exact_blocks(
     others: str,
     progress: bool,
     options: dict[str, Any],
-) -> dict[str, Tensor]:
+    return_loss: bool,
+) -> tuple[dict[str, Tensor], Tensor | None]:
     """Name -> the exact diagonal ``[n]`` (``others="diag"``) or dense block ``[n, n]``
     (``"dense"``) of each ``(name, parameter)`` in ``exact``, of the whole-dataset GGN (the
-    empirical Fisher for ``fisher="empirical"``); none for ``"skip"``."""
+    empirical Fisher for ``fisher="empirical"``); none for ``"skip"``. With ``return_loss``
+    also the whole-dataset loss from the same pass (else ``None``)."""
     from curvhooks.dataset.functions import empirical_fisher, ggn
 
     if not exact or others == "skip":
-        return {}
+        return {}, None
     matrix_of = empirical_fisher if fisher == "empirical" else ggn
     structure = "diag" if others == "diag" else "param"
     params = [param for _, param in exact]
@@ -185,13 +196,16 @@ def _exact_blocks(
             f"{DEFAULT_MAX_MEMORY / 2**30:.0f} GiB; pass others='diag', or leave some out with "
             "params= or others='skip'"
         )
-    matrix = matrix_of(model, loss_fn, data, params, structure, progress=progress, **options)
+    found = matrix_of(
+        model, loss_fn, data, params, structure, progress=progress, return_loss=True, **options
+    )
+    matrix, loss = found
     blocks, start = {}, 0
     for name, param in exact:
         rows = slice(start, start + param.numel())
         blocks[name] = matrix[rows] if others == "diag" else matrix[rows, rows].clone()
         start += param.numel()
-    return blocks
+    return blocks, loss if return_loss else None
 
 
 Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
@@ -220,6 +234,9 @@ class _Passes:
     progress: bool
     process_group: object
     batch_size_fn: Callable[[Any], int] | None = None
+    keeps_loss: bool = False
+    """Whether ``accumulate`` also sums the whole-dataset loss into ``loss``."""
+    loss: Tensor | None = field(default=None, init=False)
 
     def accumulate(self, extension: Extension, shapes: Shapes) -> dict[str, tuple[Factor, ...]]:
         """Each parameter's result of ``extension`` (a tensor or a tuple, parts as ``shapes``
@@ -230,7 +247,7 @@ class _Passes:
         thin. The first batch's results are taken over in place (a dense input factor can take
         a gigabyte, not worth a second one, nor a pass over it on one batch); a process
         without batches joins the reduction with zeros."""
-        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn)
+        total = DatasetSum(self.loss_fn, self.process_group, self.batch_size_fn, self.keeps_loss)
         sums: dict[tuple[str, int], Factor] = {}
         means: dict[tuple[str, int], Factor] = {}  # averages over the samples so far
         samples = 0
@@ -239,7 +256,7 @@ class _Passes:
             device = model_device(self.model)
             for X, y, weight, size in total.batches(self.data, device, self.progress):
                 batch.new_batch()
-                hooks.run_batch(X, y)
+                total.add_loss(hooks.run_batch(X, y), y, weight)
                 share = size / (samples + size)
                 samples += size
                 for name, param in zip(self.names, self.params):
@@ -259,6 +276,7 @@ class _Passes:
                 if (name, index) not in store:
                     store[name, index] = param.new_zeros(shape)
         total.finish(sums, means)
+        self.loss = total.loss
         found = {**sums, **means}
         return {
             name: tuple(found[name, i] for i in range(len(shapes(param))))
