@@ -73,14 +73,13 @@ class CurvhooksInterface(CurvatureInterface):
 
     def gradients(self, x: Input, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(G [B, P], loss)``: each sample's gradient of its loss (unscaled by
-        ``factor``) and the batch's summed loss, from ``BatchGrad``; ``p.grad`` is left
-        as it was."""
+        ``factor``; zeros for parameters that do not reach the loss) and the batch's summed
+        loss, from ``BatchGrad``; ``p.grad`` is left as it was."""
+        inputs = _tensor(x)
         with curvhooks.extend(self.model, self.lossfunc, curvhooks.BatchGrad(), params=self.params):
-            loss = self.lossfunc(self.model(_tensor(x)), y)
-            torch.autograd.grad(loss, self.params)
-        rows = [param.grad_batch.flatten(start_dim=1) for param in self.params]
-        for param in self.params:
-            del param.grad_batch
+            loss = self.lossfunc(self.model(inputs), y)
+            torch.autograd.grad(loss, self.params, allow_unused=True)
+        rows = [_per_sample_rows(param, len(inputs)) for param in self.params]
         return self._subnetwork(torch.cat(rows, 1)), loss.detach()
 
     def full(self, x: Input, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -220,6 +219,16 @@ class CurvhooksHessian(CurvhooksInterface):
             "CurvhooksHessian has no Kronecker structure; use CurvhooksGGN or CurvhooksEF "
             "for hessian_structure='kron'"
         )
+
+
+def _per_sample_rows(param: Tensor, samples: int) -> Tensor:
+    """``param.grad_batch`` as rows ``[N, p.numel()]``, taken off the parameter; zeros where
+    the parameter has none (it does not reach the loss)."""
+    if not hasattr(param, "grad_batch"):
+        return param.new_zeros(samples, param.numel())
+    rows = param.grad_batch.flatten(start_dim=1)
+    del param.grad_batch
+    return rows
 
 
 def _tensor(x: Input) -> Tensor:

@@ -320,3 +320,38 @@ def test_fitting_leaves_the_model_as_it_was(structure):
     for module in model.modules():
         hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
         assert not any(hooks), module
+
+
+def test_a_parameter_that_does_not_reach_the_loss():
+    """A module the forward pass never calls: zero rows in ``full``, ``diag`` and the
+    gradients (as laplace-torch's ``torch.func`` gradients give them); ``kron`` names it."""
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.unused, self.last = nn.Linear(4, 5), nn.Linear(2, 2), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.last(torch.tanh(self.first(x)))
+
+    torch.manual_seed(0)
+    model = Unused()
+    X, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    loader = DataLoader(TensorDataset(X, y), batch_size=5)
+    ours, theirs = CurvhooksEF(model, "classification"), CurvatureInterface(model, "classification")
+    for got, want in zip(ours.gradients(X, y), theirs.gradients(X, y)):
+        assert_close(got, want)
+    unused = slice(25, 31)  # after the first layer's 25 entries
+    for structure in ("full", "diag"):
+        options = {"subset_of_weights": "all", "hessian_structure": structure}
+        laplace = Laplace(model, "classification", backend=CurvhooksGGN, **options)
+        laplace.fit(loader)
+        assert not laplace.H[unused].any()
+        expected = reference.ggn(model, nn.CrossEntropyLoss(reduction="sum"), X, y)
+        assert_close(laplace.H, expected if structure == "full" else expected.diagonal())
+    kron = Laplace(
+        model, "classification", backend=CurvhooksGGN, subset_of_weights="all",
+        hessian_structure="kron",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unused.weight does not reach the loss"):
+        kron.fit(loader)
