@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 import curvhooks
+from curvhooks.dataset.blocks import rows_or_zeros
 
 try:
     from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
@@ -79,7 +80,8 @@ class CurvhooksInterface(CurvatureInterface):
         with curvhooks.extend(self.model, self.lossfunc, curvhooks.BatchGrad(), params=self.params):
             loss = self.lossfunc(self.model(inputs), y)
             torch.autograd.grad(loss, self.params, allow_unused=True)
-        rows = [_per_sample_rows(param, len(inputs)) for param in self.params]
+        found = [vars(param).pop("grad_batch", None) for param in self.params]
+        rows = [rows_or_zeros(g, p, len(inputs)) for g, p in zip(found, self.params)]
         return self._subnetwork(torch.cat(rows, 1)), loss.detach()
 
     def full(self, x: Input, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -219,16 +221,6 @@ class CurvhooksHessian(CurvhooksInterface):
             "CurvhooksHessian has no Kronecker structure; use CurvhooksGGN or CurvhooksEF "
             "for hessian_structure='kron'"
         )
-
-
-def _per_sample_rows(param: Tensor, samples: int) -> Tensor:
-    """``param.grad_batch`` as rows ``[N, p.numel()]``, taken off the parameter; zeros where
-    the parameter has none (it does not reach the loss)."""
-    if not hasattr(param, "grad_batch"):
-        return param.new_zeros(samples, param.numel())
-    rows = param.grad_batch.flatten(start_dim=1)
-    del param.grad_batch
-    return rows
 
 
 def _tensor(x: Input) -> Tensor:

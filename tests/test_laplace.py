@@ -183,6 +183,7 @@ def test_jacobians_and_gradients_equal_laplace_torch_s_own(likelihood, architect
     for got, want in zip(ours.gradients(X, y), theirs.gradients(X, y)):
         assert_close(got, want)
     assert all(param.grad is None for param in model.parameters())
+    assert all("grad_batch" not in vars(param) for param in model.parameters())
 
 
 def test_last_layer_jacobians_are_differentiable_in_the_input():

@@ -136,9 +136,7 @@ def kfac(
     options = {"process_group": process_group, "batch_size_fn": batch_size_fn}
     names = [name for name, _, factored in rows if factored]
     params = [param for _, param, factored in rows if factored]
-    blocks, loss = _exact_blocks(
-        model, loss_fn, data, fisher, exact, others, progress, options, return_loss and not params
-    )
+    blocks, loss = _exact_blocks(model, loss_fn, data, fisher, exact, others, progress, options)
     passes = _Passes(
         model, loss_fn, data, params, names, progress, **options, keeps_loss=return_loss
     )
@@ -175,12 +173,11 @@ def _exact_blocks(
     others: str,
     progress: bool,
     options: dict[str, Any],
-    return_loss: bool,
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Name -> the exact diagonal ``[n]`` (``others="diag"``) or dense block ``[n, n]``
     (``"dense"``) of each ``(name, parameter)`` in ``exact``, of the whole-dataset GGN (the
-    empirical Fisher for ``fisher="empirical"``); none for ``"skip"``. With ``return_loss``
-    also the whole-dataset loss from the same pass (else ``None``)."""
+    empirical Fisher for ``fisher="empirical"``); none for ``"skip"``. Also the
+    whole-dataset loss from the same pass (``None`` where there was none)."""
     from curvhooks.dataset.functions import empirical_fisher, ggn
 
     if not exact or others == "skip":
@@ -196,16 +193,15 @@ def _exact_blocks(
             f"{DEFAULT_MAX_MEMORY / 2**30:.0f} GiB; pass others='diag', or leave some out with "
             "params= or others='skip'"
         )
-    found = matrix_of(
+    matrix, loss = matrix_of(
         model, loss_fn, data, params, structure, progress=progress, return_loss=True, **options
     )
-    matrix, loss = found
     blocks, start = {}, 0
     for name, param in exact:
         rows = slice(start, start + param.numel())
         blocks[name] = matrix[rows] if others == "diag" else matrix[rows, rows].clone()
         start += param.numel()
-    return blocks, loss if return_loss else None
+    return blocks, loss
 
 
 Shapes = Callable[[nn.Parameter], list[tuple[tuple[int, ...], bool]]]
