@@ -244,6 +244,16 @@ def memory_main(build_methods, problem: str, method: str) -> None:
     report_memory(peak_memory_of(methods[method], methods["backward"], device))
 
 
+def plain_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> Callable[[], None]:
+    """The baseline: one plain ``loss_fn(model(X), y).backward()`` per batch of ``data``."""
+
+    def backward() -> None:
+        for X, y in data:
+            loss_fn(model(X), y).backward()
+
+    return backward
+
+
 @failing_build
 def curvhooks_per_step(model, loss_fn, X, y, extension, route="auto") -> Callable[[], object]:
     """A context per step, on a model of its own (freeing results is part of the step)."""

@@ -30,6 +30,7 @@ from benchmarks.common import (
     markdown_table,
     optional,
     peak_memory_of,
+    plain_backward,
     problems_parser,
     run_problems,
     write_doc,
@@ -57,11 +58,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     model = model.to(device)
     data = [(X.to(device), y.to(device)) for X, y in batches]
 
-    def backward():
-        for X, y in data:
-            loss_fn(model(X), y).backward()
-
-    methods = {"backward": backward}
+    methods = {"backward": plain_backward(model, loss_fn, data)}
     for kind in KINDS:
         function = getattr(curvhooks, kind)
         methods[f"curvhooks {kind}"] = lambda function=function: function(model, loss_fn, data)

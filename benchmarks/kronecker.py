@@ -26,6 +26,7 @@ from benchmarks.common import (
     backpack_step,
     curvhooks_per_step,
     optional,
+    plain_backward,
     problems_parser,
     run_problems,
 )
@@ -47,11 +48,10 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
         model, loss_fn, X, y = on_device(PROBLEMS[problem], device)
         data = [(X, y)]
 
-    def backward() -> None:
-        for X, y in data:
-            loss_fn(model(X), y).backward()
-
-    methods = {"backward": backward, **_dataset_methods(model, loss_fn, data, device)}
+    methods = {
+        "backward": plain_backward(model, loss_fn, data),
+        **_dataset_methods(model, loss_fn, data, device),
+    }
     if problem != "visual-tour":
         methods.update(_hook_methods(model, loss_fn, *data[0]))
     else:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from benchmarks.common import optional, problems_parser, run_problems
+from benchmarks.common import optional, plain_backward, problems_parser, run_problems
 
 PROBLEMS = ("mlp", "cnn")
 STRUCTURES = ("full", "kron", "diag")
@@ -62,11 +62,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     loader = _Loader([(X.to(device), y.to(device)) for X, y in batches])
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
 
-    def backward() -> None:
-        for X, y in loader:
-            loss_fn(model(X), y).backward()
-
-    methods: dict[str, Callable[[], object]] = {"backward": backward}
+    methods: dict[str, Callable[[], object]] = {"backward": plain_backward(model, loss_fn, loader)}
     if not optional("laplace"):
         return methods
     from laplace import Laplace

@@ -38,6 +38,7 @@ from benchmarks.common import (
     backpack_extended,
     failing_build,
     optional,
+    plain_backward,
     problems_parser,
     run_problems,
 )
@@ -65,11 +66,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
     model = model.to(device)
     data = [(X.to(device), y.to(device)) for X, y in data]
 
-    def backward() -> None:
-        for X, y in data:
-            loss_fn(model(X), y).backward()
-
-    methods = {"backward": backward}
+    methods = {"backward": plain_backward(model, loss_fn, data)}
     if problem == "resnet-products":
         methods.update(_products(model, loss_fn, data))
     elif problem == "resnet-spectra":

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 import curvhooks
-from benchmarks.common import curvhooks_per_step, problems_parser, run_problems
+from benchmarks.common import curvhooks_per_step, plain_backward, problems_parser, run_problems
 from benchmarks.dense import tour
 from benchmarks.problems import PROBLEMS, on_device
 
@@ -40,11 +40,7 @@ def _dataset_methods(device: torch.device) -> dict[str, Callable[[], object]]:
     model = model.to(device)
     data = [(X.to(device), y.to(device)) for X, y in batches]
 
-    def backward() -> None:
-        for X, y in data:
-            loss_fn(model(X), y).backward()
-
-    methods = {"backward": backward}
+    methods = {"backward": plain_backward(model, loss_fn, data)}
     for route in ROUTES:
         methods[f"ggn {route}"] = lambda route=route: curvhooks.ggn(
             model, loss_fn, data, route=route

@@ -21,7 +21,13 @@ from collections.abc import Callable
 import torch
 
 import curvhooks
-from benchmarks.common import curvhooks_per_step, markdown_table, synchronize, write_doc
+from benchmarks.common import (
+    curvhooks_per_step,
+    markdown_table,
+    plain_backward,
+    synchronize,
+    write_doc,
+)
 from benchmarks.dense import tour
 from benchmarks.problems import PROBLEMS, on_device, resnet
 
@@ -32,11 +38,7 @@ def workloads(device: torch.device) -> dict[str, Callable[[], object]]:
     model = model.to(device)
     data = [(X.to(device), y.to(device)) for X, y in batches]
 
-    def tour_backward() -> None:
-        for X, y in data:
-            loss_fn(model(X), y).backward()
-
-    methods = {"visual tour: backward": tour_backward}
+    methods = {"visual tour: backward": plain_backward(model, loss_fn, data)}
     for matrix in (curvhooks.hessian, curvhooks.ggn, curvhooks.empirical_fisher):
         methods[f"visual tour: {matrix.__name__}"] = lambda m=matrix: m(model, loss_fn, data)
     net, loss, X, y = on_device(resnet, device)
