@@ -20,6 +20,11 @@ from curvhooks.derivatives.normalization import NormalizationDerivatives
 PAGE = Path(__file__).resolve().parent / "supported.md"
 
 IN_PLACE = "`inplace=True` too"
+RECURRENT = (
+    "several layers, `bidirectional`, `batch_first` both ways, bias on/off, initial states "
+    "given or not, every output used; padded (not packed) sequences; eval mode where "
+    "`dropout > 0`; by `torch.func` on its recurrence written step by step"
+)
 MODULE_ARGUMENTS = {
     nn.Linear: "inputs `[N, *, in]`, bias on/off",
     nn.Embedding: "repeated indices, `padding_idx`; no `max_norm`, no `scale_grad_by_freq`",
@@ -37,6 +42,13 @@ MODULE_ARGUMENTS = {
         norm: "eval mode with running statistics tracked; affine on/off"
         for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     },
+    nn.MultiheadAttention: "packed or separate (`kdim`, `vdim`) projections, bias on/off, "
+    "`add_bias_kv`, `add_zero_attn`, `batch_first` both ways, key padding and attention masks "
+    "(shared or per head), `is_causal`, `need_weights` both ways (the weights may be used); "
+    "`out_proj` served with it; eval mode where `dropout > 0`; by `torch.func` on its calls",
+    nn.RNN: f"{RECURRENT}; `nonlinearity` tanh or relu",
+    nn.LSTM: f"{RECURRENT}; `proj_size`",
+    nn.GRU: RECURRENT,
     nn.LayerNorm: "any `normalized_shape`, `elementwise_affine` and `bias` on/off",
     nn.GroupNorm: "any number of groups, affine on/off, inputs `[N, C, *]`",
     nn.ReLU: IN_PLACE,
@@ -101,7 +113,7 @@ FOOTER = """
 | `Sequential`, nested, and custom containers of any graph | yes | yes (analytic pushes along chains, autograd's batched products elsewhere) | yes |
 | any parameter-free operation or module between supported modules (residual additions, `torch.cat`, views, attention from torch functions) | yes | yes | where it is linear or piecewise linear (else `UnsupportedError` naming the operation) |
 | a module called twice, weights tied between modules | yes (uses summed per sample) | yes | where no use feeds another |
-| other modules with trainable parameters and no child modules (a layer of your own, a subclass with its own `forward`) | by `torch.func` on each call, as a function of its first argument acting on each sample alone (checked at each call; one warning names them; `extend(..., generic=False)` turns it off) | the same in `extend` (not KFAC); `curvhooks.ggn`/`empirical_fisher` take their autograd route | `curvhooks.hessian` only (the Hessian extensions refuse it) |
+| other modules with trainable parameters and no child modules (a layer of your own, a subclass with its own `forward`) | by `torch.func` on each call, as a function of its arguments acting on each sample alone (every tensor argument whose leading dimension is the batch holds the samples; several outputs are joined; checked at each call; one warning names them; `extend(..., generic=False)` turns it off) | the same in `extend` (not KFAC); `curvhooks.ggn`/`empirical_fisher` take their autograd route | `curvhooks.hessian` only (the Hessian extensions refuse it) |
 | other modules with trainable parameters and child modules (parameters used in a container's own `forward`) | `UnsupportedError`, or skipped with `unsupported="skip"` | the same | `curvhooks.hessian` only |
 | a module run inside a `torch.func` transform in `forward` | `UnsupportedError` | `UnsupportedError` | `curvhooks.hessian` only |
 
@@ -119,6 +131,8 @@ def first_order(derivatives: ModuleDerivatives) -> str:
 
 def second_derivative(derivatives: ModuleDerivatives) -> str:
     """The curvature the module adds in its input."""
+    if not derivatives.second_derivatives:
+        return "no (`curvhooks.hessian` only)"
     if not derivatives.has_curvature:
         return "yes: none needed (linear or piecewise linear)"
     if isinstance(derivatives, NormalizationDerivatives):

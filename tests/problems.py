@@ -185,6 +185,42 @@ class Attention(nn.Module):
         return self.head(mixed.flatten(1))
 
 
+class MultiheadAttending(nn.Module):
+    """``nn.MultiheadAttention`` (packed projections, weights returned and used) between
+    ``nn.Linear`` layers, then a Linear head on the flattened tokens."""
+
+    def __init__(self, tokens: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.head = nn.Linear(tokens * (width + tokens), 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.embed(x)
+        mixed, weights = self.attention(hidden, hidden, hidden)
+        return self.head(torch.cat([mixed, weights], 2).flatten(1))
+
+
+class Recurrent(nn.Module):
+    """``nn.RNN``, ``nn.GRU`` (not batch first) and a two-layer bidirectional ``nn.LSTM``
+    one after the other between ``nn.Linear`` layers, read at the last step and at the
+    final cell states."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, 3)
+        self.rnn = nn.RNN(3, 3, nonlinearity="relu", batch_first=True)
+        self.gru = nn.GRU(3, 3)
+        self.lstm = nn.LSTM(3, 2, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(4 + 8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.rnn(self.embed(x))[0]
+        hidden = self.gru(hidden.transpose(0, 1))[0].transpose(0, 1)
+        output, (_, cells) = self.lstm(hidden)
+        return self.head(torch.cat([output[:, -1], cells.transpose(0, 1).flatten(1)], 1))
+
+
 class TiedWeights(nn.Module):
     """Two Linear modules sharing one weight (as an embedding tied to an output layer), one
     feeding the other."""
@@ -714,6 +750,14 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
     Problem("attention", Attention, (3, 4), hessian_glue="BmmBackward0", is_chain=False),
+    Problem(
+        "multihead-attention",
+        MultiheadAttending,
+        (3, 4),
+        hessian_glue="own second derivatives",
+        is_chain=False,
+    ),
+    Problem("recurrent", Recurrent, (3, 4), hessian_glue="own second derivatives", is_chain=False),
     Problem(
         "sequential-own-forward",
         lambda: PostProcessed(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 3)),

@@ -53,7 +53,11 @@ def per_sample_grads(
         output = functional_call(model, {**params, **frozen}, (x[None],))
         return scale * sum_loss(output, target[None])
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, X, y)
+    try:
+        return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, X, y)
+    except RuntimeError:  # torch's recurrent kernels have no batching rule: one at a time
+        per_sample = [grad(sample_loss)(params, X[n], y[n]) for n in range(len(X))]
+        return {name: torch.stack([g[name] for g in per_sample]) for name in params}
 
 
 def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
@@ -64,7 +68,10 @@ def _flat_jacobian(model: nn.Module, X: Tensor) -> Tensor:
     def output(params: dict) -> Tensor:
         return functional_call(model, {**params, **frozen}, (X,)).flatten(1)
 
-    jac = jacrev(output)(params)
+    try:
+        jac = jacrev(output)(params)
+    except RuntimeError:  # torch's recurrent kernels have no batching rule: row by row
+        jac = jacrev(output, chunk_size=1)(params)
     return torch.cat([jac[name].flatten(2) for name in params], dim=2)
 
 

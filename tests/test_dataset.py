@@ -395,26 +395,26 @@ def test_autograd_route_of_ggn_and_empirical_fisher(problem, loss, kind):
 
 
 def test_auto_route_takes_autograd_where_the_hooks_cannot_serve():
-    """``nn.MultiheadAttention`` holds its packed projection itself, so no derivatives
-    class serves it: ``route="auto"`` computes its GGN and empirical Fisher by autograd."""
+    """A parent's forward that uses its child's weight directly: the hooks cannot serve that
+    weight, so ``route="auto"`` computes the GGN and empirical Fisher by autograd."""
 
-    class Attention(nn.Module):
+    class Direct(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
-            self.head = nn.Linear(12, 3)
+            self.inner = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.head(self.attention(x, x, x, need_weights=False)[0].flatten(1))
+            return self.head(torch.tanh(self.inner(x)) @ self.inner.weight)
 
     torch.manual_seed(0)
-    model, loss_fn = Attention().double(), nn.CrossEntropyLoss()
-    X, y = torch.randn(5, 3, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    model, loss_fn = Direct().double(), nn.CrossEntropyLoss()
+    X, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
     data = [(X[:3], y[:3]), (X[3:], y[3:])]
     assert_close(curvhooks.ggn(model, loss_fn, data), reference.ggn(model, loss_fn, X, y))
     expected = reference.empirical_fisher(model, loss_fn, X, y)
     assert_close(curvhooks.empirical_fisher(model, loss_fn, data), expected)
-    with pytest.raises(curvhooks.UnsupportedError, match="MultiheadAttention"):
+    with pytest.raises(curvhooks.UnsupportedError, match="inner.weight.*used outside"):
         curvhooks.ggn(model, loss_fn, data, route="hooks")
 
 

@@ -13,11 +13,13 @@ from curvhooks.derivatives import LOSS_DERIVATIVES, MODULE_DERIVATIVES
 from curvhooks.extensions import Extension
 from tests.problems import LOSSES, PROBLEMS
 from tests.registry import EXTENSION_SETTINGS
+from tests.test_attention import test_per_sample_gradients_match_finite_differences as attention
 from tests.test_derivatives import (
     MODULES,
     test_embedding_products_with_repeated_indices_and_padding,
 )
 from tests.test_finite_differences import LOSS_CASES
+from tests.test_recurrent import test_per_sample_gradients_match_finite_differences as recurrent
 
 
 def _subclasses(cls: type) -> set[type]:
@@ -48,8 +50,13 @@ def test_every_extension_class_has_settings():
     assert library <= {obj for obj in public if isinstance(obj, type)}
 
 
-OWN_TESTS = {nn.Embedding: test_embedding_products_with_repeated_indices_and_padding}
-"""Modules tested by a test of their own instead of the per-module tables (integer inputs)."""
+OWN_TESTS = {
+    nn.Embedding: test_embedding_products_with_repeated_indices_and_padding,
+    nn.MultiheadAttention: attention,
+    **{cls: recurrent for cls in (nn.RNN, nn.LSTM, nn.GRU)},
+}
+"""Modules tested by tests of their own instead of the per-module tables (integer inputs,
+several arguments), finite differences included."""
 
 
 def test_every_module_has_derivative_and_problem_settings():

@@ -7,6 +7,8 @@ problems ``position-embedding`` and ``shared-constant`` run through every test.)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,21 +100,20 @@ def test_dataset_functions_take_autograd_skip_or_refuse(function):
         curvhooks.kfac(model, loss_fn, (X, y))
 
 
-def test_transformer_encoder_layer_with_skip_leaves_attention_out():
-    """``nn.MultiheadAttention`` is unsupported, and its ``out_proj`` is used inside its
-    forward: both are left out, every other parameter exact."""
+def test_transformer_encoder_layer_is_served_whole():
+    """``nn.MultiheadAttention`` serves its ``out_proj`` (used inside its forward, never
+    called) at its own calls: every parameter of the layer gets exact results, none is left
+    out."""
     model, loss_fn, X, y = _problem(Encoder, 3, 4)
-    attention = {n for n, _ in model.named_parameters() if ".self_attn." in n}
-    assert any("out_proj" in name for name in attention)
-    with pytest.warns(UserWarning, match="out_proj.weight"):
-        found = curvhooks.ggn(model, loss_fn, (X, y), structure="diag", unsupported="skip")
-    expected = reference.ggn(model, loss_fn, X, y).diagonal()
-    assert_close(found, expected[_kept(model, attention)])
-    with pytest.warns(UserWarning, match="out_proj.weight"):
-        with curvhooks.extend(model, loss_fn, SqrtGGN(), unsupported="skip"):
+    assert any("out_proj" in name for name, _ in model.named_parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = curvhooks.ggn(model, loss_fn, (X, y), structure="diag", route="hooks")
+        with curvhooks.extend(model, loss_fn, SqrtGGN()):
             loss_fn(model(X), y).backward()
-    served = [n for n, p in model.named_parameters() if hasattr(p, "sqrt_ggn")]
-    assert set(served) == {n for n, _ in model.named_parameters()} - attention
+    assert not [w for w in caught if "curvhooks" in str(w.message)]
+    assert_close(found, reference.ggn(model, loss_fn, X, y).diagonal())
+    assert all(hasattr(p, "sqrt_ggn") for p in model.parameters())
 
 
 class FoldedPositions(nn.Module):

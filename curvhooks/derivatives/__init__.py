@@ -16,6 +16,7 @@ from curvhooks.derivatives.activations import (
     SoftplusDerivatives,
     TanhDerivatives,
 )
+from curvhooks.derivatives.attention import MultiheadAttentionDerivatives
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 from curvhooks.derivatives.batchnorm import BatchNormDerivatives
 from curvhooks.derivatives.conv import ConvDerivatives
@@ -32,6 +33,7 @@ from curvhooks.derivatives.losses import (
 )
 from curvhooks.derivatives.normalization import GroupNormDerivatives, LayerNormDerivatives
 from curvhooks.derivatives.pooling import AvgPoolDerivatives, MaxPoolDerivatives
+from curvhooks.derivatives.recurrent import RecurrentDerivatives
 from curvhooks.derivatives.shape import (
     IdentityDerivatives,
     ReshapeDerivatives,
@@ -41,6 +43,8 @@ from curvhooks.derivatives.shape import (
 MODULE_DERIVATIVES: dict[type[nn.Module], ModuleDerivatives] = {
     nn.Linear: LinearDerivatives(),
     nn.Embedding: EmbeddingDerivatives(),
+    nn.MultiheadAttention: MultiheadAttentionDerivatives(),
+    **{recurrent: RecurrentDerivatives() for recurrent in (nn.RNN, nn.LSTM, nn.GRU)},
     **{conv: ConvDerivatives() for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d)},
     **{
         conv: ConvTransposeDerivatives()

@@ -6,9 +6,13 @@ Shape convention: a stack of V vectors over a batch of N samples is ``[V, N, *sh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from curvhooks.derivatives.generic import RecordedCall
 
 
 @dataclass
@@ -23,6 +27,8 @@ class ModuleIO:
         output_shape: The shape of its output.
         cache: Quantities derived from ``input`` that several extensions share (e.g. the
             unfolded input of a convolution); dropped with the input.
+        call: The whole call (every argument), for derivatives that take it
+            (``ModuleDerivatives.whole_call``).
     """
 
     module: nn.Module
@@ -31,11 +37,13 @@ class ModuleIO:
     input_shape: torch.Size
     output_shape: torch.Size
     cache: dict[str, object] = field(default_factory=dict)
+    call: RecordedCall | None = None
 
     def release(self) -> None:
         """Drop every stored tensor."""
         self.input = None
         self.output = None
+        self.call = None
         self.cache.clear()
 
     def per_sample(self, batch: int) -> ModuleIO:
@@ -51,6 +59,7 @@ class ModuleIO:
             expand(self.output),
             torch.Size((batch, *self.input_shape[1:])),
             torch.Size((batch, *self.output_shape[1:])),
+            call=None if self.call is None else self.call.per_sample(batch),
         )
 
 
@@ -105,7 +114,20 @@ class ModuleDerivatives:
 
     generic: bool = False
     """Whether these are the generic derivatives of a module curvhooks has no class for
-    (``torch.func`` on its call; no second derivatives of its own)."""
+    (``torch.func`` on its call)."""
+
+    whole_call: bool = False
+    """Whether the derivatives take the module's whole call (``io.call``: several tensor
+    arguments, keyword arguments) and may join several outputs, or one whose samples are not
+    in dimension 0, into one output ``[N, D]`` (``CallDerivatives``)."""
+
+    serves_children: bool = False
+    """Whether the module's call uses its children's parameters itself, without calling
+    them (``nn.MultiheadAttention``'s ``out_proj``): they are served at its calls."""
+
+    second_derivatives: bool = True
+    """Whether the module's own second derivatives are known (the Hessian extensions need
+    them)."""
 
     has_curvature: bool = False
     """Whether the module adds curvature of its own in its input (``residual_roots`` can be

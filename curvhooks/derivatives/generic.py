@@ -1,75 +1,206 @@
-"""Derivatives of any module with parameters that curvhooks has no class for (a user's layer,
-a subclass with its own ``forward``), by ``torch.func`` on the module's own call.
+"""Derivatives by ``torch.func`` on a module's own recorded call: ``CallDerivatives``, the
+base of the modules whose math curvhooks runs as a function of their arguments
+(``nn.MultiheadAttention``, the recurrent layers), and ``GenericDerivatives``, the fallback
+for any module with parameters that curvhooks has no class for (a user's layer, a subclass
+with its own ``forward``).
 
-The module is treated as a function of its one input and its parameters that acts on each
-sample alone: ``f(x_n; theta)``. Stacks are pushed to the input by reverse-mode products over
-the batch, batched over the vectors; the per-sample parameter products are reverse-mode
-products of ``f`` on each sample, batched over the samples, one vector at a time (nested
-``vmap`` hits wrong batching rules, e.g. of ``prelu``'s backward in torch 2.13).
+A call is recorded whole (``RecordedCall``): every argument, each tensor with the dimension
+that holds the samples (``None`` where the batch shares it). Its outputs are joined into the
+one tensor whose gradient the hooks follow (``CallDerivatives.join``): the output itself where
+it is one tensor with the samples in dimension 0, else ``[N, D]``, every output's samples
+flattened side by side, and the module hands on outputs re-made from it.
 
-Nothing is served on trust:
+The module is a function of its arguments and parameters acting on each sample alone. Stacks
+are pushed to the first argument by reverse-mode products over the batch, batched over the
+vectors; the per-sample parameter products are reverse-mode products of the call on each
+sample, batched over the samples, and over the vectors where ``nests_vmap`` (nested ``vmap``
+hits wrong batching rules, e.g. of ``prelu``'s backward in torch 2.13, so the fallback takes
+one vector at a time).
 
-- at the forward pass the module runs again on its input, on the batch and on each sample
-  alone: a module that mixes samples, draws random numbers, or takes more than its first
-  argument gives another output there, and is refused;
-- every batched product is checked against one plain reverse-mode product over the batch
-  (a random combination of the vectors, summed over the samples): a batching rule that gets
-  it wrong raises instead of giving a wrong number.
-
-Modules with forward hooks of their own (which ``torch.func`` on ``forward`` would bypass),
-or holding one parameter under two names, are not served. The module's own second
-derivatives are not known (it may be nonlinear in its parameters): the Hessian extensions
-refuse it.
+Nothing is served on trust: every batched product is checked against one plain reverse-mode
+product over the batch (a random combination of the vectors, summed over the samples), so a
+batching rule that gets it wrong raises instead of giving a wrong number. The fallback also
+runs the module again on its arguments at the forward pass, on the batch and on each sample
+alone: a module that mixes samples or draws random numbers gives another output there, and
+is refused. Modules with forward hooks of their own (which ``torch.func`` on ``forward``
+would bypass), or holding one parameter under two names, are not served. The module's own
+second derivatives are not known: the Hessian extensions refuse these modules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
 from curvhooks.functional import agree, check_weights, parameters_replaced
 
-_PRODUCTS = "generic_products"
+_PRODUCTS = "call_products"
 
 
-class GenericDerivatives(ModuleDerivatives):
-    """Any module with parameters, by ``torch.func`` on its recorded input (see the module
-    docstring)."""
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor argument sits among a call's leaves: its index in ``tensors``."""
+
+    index: int
+
+
+@dataclass
+class RecordedCall:
+    """A module's call: its arguments' leaves, the tensors detached and kept once each (a
+    tensor passed as query, key and value is one), and each tensor's dimension of the
+    samples (``None``: shared by the batch)."""
+
+    tensors: list[Tensor]
+    dims: list[int | None]
+    leaves: list[object]
+    spec: TreeSpec
+
+    def arguments(self, tensors: list[Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` with ``tensors`` in place of the recorded ones."""
+        leaves = [tensors[leaf.index] if isinstance(leaf, _Slot) else leaf for leaf in self.leaves]
+        return tree_unflatten(leaves, self.spec)
+
+    def sample(self, tensors: list[Tensor]) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of one sample's call (a batch of one), from ``tensors`` that
+        hold that sample alone (the shared ones whole)."""
+        return self.arguments(
+            [t if dim is None else t.unsqueeze(dim) for t, dim in zip(tensors, self.dims)]
+        )
+
+    @property
+    def batched_tensors(self) -> int:
+        """How many tensor arguments hold the samples."""
+        return sum(dim is not None for dim in self.dims)
+
+    def per_sample(self, batch: int) -> RecordedCall:
+        """The call on arguments shared by the batch (samples dimension of size 1), as if
+        each of ``batch`` samples made it."""
+        tensors = [
+            t if dim is None else t.expand(*t.shape[:dim], batch, *t.shape[dim + 1 :])
+            for t, dim in zip(self.tensors, self.dims)
+        ]
+        return RecordedCall(tensors, self.dims, self.leaves, self.spec)
+
+
+@dataclass
+class _Pending:
+    """Per-sample products from one stack not yet asked for, by parameter name: made by the
+    derivatives, each handed over (and then the caller's) once."""
+
+    stack: Tensor
+    products: dict[str, Tensor]
+
+
+class CallDerivatives(ModuleDerivatives):
+    """A module's derivatives by ``torch.func`` on its recorded call (see the module
+    docstring). Subclasses say where each argument and output holds the samples, and may
+    run the module by a function of their own (``run``)."""
 
     needs_input = True
-    generic = True
+    whole_call = True
+    second_derivatives = False
+    nests_vmap = True
+    """Whether the per-sample products batch over the vectors by a nested ``vmap``."""
 
-    @staticmethod
-    def serves(module: nn.Module) -> bool:
-        """Whether the fallback may serve ``module`` (asked before curvhooks hooks it)."""
-        return _refusal_reason(module) is None
+    def samples_dim(self, module: nn.Module) -> int:
+        """The dimension of the first argument that holds the samples."""
+        return 0
+
+    def argument_dim(self, module: nn.Module, key: int | str, value: Tensor, batch: int):
+        """The dimension of the samples in argument ``key`` (a position or a keyword), for
+        every tensor in it; ``None`` where the batch shares it. By default the first
+        argument's ``samples_dim``, else 0 for a tensor whose leading dimension is the batch."""
+        if key == 0:
+            return self.samples_dim(module)
+        return 0 if value.dim() and value.shape[0] == batch else None
+
+    def output_dims(self, module: nn.Module, outputs: list[object]) -> list[int | None]:
+        """The dimension of the samples in each leaf of the output; by default 0."""
+        return [0] * len(outputs)
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments as recorded (``run`` takes them back); raises ``UnsupportedError``
+        for a call the derivatives cannot serve. By default as passed."""
+        return args, kwargs
+
+    def run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The module's outputs from recorded arguments; by default its ``forward`` (no
+        hooks: the recorder's would record the call)."""
+        return module.forward(*args, **kwargs)
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict) -> RecordedCall:
+        """The call of ``module`` on ``args`` and ``kwargs``, as ``run`` takes it back."""
+        args, kwargs = self.prepare(module, args, kwargs)
+        if not args or not isinstance(args[0], Tensor):
+            raise UnsupportedError(
+                f"{type(module).__name__} was called without a tensor as its first argument; "
+                "curvhooks serves calls on a batch of samples in the first argument"
+            )
+        batch = args[0].shape[self.samples_dim(module)]
+        tensors, dims, slots = [], [], {}
+        leaves = []
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            for leaf in tree_flatten(value)[0]:
+                if isinstance(leaf, Tensor) and id(leaf) not in slots:
+                    slots[id(leaf)] = _Slot(len(tensors))
+                    tensors.append(leaf.detach())
+                    dims.append(self.argument_dim(module, key, leaf, batch))
+        for leaf in tree_flatten((args, kwargs))[0]:
+            leaves.append(slots[id(leaf)] if isinstance(leaf, Tensor) else leaf)
+        return RecordedCall(tensors, dims, leaves, tree_flatten((args, kwargs))[1])
+
+    def joined(self, module: nn.Module, output: Any) -> Tensor:
+        """The module's outputs as one tensor (see the module docstring)."""
+        leaves, _ = tree_flatten(output)
+        dims = self.output_dims(module, leaves)
+        if isinstance(output, Tensor) and dims == [0]:
+            return output
+        pieces = [(leaf, dim) for leaf, dim in zip(leaves, dims) if isinstance(leaf, Tensor)]
+        batch = pieces[0][0].shape[pieces[0][1]]
+        return torch.cat([leaf.movedim(dim, 0).reshape(batch, -1) for leaf, dim in pieces], 1)
+
+    def join(self, module: nn.Module, output: Any) -> tuple[Tensor, Any]:
+        """``(joint, outputs)``: the outputs joined (``joined``), and the outputs to hand on,
+        re-made from the joint (each a fresh contiguous tensor) unless the joint is the
+        output itself."""
+        joint = self.joined(module, output)
+        if joint is output:
+            return joint, output
+        leaves, spec = tree_flatten(output)
+        dims = self.output_dims(module, leaves)
+        tensors = [(i, leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        sizes = [leaf.numel() // len(joint) for _, leaf in tensors]
+        for (i, leaf), piece in zip(tensors, joint.split(sizes, 1)):
+            moved = leaf.movedim(dims[i], 0).shape
+            remade = piece.reshape(moved).movedim(0, dims[i])
+            leaves[i] = remade.clone(memory_format=torch.contiguous_format)
+        return joint, tree_unflatten(leaves, spec)
+
+    def check_call(self, io: ModuleIO, joint: Tensor) -> None:
+        """At the forward pass, with the joint output: raise for a call that cannot be
+        served. By default nothing."""
 
     def take_saved(self, io: ModuleIO, output: Tensor) -> None:
-        """At the forward pass: check that the module is a function of its input acting on
-        each sample alone (before later modules may change ``output`` in place)."""
-        call = _call(io.module, {})
-        inputs = io.input.clone()  # the module may write into its input
-        try:
-            with torch.no_grad():
-                batched = call(inputs)
-                alone = vmap(lambda sample: call(sample[None])[0], randomness="different")(inputs)
-        except (TypeError, RuntimeError) as error:
-            raise _refusal(io.module, f"it fails when run again on its input ({error})") from error
-        for where, value in (("on the batch", batched), ("on each sample alone", alone)):
-            if not agree(value, output.detach()):
-                raise _refusal(
-                    io.module,
-                    f"run again {where} it gives another output than in the forward pass (it "
-                    "mixes samples, is random, or takes more arguments)",
-                )
+        self.check_call(io, output)
 
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
-        _, pullback = vjp(_call(io.module, {}), io.input)
+        """The stack pushed to the first argument (the only one holding the samples: a call
+        with several is no link of a chain)."""
+        call = io.call
+
+        def joint_of(first: Tensor) -> Tensor:
+            arguments = call.arguments([first, *call.tensors[1:]])
+            return self.joined(io.module, self.run(io.module, *arguments))
+
+        _, pullback = vjp(_without_parameters(io.module, joint_of), call.tensors[0])
         pushed = vmap(pullback)(mat)[0]
         _check_batching(io.module, mat, (pushed,), pullback, False)
         return pushed
@@ -79,11 +210,96 @@ class GenericDerivatives(ModuleDerivatives):
     ) -> Tensor:
         """Per-sample products ``[V, N, *p.shape]``; those of the module's other parameters
         from the same stack are computed with them and kept until asked for (once each)."""
-        cached = io.cache.get(_PRODUCTS)
-        if cached is None or cached[0] is not mat or name not in cached[1]:
-            cached = io.cache[_PRODUCTS] = (mat, _per_sample_products(io.module, io.input, mat))
-        products = cached[1].pop(name)
+        pending = io.cache.get(_PRODUCTS)
+        if pending is None or pending.stack is not mat or name not in pending.products:
+            pending = io.cache[_PRODUCTS] = _Pending(mat, self._per_sample_products(io, mat))
+        products = pending.products.pop(name)
         return products if out is None else out.copy_(products)
+
+    def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
+        """Name -> ``[V, N, *p.shape]``: each sample's products of the stack ``mat``
+        ``[V, N, *joint]`` with the Jacobian of the joint output in each trainable
+        parameter."""
+        module, call = io.module, io.call
+        names = [name for name, param in module.named_parameters() if param.requires_grad]
+        points = [module.get_parameter(name).detach() for name in names]
+
+        def joint_of(arguments: tuple[tuple, dict], values: tuple[Tensor, ...]) -> Tensor:
+            with parameters_replaced(module, dict(zip(map(id, _params(module, names)), values))):
+                return self.joined(module, self.run(module, *arguments))
+
+        def sample_products(tensors: list[Tensor], vector: Tensor) -> tuple[Tensor, ...]:
+            arguments = call.sample(tensors)
+            _, pullback = vjp(lambda *values: joint_of(arguments, values)[0], *points)
+            return pullback(vector)
+
+        per_sample = vmap(sample_products, in_dims=(call.dims, 0))
+        if self.nests_vmap:
+            products = vmap(per_sample, in_dims=(None, 0))(call.tensors, mat)
+        else:
+            per_vector = [per_sample(call.tensors, vectors) for vectors in mat]
+            products = tuple(torch.stack(parts) for parts in zip(*per_vector))
+        arguments = call.arguments(call.tensors)
+        _, pullback = vjp(lambda *values: joint_of(arguments, values), *points)
+        _check_batching(module, mat, products, pullback, True)
+        return dict(zip(names, products))
+
+
+def _params(module: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    return [module.get_parameter(name) for name in names]
+
+
+def _without_parameters(
+    module: nn.Module, function: Callable[..., Tensor]
+) -> Callable[..., Tensor]:
+    """``function`` run with the module's parameters detached (products in the arguments
+    only)."""
+    detached = {id(param): param.detach() for param in module.parameters()}
+
+    def run(*args: Tensor) -> Tensor:
+        with parameters_replaced(module, detached):
+            return function(*args)
+
+    return run
+
+
+class GenericDerivatives(CallDerivatives):
+    """Any module with parameters, by ``torch.func`` on its recorded call (see the module
+    docstring)."""
+
+    generic = True
+    nests_vmap = False
+
+    @staticmethod
+    def serves(module: nn.Module) -> bool:
+        """Whether the fallback may serve ``module`` (asked before curvhooks hooks it)."""
+        return _refusal_reason(module) is None
+
+    def check_call(self, io: ModuleIO, joint: Tensor) -> None:
+        """Check that the module is a function of its arguments acting on each sample alone
+        (before later modules may change its output in place)."""
+        module, call = io.module, io.call
+        tensors = [tensor.clone() for tensor in call.tensors]  # it may write into them
+
+        def joint_of(arguments: tuple[tuple, dict]) -> Tensor:
+            return self.joined(module, self.run(module, *arguments))
+
+        def alone(*samples: Tensor) -> Tensor:
+            return joint_of(call.sample(list(samples)))[0]
+
+        try:
+            with torch.no_grad():
+                batched = joint_of(call.arguments(tensors))
+                each = vmap(alone, in_dims=tuple(call.dims), randomness="different")(*tensors)
+        except (TypeError, RuntimeError, ValueError) as error:
+            raise _refusal(module, f"it fails when run again on its input ({error})") from error
+        for where, value in (("on the batch", batched), ("on each sample alone", each)):
+            if not agree(value, joint.detach()):
+                raise _refusal(
+                    module,
+                    f"run again {where} it gives another output than in the forward pass (it "
+                    "mixes samples or is random)",
+                )
 
 
 def _refusal_reason(module: nn.Module) -> str | None:
@@ -96,40 +312,6 @@ def _refusal_reason(module: nn.Module) -> str | None:
     if len(names) != len(dict(module.named_parameters())):
         return "it holds one parameter under several names"
     return None
-
-
-def _call(module: nn.Module, values: dict[str, Tensor]) -> Callable[[Tensor], Tensor]:
-    """The module's ``forward`` on an input (no hooks: the recorder's would record the call),
-    its parameters detached and replaced by ``values`` where given."""
-    replaced = {
-        id(param): values.get(name, param.detach()) for name, param in module.named_parameters()
-    }
-
-    def output(x: Tensor) -> Tensor:
-        with parameters_replaced(module, replaced):
-            return module.forward(x)
-
-    return output
-
-
-def _per_sample_products(module: nn.Module, inputs: Tensor, mat: Tensor) -> dict[str, Tensor]:
-    """Name -> ``[V, N, *p.shape]``: each sample's products of the stack ``mat``
-    ``[V, N, *out]`` with the Jacobian of the output in each trainable parameter."""
-    names = [name for name, param in module.named_parameters() if param.requires_grad]
-    points = [module.get_parameter(name).detach() for name in names]
-
-    def with_values(x: Tensor) -> Callable[..., Tensor]:
-        return lambda *values: _call(module, dict(zip(names, values)))(x)
-
-    def sample_products(sample: Tensor, vector: Tensor) -> tuple[Tensor, ...]:
-        _, pullback = vjp(lambda *values: with_values(sample[None])(*values)[0], *points)
-        return pullback(vector)
-
-    per_vector = [vmap(sample_products)(inputs, vectors) for vectors in mat]
-    products = tuple(torch.stack(parts) for parts in zip(*per_vector))
-    _, pullback = vjp(with_values(inputs), *points)
-    _check_batching(module, mat, products, pullback, True)
-    return dict(zip(names, products))
 
 
 def _check_batching(
@@ -147,17 +329,18 @@ def _check_batching(
     for found, reference in zip(products, expected):
         combined = torch.einsum("v,v...->...", weights, found.sum(1) if summed else found)
         if found.shape[0] != len(mat) or not agree(combined, reference):
-            raise _refusal(
-                module,
-                "torch.func's batched products disagree with a plain one over the batch (a "
-                "batching rule of this torch version)",
+            raise UnsupportedError(
+                f"curvhooks serves {type(module).__name__} by torch.func, whose batched "
+                "products disagree with a plain one over the batch (a batching rule of this "
+                "torch version); pass unsupported='skip' to leave its parameters out, or use "
+                "the dataset functions (autograd)"
             )
 
 
 def _refusal(module: nn.Module, why: str) -> UnsupportedError:
     return UnsupportedError(
         f"{type(module).__name__} has no curvhooks derivatives, and the generic torch.func "
-        f"fallback (a function of its first argument acting on each sample alone) cannot "
-        f"serve it: {why}; pass generic=False and unsupported='skip' to leave its parameters "
-        "out, or use the dataset functions (autograd)"
+        f"fallback (a function of its arguments acting on each sample alone) cannot serve "
+        f"it: {why}; pass generic=False and unsupported='skip' to leave its parameters out, "
+        "or use the dataset functions (autograd)"
     )

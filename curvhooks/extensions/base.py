@@ -36,7 +36,7 @@ class Target:
 
     @property
     def param(self) -> Tensor:
-        return getattr(self.io.module, self.name)
+        return self.io.module.get_parameter(self.name)
 
     def products(self, mat: Tensor, out: Tensor | None = None) -> Tensor:
         """Per-sample products ``[V, N, *p.shape]``, written into ``out`` if given."""

@@ -42,6 +42,11 @@ class HessianExtension(Extension):
                 "nonlinear in its parameters) are unknown to the generic torch.func fallback; "
                 "use curvhooks.hessian, which differentiates any model by autograd"
             )
+        if not derivatives.second_derivatives:
+            return (
+                "curvhooks serves its first derivatives by torch.func, but not its own second "
+                "derivatives; use curvhooks.hessian, which differentiates any model by autograd"
+            )
         return None
 
 

@@ -90,6 +90,8 @@ class Call:
         """Why the analytic route cannot push through this call, or ``None``."""
         if self.derivatives is None:
             return "no derivatives"
+        if self.io.call is not None and self.io.call.batched_tensors > 1:
+            return "several arguments hold the samples"
         return self.derivatives.unsupported_reason(self.io.module)
 
     def release(self) -> None:

@@ -229,13 +229,18 @@ def _modules_to_hook(
     ``generic``, a leaf module with parameters and no derivatives of its own gets the
     generic ones (one warning names them)."""
     check_eval_mode(model)
-    hooked, skipped, generically = [], [], []
+    hooked, skipped, generically, served_whole = [], [], [], []
     for path, module in model.named_modules():
-        params = trainable_params(module, selected)
+        if any(_inside(path, parent) for parent in served_whole):
+            continue
+        derivatives = module_derivatives(module)
+        whole = derivatives is not None and derivatives.serves_children
+        if whole:
+            served_whole.append(path)
+        params = trainable_params(module, selected, recurse=whole)
         is_leaf = next(module.children(), None) is None
         if not (params or (is_leaf and records_leaves)):
             continue
-        derivatives = module_derivatives(module)
         if derivatives is None and generic and params and is_leaf and GENERIC.serves(module):
             derivatives = GENERIC
             generically.append(describe(path, module))
@@ -281,12 +286,19 @@ _LIBRARIES = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
 GENERIC = GenericDerivatives()
 
 
-def trainable_params(module: nn.Module, selected: set[int] | None = None) -> Params:
-    """The module's own parameters that require gradients (among ``selected`` ids), by
-    name."""
+def _inside(path: str, parent: str) -> bool:
+    """Whether the module at ``path`` lies below the one at ``parent``."""
+    return parent == "" or path.startswith(parent + ".")
+
+
+def trainable_params(
+    module: nn.Module, selected: set[int] | None = None, recurse: bool = False
+) -> Params:
+    """The module's own parameters (with ``recurse``, its children's too) that require
+    gradients (among ``selected`` ids), by name."""
     return [
         (name, param)
-        for name, param in module.named_parameters(recurse=False)
+        for name, param in module.named_parameters(recurse=recurse)
         if param.requires_grad and (selected is None or id(param) in selected)
     ]
 

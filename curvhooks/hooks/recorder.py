@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvhooks._compat import is_transformed
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
+from curvhooks.derivatives.generic import RecordedCall
 from curvhooks.errors import UnsupportedError
 from curvhooks.hooks.calls import Call, CallRecord, describe, gradient_anchor, gradient_edge
 from curvhooks.hooks.plan import HookedModule, HookPlan
@@ -63,9 +64,10 @@ class Recorder:
         for hooked in self.plan.modules:
             keep_copy = _overwrites_needed_input(hooked.module, hooked.derivatives)
             pre_hook = partial(self._record_input, keep_copy, bool(hooked.params))
-            self._handles.append(hooked.module.register_forward_pre_hook(pre_hook))
+            module = hooked.module
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             hook = partial(self._record_call, hooked)
-            self._handles.append(hooked.module.register_forward_hook(hook))
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         """Remove every hook, the calls' tensor hooks included, and every stored tensor."""
@@ -97,7 +99,7 @@ class Recorder:
         self._model_output = weakref.ref(output) if isinstance(output, Tensor) else None
 
     def _record_input(
-        self, keep_copy: bool, has_params: bool, module: nn.Module, args: tuple
+        self, keep_copy: bool, has_params: bool, module: nn.Module, args: tuple, kwargs: dict
     ) -> None:
         """Before the module runs (and maybe changes its input in place): the input's
         producer and version, where needed its autograd edge, and for an in-place module whose
@@ -112,13 +114,23 @@ class Recorder:
             producer = self.record.producer_of(inp)
             self._pending[id(module)] = (producer, edge, edge_shape, copy, inp._version)
 
-    def _record_call(self, hooked: HookedModule, module: nn.Module, args: tuple, output: Any):
+    def _record_call(
+        self, hooked: HookedModule, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> Any:
+        """Record the call; for derivatives that take the whole call, return the outputs
+        re-made from their joint (``CallDerivatives.join``), which the call records as its
+        output."""
         pending = self._pending.pop(id(module), (None,) * 5)
         producer, input_edge, input_edge_shape, input_copy, input_version = pending
-        if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
-            return
+        derivatives = hooked.derivatives
+        recorded, handed_on = None, output
+        if derivatives is not None and derivatives.whole_call:
+            recorded = derivatives.record(module, args, kwargs)
+            output, handed_on = derivatives.join(module, output)
+        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+            return None
         if output is args[0] and output._version == input_version:
-            return  # handed its input on untouched (Identity, Dropout in eval): nothing to do
+            return None  # handed its input on untouched (Identity, Dropout in eval): nothing to do
         if is_transformed(output):
             raise UnsupportedError(
                 f"module {describe(hooked.path, module)} ran inside a torch.func transform "
@@ -128,7 +140,7 @@ class Recorder:
             )
         driven = self.hook_of is not None
         if driven and not (torch.is_grad_enabled() and output.requires_grad):
-            return
+            return None
         # A module with parameters creates its output's base itself, so its hook on the base
         # is the base's first; other modules' hooks stay on their outputs (views of one base
         # must fire downstream first).
@@ -137,7 +149,7 @@ class Recorder:
         inp = args[0] if input_copy is None else input_copy
         call = Call(
             hooked.path,
-            self._module_io(module, hooked.derivatives, params, inp, output),
+            self._module_io(module, derivatives, params, inp, output, recorded),
             hooked.derivatives,
             params,
             self.pass_id,
@@ -153,6 +165,7 @@ class Recorder:
             if output is args[0] and output._base is not None:
                 self._rehook_producers(call, output)
         self.record.add(call, output)
+        return None if handed_on is output else handed_on
 
     def _module_io(
         self,
@@ -161,6 +174,7 @@ class Recorder:
         params: list,
         inp: Tensor,
         output: Tensor,
+        recorded: RecordedCall | None,
     ) -> ModuleIO:
         """What the call keeps: the input for parameter products and derivatives that need
         it, the output for derivatives that need it, both shapes, and what the derivatives
@@ -172,6 +186,7 @@ class Recorder:
             output=output.detach() if keeps and derivatives.needs_output else None,
             input_shape=inp.shape,
             output_shape=output.shape,
+            call=recorded,
         )
         if derivatives is not None and (keeps or params):
             derivatives.take_saved(io, output)

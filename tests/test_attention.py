@@ -1,0 +1,194 @@
+"""``nn.MultiheadAttention`` and the transformer layers built on it: the first-order and
+GGN-family extensions and ``Jacobian`` against ``tests.reference`` (float64) for every
+argument of the attention, against finite differences, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import curvhooks
+from curvhooks import KFAC, BatchGrad, DiagHessian
+from tests import reference
+from tests.checks import check_first_order, check_ggn
+from tests.problems import CE_MSE, Problem
+from tests.test_generic import FIRST_ORDER, GGN_FAMILY
+
+SEQUENCE, WIDTH = 3, 4
+
+
+class Attending(nn.Module):
+    """Self-attention over ``[N, L, E]`` inputs (separate key and value projections where
+    ``kdim``/``vdim`` differ), then a linear head on the flattened output (and weights)."""
+
+    def __init__(self, masks: str = "", use_weights: str = "", **options) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(WIDTH, 2, **options)
+        self.key = nn.Linear(WIDTH, options.get("kdim") or WIDTH)
+        self.value = nn.Linear(WIDTH, options.get("vdim") or WIDTH)
+        self.masks, self.use_weights = masks, use_weights
+        keys = SEQUENCE + options.get("add_bias_kv", False) + options.get("add_zero_attn", False)
+        weights = {"": 0, "mean": SEQUENCE * keys, "heads": 2 * SEQUENCE * keys}[use_weights]
+        self.head = nn.Linear(SEQUENCE * WIDTH + weights, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first = self.attention.batch_first
+        key, value = self.key(x), self.value(x)
+        sequences = [x, key, value] if first else [s.transpose(0, 1) for s in (x, key, value)]
+        output, weights = self.attention(
+            *sequences,
+            need_weights=bool(self.use_weights),
+            average_attn_weights=self.use_weights == "mean",
+            **self._masks(x),
+        )
+        features = [(output if first else output.transpose(0, 1)).flatten(1)]
+        if self.use_weights:
+            features.append(weights.flatten(1))
+        return self.head(torch.cat(features, 1))
+
+    def _masks(self, x: Tensor) -> dict[str, Tensor | bool]:
+        """Masks made from each sample's own input (so that a reference run on each sample
+        alone sees the same): a key padding mask leaving each sample a key; attention masks:
+        a float one shared by the batch, a boolean one per sample and head, or a causal one."""
+        batch, keys = len(x), SEQUENCE
+        if self.masks == "padding":
+            kept = torch.zeros(batch, keys - 1, dtype=torch.bool)
+            return {"key_padding_mask": torch.cat([kept, x[:, :1, 0] > 0], 1)}
+        if self.masks == "shared":
+            return {"attn_mask": torch.linspace(-1, 1, SEQUENCE * keys).view(SEQUENCE, keys)}
+        if self.masks == "per-head":
+            first_key = (x[:, :, 0] > 0.5).unsqueeze(1)  # [N, 1, L]: masked in head 1 only
+            masked = torch.cat([torch.zeros_like(first_key), first_key], 1)
+            mask = torch.zeros(batch, 2, SEQUENCE, keys, dtype=torch.bool)
+            mask = torch.cat([masked.unsqueeze(-1), mask[..., 1:]], -1)
+            return {"attn_mask": mask.flatten(0, 1)}
+        if self.masks == "causal":
+            mask = torch.triu(torch.ones(SEQUENCE, keys, dtype=torch.bool), 1)
+            return {"attn_mask": mask, "is_causal": True}
+        return {}
+
+
+ATTENTION = {
+    "packed": {},
+    "packed-not-batch-first": {"batch_first": False},
+    "separate-kdim-vdim": {"kdim": 3, "vdim": 5},
+    "no-bias": {"bias": False},
+    "bias-kv-zero-attn": {"add_bias_kv": True, "add_zero_attn": True},
+    "padding-mask": {"masks": "padding"},
+    "shared-float-mask": {"masks": "shared", "batch_first": False},
+    "per-head-mask": {"masks": "per-head"},
+    "causal": {"masks": "causal"},
+    "mean-weights": {"use_weights": "mean"},
+    "head-weights-not-batch-first": {"use_weights": "heads", "batch_first": False},
+}
+
+
+def _attending(options: dict) -> nn.Module:
+    return Attending(**{"batch_first": True, **options})
+
+
+def _transformer(layer: str, norm_first: bool) -> nn.Module:
+    options = dict(dim_feedforward=6, dropout=0.0, batch_first=True, norm_first=norm_first)
+    if layer == "encoder":
+        block = nn.TransformerEncoderLayer(WIDTH, 2, **options)
+        return nn.Sequential(block, nn.Flatten(), nn.Linear(SEQUENCE * WIDTH, 3))
+    return Decoding(nn.TransformerDecoderLayer(WIDTH, 2, **options))
+
+
+class Decoding(nn.Module):
+    """A decoder layer on the input with the input's projection as its memory."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.memory, self.block = nn.Linear(WIDTH, WIDTH), block
+        self.head = nn.Linear(SEQUENCE * WIDTH, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        causal = torch.triu(torch.full((SEQUENCE, SEQUENCE), float("-inf")), 1)
+        return self.head(self.block(x, self.memory(x), tgt_mask=causal).flatten(1))
+
+
+PROBLEMS = [
+    *[
+        Problem(name, lambda o=options: _attending(o), (SEQUENCE, WIDTH), is_chain=False)
+        for name, options in ATTENTION.items()
+    ],
+    Problem("packed-batch-of-one", lambda: _attending({}), (SEQUENCE, WIDTH), 1, is_chain=False),
+    *[
+        Problem(
+            f"{layer}-layer{'-norm-first' if norm_first else ''}",
+            lambda layer=layer, norm_first=norm_first: _transformer(layer, norm_first),
+            (SEQUENCE, WIDTH),
+            is_chain=False,
+        )
+        for layer in ("encoder", "decoder")
+        for norm_first in (False, True)
+    ],
+]
+
+
+def _results(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict:
+    with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY):
+        loss_fn(model(X), y).backward()
+    return {
+        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
+        for name, p in model.named_parameters()
+    }
+
+
+@pytest.mark.parametrize(
+    "problem, loss",
+    [pytest.param(p, loss, id=f"{p.name}-{loss}") for p in PROBLEMS for loss in CE_MSE],
+)
+def test_first_order_and_ggn_family(problem, loss):
+    model, loss_fn, X, y = problem.make(loss)
+    results = _results(model.eval(), loss_fn, X, y)
+    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
+    expected = reference.ggn_per_sample(model, loss_fn, X, y)
+    check_ggn(model, results, expected, reference.jacobians(model, X))
+
+
+def test_per_sample_gradients_match_finite_differences():
+    """Per-sample gradients of the projections and the added key bias against central
+    differences of each sample's loss (float64, step 1e-6), with a padding mask and the
+    sequences not batch first."""
+    options = {"batch_first": False, "add_bias_kv": True, "masks": "padding"}
+    problem = Problem("fd", lambda: _attending(options), (SEQUENCE, WIDTH), 4, is_chain=False)
+    model, loss_fn, X, y = problem.make("ce-sum")
+    model.eval()
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        loss_fn(model(X), y).backward()
+    attention, step = model.attention, 1e-6
+    for param, index in [
+        (attention.in_proj_weight, (5, 2)),
+        (attention.in_proj_weight, (9, 0)),
+        (attention.out_proj.weight, (1, 3)),
+        (attention.bias_k, (0, 0, 2)),
+    ]:
+        for n in range(len(X)):
+            with torch.no_grad():
+                param[index] += step
+                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] -= 2 * step
+                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] += step
+            difference = (up - down) / (2 * step)
+            torch.testing.assert_close(param.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9)
+
+
+def test_refusals():
+    """An unbatched sequence, dropout in training mode, and the extensions that need the
+    attention's own second derivatives or Kronecker factors are refused, naming the fix."""
+    model, loss_fn, X, y = PROBLEMS[0].make("ce-mean")
+    with curvhooks.extend(model, loss_fn, BatchGrad()):
+        with pytest.raises(curvhooks.UnsupportedError, match="unbatched sequence.*pass"):
+            model.attention(X[0], X[0], X[0])
+    model.attention.dropout = 0.1
+    with curvhooks.extend(model.train(), loss_fn, BatchGrad()):
+        with pytest.raises(curvhooks.UnsupportedError, match="training mode.*eval"):
+            model(X)
+    model.eval()
+    for extension, refused in ((DiagHessian(), "own second derivatives"), (KFAC(), "Kronecker")):
+        with pytest.raises(curvhooks.UnsupportedError, match=rf"MultiheadAttention.*{refused}"):
+            curvhooks.extend(model, loss_fn, extension).__enter__()
