@@ -1,6 +1,15 @@
-"""``nn.MultiheadAttention``: its own ``forward`` differentiated by ``torch.func`` on each
-call (``CallDerivatives``), its ``out_proj`` served with it (the call uses that child's
+"""``nn.MultiheadAttention``, its ``out_proj`` served with it (the call uses that child's
 parameters without calling it).
+
+The attention is ``out = A(q, k, v) W_o^T + b_o`` with the projections ``q = x_q W_q^T + b_q``
+(``k``, ``v`` alike, the added key and value biases appended to ``k`` and ``v``) and a core
+``A`` without parameters. A stack ``S`` at the output reaches the core's output as
+``S W_o``, and its inputs by one reverse-mode product of the core over the batch (the core
+acts on each sample alone), batched over the vectors; each sample's parameter products are
+then sums over positions of outer products (``out_proj``: ``S`` with ``A``; the projections:
+the stack at ``q``, ``k``, ``v`` with their inputs). The core is written out here as torch's
+``F.multi_head_attention_forward`` computes it; stacks reach the inputs of the call by
+autograd (``CallDerivatives``).
 
 Every argument is covered: packed or separate query, key and value projections, biases,
 ``add_bias_kv``, ``add_zero_attn``, ``batch_first`` both ways, key padding masks, attention
@@ -12,10 +21,15 @@ like the attention's own).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp, vmap
 
+from curvhooks.derivatives.base import ModuleIO
 from curvhooks.derivatives.generic import CallDerivatives
 from curvhooks.errors import UnsupportedError
 
@@ -68,3 +82,137 @@ class MultiheadAttentionDerivatives(CallDerivatives):
         if mask is not None and mask.dim() == 4:
             kwargs = {**kwargs, "attn_mask": mask.flatten(0, 1)}
         return module.forward(*args, **kwargs)
+
+    def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
+        """Name -> ``[V, N, *p.shape]`` (see the module docstring)."""
+        module = io.module
+        args, kwargs = io.call.arguments(io.call.tensors)
+        weights = "" if not kwargs.get("need_weights", True) else "mean"
+        if weights and not kwargs.get("average_attn_weights", True):
+            weights = "heads"
+        with torch.no_grad():
+            parts = _projected(module, args, kwargs)
+            core = partial(_core, module, parts.mask, weights)
+            outputs, pullback = vjp(core, *parts.projections)
+            attended = outputs[0]
+            count, (batch, length, width) = len(mat), attended.shape
+            at_output = mat[..., : length * width].view(count, batch, length, width)
+            cotangents = [at_output @ module.out_proj.weight]
+            if weights:
+                cotangents.append(mat[..., length * width :].view(count, *outputs[1].shape))
+            at_inputs = vmap(pullback)(tuple(cotangents))  # at q, k, v: [V, N, L or S', E]
+        return _products(module, parts.sequences, at_inputs, at_output, attended)
+
+
+class _Projected(NamedTuple):
+    """One call's sequences batch first ``[N, L or S, E_in]``, their projections ``q``, ``k``,
+    ``v`` ``[N, L or S(+1), E]`` (the added biases appended), and the core's additive mask
+    (``None``: none)."""
+
+    sequences: tuple[Tensor, Tensor, Tensor]
+    projections: tuple[Tensor, Tensor, Tensor]
+    mask: Tensor | None
+
+
+def _projected(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> _Projected:
+    """The projections of one recorded call (see ``_Projected``)."""
+    sequences = tuple(s if module.batch_first else s.transpose(0, 1) for s in args)
+    if module._qkv_same_embed_dim:
+        weights = module.in_proj_weight.chunk(3)
+    else:
+        weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    q, k, v = (F.linear(s, w, b) for s, w, b in zip(sequences, weights, biases))
+    if module.bias_k is not None:
+        batch = len(k)
+        k = torch.cat([k, module.bias_k.expand(batch, 1, -1)], 1)
+        v = torch.cat([v, module.bias_v.expand(batch, 1, -1)], 1)
+    return _Projected(sequences, (q, k, v), _additive_mask(module, kwargs, q))
+
+
+def _additive_mask(module: nn.MultiheadAttention, kwargs: dict, q: Tensor) -> Tensor | None:
+    """The attention and key padding masks as one additive mask broadcastable against the
+    scores ``[N, H, L, S']`` (``-inf`` where a boolean mask is true), padded with zeros for
+    the added key bias and zero attention."""
+    extra = (module.bias_k is not None) + module.add_zero_attn
+    mask = None
+    attention = kwargs.get("attn_mask")
+    if attention is not None:
+        mask = _as_additive(attention, q)  # [L, S] or [N, H, L, S]
+    padding = kwargs.get("key_padding_mask")
+    if padding is not None:
+        padding = _as_additive(padding, q)[:, None, None, :]
+        mask = padding if mask is None else mask + padding
+    return None if mask is None else F.pad(mask, (0, extra))
+
+
+def _as_additive(mask: Tensor, like: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+            mask, -torch.inf
+        )
+    return mask.to(like.dtype)
+
+
+def _core(
+    module: nn.MultiheadAttention,
+    mask: Tensor | None,
+    weights: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+) -> tuple[Tensor, ...]:
+    """The attention without parameters: ``A`` ``[N, L, E]`` of the heads side by side,
+    and the weights ``[N, L, S']`` averaged over the heads (``weights="mean"``), ``[N, H, L,
+    S']`` (``"heads"``) or none (``""``)."""
+    batch, length, width = q.shape
+    heads = module.num_heads
+    size = width // heads
+
+    def split(t: Tensor) -> Tensor:
+        return t.view(batch, -1, heads, size).transpose(1, 2)  # [N, H, L, d]
+
+    q, k, v = split(q) * size**-0.5, split(k), split(v)
+    if module.add_zero_attn:
+        zeros = k.new_zeros(batch, heads, 1, size)
+        k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
+    scores = q @ k.transpose(-2, -1)
+    probabilities = torch.softmax(scores if mask is None else scores + mask, -1)
+    attended = (probabilities @ v).transpose(1, 2).reshape(batch, length, width)
+    if not weights:
+        return (attended,)
+    return attended, probabilities.mean(1) if weights == "mean" else probabilities
+
+
+def _products(
+    module: nn.MultiheadAttention,
+    sequences: tuple[Tensor, ...],
+    at_inputs: tuple[Tensor, ...],
+    at_output: Tensor,
+    attended: Tensor,
+) -> dict[str, Tensor]:
+    """Each trainable parameter's per-sample products ``[V, N, *p.shape]`` from the stacks
+    at the projections' outputs (``at_inputs``, the added biases' last) and at the module
+    output, and the core's output ``attended``."""
+    keys = sequences[1].shape[1]
+    at_q, at_k, at_v = (at_inputs[0], at_inputs[1][:, :, :keys], at_inputs[2][:, :, :keys])
+    by_projection = [
+        torch.einsum("vnlo,nli->vnoi", stack, sequence)
+        for stack, sequence in zip((at_q, at_k, at_v), sequences)
+    ]
+    every = {
+        "in_proj_weight": lambda: torch.cat(by_projection, 2),
+        "q_proj_weight": lambda: by_projection[0],
+        "k_proj_weight": lambda: by_projection[1],
+        "v_proj_weight": lambda: by_projection[2],
+        "in_proj_bias": lambda: torch.cat([s.sum(2) for s in (at_q, at_k, at_v)], 2),
+        "bias_k": lambda: at_inputs[1][:, :, keys:, None],
+        "bias_v": lambda: at_inputs[2][:, :, keys:, None],
+        "out_proj.weight": lambda: torch.einsum("vnlo,nli->vnoi", at_output, attended),
+        "out_proj.bias": lambda: at_output.sum(2),
+    }
+    return {
+        name: every[name]().clone(memory_format=torch.contiguous_format)
+        for name, param in module.named_parameters()
+        if param.requires_grad
+    }
