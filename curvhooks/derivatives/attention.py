@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vjp, vmap
+from torch.func import vjp
 
 from curvhooks.derivatives.base import ModuleIO
-from curvhooks.derivatives.generic import CallDerivatives
+from curvhooks.derivatives.generic import CallDerivatives, batched
 from curvhooks.errors import UnsupportedError
 
 _SEQUENCES = ("query", "key", "value")
@@ -100,7 +100,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
             cotangents = [at_output @ module.out_proj.weight]
             if weights:
                 cotangents.append(mat[..., length * width :].view(count, *outputs[1].shape))
-            at_inputs = vmap(pullback)(tuple(cotangents))  # at q, k, v: [V, N, L or S', E]
+            at_inputs = batched(pullback, tuple(cotangents), count)  # at q, k, v: [V, N, ., E]
         return _products(module, parts.sequences, at_inputs, at_output, attended)
 
 

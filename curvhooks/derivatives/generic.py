@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_unflatten
 
 from curvhooks.derivatives.base import ModuleDerivatives, ModuleIO
 from curvhooks.errors import UnsupportedError
@@ -243,6 +243,15 @@ class CallDerivatives(ModuleDerivatives):
         _, pullback = vjp(lambda *values: joint_of(arguments, values), *points)
         _check_batching(module, mat, products, pullback, True)
         return dict(zip(names, products))
+
+
+def batched(pullback: Callable[..., Any], cotangents: Any, count: int) -> Any:
+    """``pullback`` of each of ``count`` vectors (``cotangents``: tensors ``[V, ...]``, or a
+    tuple of them), stacked: by ``vmap``, or directly for one vector (``vmap``'s overhead on
+    every operation of a long backward pass, a recurrence's, exceeds the product's cost)."""
+    if count > 1:
+        return vmap(pullback)(cotangents)
+    return tree_map(lambda tensor: tensor[None], pullback(tree_map(lambda t: t[0], cotangents)))
 
 
 def _params(module: nn.Module, names: list[str]) -> list[nn.Parameter]:

@@ -1,6 +1,13 @@
 """``nn.RNN``, ``nn.LSTM`` and ``nn.GRU``: the recurrences written out step by step in plain
-tensor operations (``torch.func`` cannot batch torch's fused kernels over samples), and
-differentiated by ``torch.func`` on each call (``CallDerivatives``).
+tensor operations (``torch.func`` cannot batch torch's fused kernels over samples).
+
+Each parameter enters through an affine map at every step: ``x_t W_ih^T + b_ih``,
+``h_{t-1} W_hh^T + b_hh`` and LSTM's projection ``u_t W_hr^T``. A sample's parameter products
+are sums over the steps of outer products of the stack at that map's output with its input.
+The stacks there come from one reverse-mode product over the batch (the recurrence acts on
+each sample alone), batched over the vectors: in the product with respect to zero tensors
+added to each map's output ("probes"). Stacks reach the inputs of the call by autograd
+(``CallDerivatives``).
 
 Every argument is covered: several layers, both directions, ``batch_first`` both ways, with
 and without biases, ``tanh`` and ``relu`` recurrences, LSTM projections (``proj_size``), and
@@ -16,35 +23,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vjp
 from torch.nn.utils.rnn import PackedSequence
 
-from curvhooks.derivatives.generic import CallDerivatives
+from curvhooks.derivatives.base import ModuleIO
+from curvhooks.derivatives.generic import CallDerivatives, batched
 from curvhooks.errors import UnsupportedError
 
-Cell = Callable[[Tensor, Tensor, tuple[Tensor, ...], dict[str, Tensor]], tuple[Tensor, ...]]
+Cell = Callable[[Tensor, Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]]
+"""One step: the new state from the input's and the state's affine maps and the state."""
+Probes = dict[str, Tensor]
+"""Per layer and direction (``"_l0"``, ``"_l0_reverse"``, ...) and map (``"ih"``, ``"hh"``,
+``"hr"``): the tensor ``[N, T, out]`` added to that map's outputs, in the order of steps."""
 
 
 def _rnn_cell(nonlinearity: Callable[[Tensor], Tensor]) -> Cell:
     """``h' = f(x W_ih^T + b_ih + h W_hh^T + b_hh)``."""
 
-    def step(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...], _) -> tuple[Tensor]:
+    def step(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor]:
         return (nonlinearity(inputs + recurrent),)
 
     return step
 
 
-def _lstm_cell(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...], weights: dict):
+def _lstm_cell(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...]):
     """Gates ``i, f, g, o`` from ``x W_ih^T + b_ih + h W_hh^T + b_hh``; ``c' = f c + i g``,
-    ``h' = o tanh(c')``, projected by ``W_hr`` where the layer has one."""
+    ``h' = o tanh(c')`` (before any projection)."""
     gate_in, gate_forget, cell, gate_out = (inputs + recurrent).chunk(4, -1)
     memory = torch.sigmoid(gate_forget) * state[1] + torch.sigmoid(gate_in) * torch.tanh(cell)
-    hidden = torch.sigmoid(gate_out) * torch.tanh(memory)
-    if "weight_hr" in weights:
-        hidden = F.linear(hidden, weights["weight_hr"])
-    return hidden, memory
+    return torch.sigmoid(gate_out) * torch.tanh(memory), memory
 
 
-def _gru_cell(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...], _) -> tuple[Tensor]:
+def _gru_cell(inputs: Tensor, recurrent: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor]:
     """``r, z`` from ``x W_i^T + b_i + h W_h^T + b_h``; ``n = tanh(x W_in^T + b_in + r (h
     W_hn^T + b_hn))``, ``h' = (1 - z) n + z h``."""
     reset_in, update_in, new_in = inputs.chunk(3, -1)
@@ -66,24 +76,33 @@ CELLS: dict[str, Cell] = {
 def recurrence(module: nn.RNNBase, input: Tensor, hx: Any = None) -> tuple[Tensor, Any]:
     """The outputs of ``module`` on ``input`` (and initial states ``hx``) as its ``forward``
     gives them, step by step in plain tensor operations."""
+    return _run(module, None, input, hx)[0]
+
+
+def _run(
+    module: nn.RNNBase, probes: Probes | None, input: Tensor, hx: Any = None
+) -> tuple[tuple[Tensor, Any], Probes]:
+    """``recurrence`` with ``probes`` added (``None``: none), and each map's input in the
+    order of steps, keyed as the probes."""
     sequences = input if module.batch_first else input.transpose(0, 1)  # [N, T, I]
     states = _initial_states(module, sequences, hx)
     directions = 2 if module.bidirectional else 1
-    finals = []
+    finals, seen = [], {}
     for layer in range(module.num_layers):
         outputs = []
         for direction in range(directions):
-            index = layer * directions + direction
-            state = tuple(s[index] for s in states)
-            output, state = _one_direction(module, sequences, state, layer, direction)
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            state = tuple(s[layer * directions + direction] for s in states)
+            added = None if probes is None else probes[suffix]
+            output, state, seen[suffix] = _one_direction(module, sequences, state, suffix, added)
             outputs.append(output)
             finals.append(state)
         sequences = torch.cat(outputs, -1)
     output = sequences if module.batch_first else sequences.transpose(0, 1)
     h_n = torch.stack([final[0] for final in finals])
     if module.mode != "LSTM":
-        return output, h_n
-    return output, (h_n, torch.stack([final[1] for final in finals]))
+        return (output, h_n), seen
+    return (output, (h_n, torch.stack([final[1] for final in finals]))), seen
 
 
 def _initial_states(module: nn.RNNBase, sequences: Tensor, hx: Any) -> tuple[Tensor, ...]:
@@ -101,27 +120,60 @@ def _initial_states(module: nn.RNNBase, sequences: Tensor, hx: Any) -> tuple[Ten
 
 
 def _one_direction(
-    module: nn.RNNBase, sequences: Tensor, state: tuple[Tensor, ...], layer: int, direction: int
-) -> tuple[Tensor, tuple[Tensor, ...]]:
+    module: nn.RNNBase,
+    sequences: Tensor,
+    state: tuple[Tensor, ...],
+    suffix: str,
+    probes: dict[str, Tensor] | None,
+) -> tuple[Tensor, tuple[Tensor, ...], dict[str, Tensor]]:
     """One layer in one direction over ``[N, T, I]``: its outputs ``[N, T, H]`` in the
-    sequence's order, and its final state."""
-    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    weights = {
-        name: getattr(module, name + suffix)
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-        if hasattr(module, name + suffix)
-    }
-    if direction:
+    sequence's order, its final state, and each map's inputs in the order of steps."""
+    weights = {name: getattr(module, name + suffix, None) for name in _PARAMETERS}
+    if suffix.endswith("_reverse"):
         sequences = sequences.flip(1)
-    inputs = F.linear(sequences, weights["weight_ih"], weights.get("bias_ih"))
+    probes = probes or {}
+    inputs = _added(F.linear(sequences, weights["weight_ih"], weights["bias_ih"]), probes, "ih")
     cell = CELLS[module.mode]
-    steps = []
+    previous, unprojected = [], []
     for step in range(sequences.shape[1]):
-        recurrent = F.linear(state[0], weights["weight_hh"], weights.get("bias_hh"))
-        state = cell(inputs[:, step], recurrent, state, weights)
-        steps.append(state[0])
-    output = torch.stack(steps, 1)
-    return (output.flip(1) if direction else output), state
+        previous.append(state[0])
+        recurrent = F.linear(state[0], weights["weight_hh"], weights["bias_hh"])
+        state = cell(inputs[:, step], _added(recurrent, probes, "hh", step), state)
+        if weights["weight_hr"] is not None:
+            unprojected.append(state[0])
+            projected = _added(F.linear(state[0], weights["weight_hr"]), probes, "hr", step)
+            state = (projected, *state[1:])
+    seen = {"ih": sequences, "hh": torch.stack(previous, 1)}
+    if unprojected:
+        seen["hr"] = torch.stack(unprojected, 1)
+    output = torch.stack(previous[1:] + [state[0]], 1)
+    return (output.flip(1) if suffix.endswith("_reverse") else output), state, seen
+
+
+_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+def _zero_probes(module: nn.RNNBase, input: Tensor) -> Probes:
+    """Zero probes for every map of ``module`` on ``input``."""
+    batch, steps = (0, 1) if module.batch_first else (1, 0)
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1) * module.hidden_size
+    shape = (input.shape[batch], input.shape[steps])
+    probes = {}
+    for layer in range(module.num_layers):
+        for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
+            maps = {"ih": gates, "hh": gates}
+            if module.proj_size:
+                maps["hr"] = module.proj_size
+            probes[f"_l{layer}{suffix}"] = {k: input.new_zeros(*shape, n) for k, n in maps.items()}
+    return probes
+
+
+def _added(output: Tensor, probes: dict[str, Tensor], name: str, step: int | None = None):
+    """``output`` plus the probe of map ``name`` (at ``step``), if any."""
+    probe = probes.get(name)
+    if probe is None:
+        return output
+    return output + (probe if step is None else probe[:, step])
 
 
 class RecurrentDerivatives(CallDerivatives):
@@ -160,3 +212,28 @@ class RecurrentDerivatives(CallDerivatives):
 
     def run(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         return recurrence(module, *args)
+
+    def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
+        """Name -> ``[V, N, *p.shape]`` (see the module docstring)."""
+        module = io.module
+        args, _ = io.call.arguments(io.call.tensors)
+
+        def joint_of(probes: Probes) -> tuple[Tensor, Probes]:
+            outputs, seen = _run(module, probes, *args)
+            return self.joined(module, outputs), seen
+
+        with torch.no_grad():
+            _, pullback, seen = vjp(joint_of, _zero_probes(module, args[0]), has_aux=True)
+            at = batched(pullback, mat, len(mat))[0]
+        products = {}
+        for name, param in module.named_parameters():
+            if param.requires_grad:
+                kind, layer = name.split("_l", 1)
+                suffix, affine = "_l" + layer, kind[-2:]
+                stack = at[suffix][affine]  # [V, N, T, out]
+                products[name] = (
+                    torch.einsum("vnto,nti->vnoi", stack, seen[suffix][affine])
+                    if kind.startswith("weight")
+                    else stack.sum(2)
+                )
+        return products
