@@ -44,7 +44,9 @@ class Block(nn.Module):
         self.attention_norm = nn.LayerNorm(WIDTH)
         self.attention = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
         self.mlp_norm = nn.LayerNorm(WIDTH)
-        self.mlp = nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH))
+        self.mlp = nn.Sequential(
+            nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH)
+        )
         self.head = nn.Linear(WIDTH, CLASSES)
         self.register_buffer("causal", torch.triu(torch.full((TOKENS, TOKENS), -torch.inf), 1))
 

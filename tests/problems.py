@@ -221,6 +221,24 @@ class Recurrent(nn.Module):
         return self.head(torch.cat([output[:, -1], cells.transpose(0, 1).flatten(1)], 1))
 
 
+class ClassToken(nn.Module):
+    """A vision-transformer-like container: a class token and position embeddings held and
+    used by the model's own ``forward`` (no module call), around linear layers."""
+
+    def __init__(self, patches: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Linear(width, width)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, width))
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch(x)], 1)
+        hidden = torch.tanh(self.mix(tokens + self.pos_embed))
+        return self.head(hidden[:, 0] * self.cls_token[0, 0] + hidden[:, 1:].mean(1))
+
+
 class TiedWeights(nn.Module):
     """Two Linear modules sharing one weight (as an embedding tied to an output layer), one
     feeding the other."""
@@ -758,6 +776,9 @@ GRAPH_PROBLEMS: list[Problem] = [
         is_chain=False,
     ),
     Problem("recurrent", Recurrent, (3, 4), hessian_glue="own second derivatives", is_chain=False),
+    Problem(
+        "class-token", ClassToken, (3, 4), hessian_glue="own second derivatives", is_chain=False
+    ),
     Problem(
         "sequential-own-forward",
         lambda: PostProcessed(nn.Linear(3, 5), nn.Sigmoid(), nn.Linear(5, 3)),

@@ -153,11 +153,17 @@ def restrict(matrix: Tensor, model: nn.Module, structure: str) -> Tensor:
     if structure == "diag":
         return matrix.diagonal()
     params = trainable(model)
-    owners = [name.rsplit(".", 1)[0] if structure == "layer" else name for name in params]
+    # a layer is a module: the model's own parameters (no dot in their names) form one
+    owners = [_owner(name) if structure == "layer" else name for name in params]
     sizes = [p.numel() for p in params.values()]
     labels = torch.repeat_interleave(torch.arange(len(owners)), torch.tensor(sizes))
     owner_ids = torch.tensor([owners.index(owner) for owner in owners])[labels]
     return matrix * (owner_ids[:, None] == owner_ids[None, :])
+
+
+def _owner(name: str) -> str:
+    """The path of the module holding parameter ``name`` (``""``: the model itself)."""
+    return name.rsplit(".", 1)[0] if "." in name else ""
 
 
 def hessian_blocks(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from curvhooks import (
 )
 from tests import reference
 from tests.checks import check_first_order, check_ggn
-from tests.problems import CE_MSE, Problem, run_with
+from tests.problems import CE_MSE, Problem, by_name, run_with
 
 FIRST_ORDER = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
 GGN_FAMILY = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
@@ -302,3 +302,53 @@ def test_a_parameter_that_takes_no_part_gets_zeros():
     assert torch.equal(found["1.unused"]["diag_ggn"], torch.zeros(2, dtype=torch.float64))
     expected = reference.per_sample_grads(model, nn.CrossEntropyLoss(), X, y)["1.weight"]
     torch.testing.assert_close(found["1.weight"]["grad_batch"], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_parameters_used_directly_match_finite_differences():
+    """A container's class token and position embeddings (``DirectDerivatives``): per-sample
+    gradients against central differences of each sample's loss (float64, step 1e-6)."""
+    model, loss_fn, X, y = by_name("class-token").make("ce-sum", num_samples=4)
+    with pytest.warns(UserWarning, match="cls_token, pos_embed, used directly"):
+        with curvhooks.extend(model, loss_fn, BatchGrad()):
+            loss_fn(model(X), y).backward()
+    step = 1e-6
+    for param, index in [(model.cls_token, (0, 0, 1)), (model.pos_embed, (0, 2, 3))]:
+        for n in range(len(X)):
+            with torch.no_grad():
+                param[index] += step
+                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] -= 2 * step
+                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] += step
+            difference = (up - down) / (2 * step)
+            torch.testing.assert_close(param.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9)
+
+
+class TiedToChild(nn.Module):
+    """A parameter held by the model and by its child, used by both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(3, 3))
+        self.inner = nn.Linear(3, 3)
+        self.inner.weight = self.scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) @ self.scale
+
+
+def test_direct_use_of_a_parameter_a_call_also_uses_is_refused():
+    """Served directly, the parameter's derivative would count the call's use twice."""
+    torch.manual_seed(0)
+    model = TiedToChild().double()
+    X = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="used directly"):
+        with curvhooks.extend(model, nn.MSELoss(), BatchGrad()):
+            with pytest.raises(curvhooks.UnsupportedError, match="scale.*used outside"):
+                model(X)
+
+
+def test_generic_false_refuses_parameters_used_directly():
+    model, loss_fn, _, _ = by_name("class-token").make("ce-mean")
+    with pytest.raises(curvhooks.UnsupportedError, match=r"\(ClassToken\) is not supported"):
+        curvhooks.extend(model, loss_fn, BatchGrad(), generic=False).__enter__()

@@ -26,6 +26,7 @@ from curvhooks.extensions.base import check_mc_samples
 from curvhooks.extensions.gram import formed, weighted_sum
 from curvhooks.extensions.stacks import GGN_ROWS, GRADIENT, MonteCarloStack, StackKind
 from curvhooks.hooks import BatchResults, UnservableError, check_eval_mode, hooked
+from curvhooks.hooks.plan import serving_modules
 from curvhooks.operators.kronecker import Factor, Kronecker, eigenbases, factor_sides
 
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -314,8 +315,8 @@ def _names_of(
     """Each parameter with its name in ``model`` and whether its module gives it Kronecker
     factors; raises for one without them under ``others="raise"``."""
     owners = {}
-    for path, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
+    for path, module, served in serving_modules(model):
+        for name, param in served:
             owners.setdefault(id(param), (path, name, module))
     rows = []
     for param in params:

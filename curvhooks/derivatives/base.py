@@ -121,6 +121,10 @@ class ModuleDerivatives:
     arguments, keyword arguments) and may join several outputs, or one whose samples are not
     in dimension 0, into one output ``[N, D]`` (``CallDerivatives``)."""
 
+    direct: bool = False
+    """Whether these serve parameters that a module's own ``forward`` uses directly (a
+    container's), reached by autograd: the hooks record no call of the module."""
+
     serves_children: bool = False
     """Whether the module's call uses its children's parameters itself, without calling
     them (``nn.MultiheadAttention``'s ``out_proj``): they are served at its calls."""

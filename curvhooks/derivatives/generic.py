@@ -311,6 +311,23 @@ class GenericDerivatives(CallDerivatives):
                 )
 
 
+class DirectDerivatives(ModuleDerivatives):
+    """Parameters that a module's own ``forward`` uses directly, without a module call the
+    hooks could record (a container's: a vision transformer's class token and position
+    embedding). The product of a stack with such a parameter is the stack pushed to the
+    parameter itself, and the hooks push it there split per sample (one vector per sample and
+    stacked vector, as to a call on a tensor shared by the batch): the output ``[N,
+    *p.shape]`` of such a call is the parameter's per-sample derivative."""
+
+    direct = True
+    second_derivatives = False
+
+    def param_jac_t_mat_prod(
+        self, io: ModuleIO, name: str, mat: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        return mat.clone() if out is None else out.copy_(mat)
+
+
 def _refusal_reason(module: nn.Module) -> str | None:
     """Why the fallback may not serve ``module``: forward hooks of its own (``weight_norm``,
     say), which ``torch.func`` on ``forward`` would bypass, or one parameter under several

@@ -44,8 +44,8 @@ class HessianExtension(Extension):
             )
         if not derivatives.second_derivatives:
             return (
-                "curvhooks serves its first derivatives by torch.func, but not its own second "
-                "derivatives; use curvhooks.hessian, which differentiates any model by autograd"
+                "curvhooks has its first derivatives, not its own second derivatives; use "
+                "curvhooks.hessian, which differentiates any model by autograd"
             )
         return None
 

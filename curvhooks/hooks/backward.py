@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvhooks._compat import at_backward_end
-from curvhooks.derivatives import loss_gradient
+from curvhooks.derivatives import ModuleIO, loss_gradient
 from curvhooks.extensions.stacks import HESSIAN, Stack
 from curvhooks.hooks.calls import Call, gradient_edge, tensors_in
 from curvhooks.hooks.graph import push_to_calls, uses_outside_calls
@@ -56,6 +56,18 @@ class AutogradBackward:
         self._nested = False
         self._attached = False
         self._served = plan.served_ids()
+        direct = [h for h in plan.modules if h.derivatives is not None and h.derivatives.direct]
+        in_calls = {id(p) for h in plan.modules if h not in direct for _, p in h.params}
+        self._direct = {
+            id(param): (hooked, name, param)
+            for hooked in direct
+            for name, param in hooked.params
+            if id(param) not in in_calls
+        }
+        """The parameters used directly in their module's ``forward``, by id; not those a
+        recorded call also uses (their autograd derivative would count that call's use
+        twice: such a direct use is refused as a use outside the calls)."""
+        self._direct_handles: list[RemovableHandle] = []
         self._left_out: set[int] = set()
         """Parameters used outside their modules' calls, left out (``unsupported="skip"``)."""
         self._handles: list[RemovableHandle] = []
@@ -78,6 +90,7 @@ class AutogradBackward:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_direct_hooks()
         self.recorder.detach()
         self.reducer.clear()
         self._route = None
@@ -99,6 +112,12 @@ class AutogradBackward:
         that raised may have left sums of a parameter used by several calls)."""
         self.reducer.clear()
         self._route = None
+        self._remove_direct_hooks()
+
+    def _remove_direct_hooks(self) -> None:
+        for handle in self._direct_handles:
+            handle.remove()
+        self._direct_handles.clear()
 
     def _after_forward(self, model: nn.Module, args: tuple, output: Any) -> None:
         """After the model's forward pass: raise for the served parameters the hooks cannot
@@ -108,6 +127,8 @@ class AutogradBackward:
         record = self.recorder.record
         outputs = [tensor for tensor in tensors_in(output) if tensor.grad_fn is not None]
         outside = uses_outside_calls(outputs, record.calls, self._served) - self._left_out
+        direct = outside & self._direct.keys()
+        outside -= direct
         if outside and self.plan.unsupported == "skip":
             warn_skipped(
                 self.plan.describe(outside), "parameters used outside their modules' calls"
@@ -125,10 +146,35 @@ class AutogradBackward:
         if self._left_out:
             for call in record.calls:
                 call.params = [(n, p) for n, p in call.params if id(p) not in self._left_out]
+        if direct:
+            self._record_direct(direct, len(outputs[0]))
         unbatched = [call for call in record.calls if call.unbatched]
         if unbatched and self.plan.first_order:
             hook = partial(self._push_gradients, self.recorder.pass_id, outputs[0], unbatched)
             outputs[0].register_hook(hook)
+
+    def _record_direct(self, used: set[int], batch: int) -> None:
+        """A call of its own for each parameter that a module's ``forward`` used directly
+        (``DirectDerivatives``): its output is the parameter, taken per sample, and its
+        tensor hook (removed at the next pass) is on the parameter."""
+        record = self.recorder.record
+        for key in used:
+            hooked, name, param = self._direct[key]
+            shape = torch.Size((1, *param.shape))
+            call = Call(
+                hooked.path,
+                ModuleIO(hooked.module, None, None, torch.Size(()), shape),
+                hooked.derivatives,
+                [(name, param)],
+                self.recorder.pass_id,
+                len(record.calls),
+                None,
+                output_edge=gradient_edge(param),
+            )
+            call.expand_to_batch(batch)
+            call.handle = param.register_hook(partial(self._at_call, call))
+            self._direct_handles.append(call.handle)
+            record.add(call, None)
 
     def _push_gradients(
         self, pass_id: int, output: Tensor, calls: list[Call], gradient: Tensor

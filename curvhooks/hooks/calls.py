@@ -113,9 +113,12 @@ class CallRecord:
         self._outputs: dict[int, tuple[weakref.ref, int, Call]] = {}
         self._used: set[int] = set()
 
-    def add(self, call: Call, output: Tensor) -> None:
+    def add(self, call: Call, output: Tensor | None) -> None:
+        """Record ``call``, whose output is ``output`` (``None`` for a parameter's own
+        call: ``DirectDerivatives``)."""
         self.calls.append(call)
-        self._outputs[id(output)] = (weakref.ref(output), output._version, call)
+        if output is not None:
+            self._outputs[id(output)] = (weakref.ref(output), output._version, call)
         for _, param in call.params:
             (self.shared if id(param) in self._used else self._used).add(id(param))
 

@@ -53,14 +53,15 @@ def hooked(
     to ``sink``, never onto the model; every one of ``params`` must be served (a module that
     cannot serve one raises). ``route``: ``"chain"`` or ``"auto"`` take the hooks' own
     backward pass on a chain of supported modules (``supports_chain``), autograd's elsewhere;
-    ``"graph"`` always autograd's."""
+    ``"graph"`` always autograd's, where modules without derivatives of their own are served
+    by the generic ones (``HookPlan.of``)."""
     if route != "graph" and supports_chain(model, loss_fn):
         plan = HookPlan.of(
             model, loss_fn, extensions, route="chain", params=params, records_leaves=True
         )
         backward = ChainBackward(plan, sink)
     else:
-        plan = HookPlan.of(model, loss_fn, extensions, route=route, params=params)
+        plan = HookPlan.of(model, loss_fn, extensions, route=route, params=params, generic=True)
         backward = AutogradBackward(plan, sink)
     backward.attach()
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from curvhooks.derivatives import (
     module_derivatives,
     supported_names,
 )
-from curvhooks.derivatives.generic import GenericDerivatives
+from curvhooks.derivatives.generic import DirectDerivatives, GenericDerivatives
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import Extension
 from curvhooks.extensions.stacks import StackKind
@@ -229,21 +229,18 @@ def _modules_to_hook(
     ``generic``, a leaf module with parameters and no derivatives of its own gets the
     generic ones (one warning names them)."""
     check_eval_mode(model)
-    hooked, skipped, generically, served_whole = [], [], [], []
-    for path, module in model.named_modules():
-        if any(_inside(path, parent) for parent in served_whole):
-            continue
+    hooked, skipped, generically, directly = [], [], [], []
+    for path, module, params in serving_modules(model, selected):
         derivatives = module_derivatives(module)
-        whole = derivatives is not None and derivatives.serves_children
-        if whole:
-            served_whole.append(path)
-        params = trainable_params(module, selected, recurse=whole)
         is_leaf = next(module.children(), None) is None
         if not (params or (is_leaf and records_leaves)):
             continue
         if derivatives is None and generic and params and is_leaf and GENERIC.serves(module):
             derivatives = GENERIC
             generically.append(describe(path, module))
+        elif derivatives is None and generic and params and not is_leaf:
+            derivatives = DIRECT
+            directly += [f"{path + '.' if path else ''}{name}" for name, _ in params]
         if params and unsupported == "skip" and _refused(module, derivatives):
             skipped.append(describe(path, module))
             continue
@@ -262,6 +259,11 @@ def _modules_to_hook(
         _warn(
             f"curvhooks has no derivatives for {', '.join(generically)} and serves them by "
             "torch.func on each sample (exact, slower; generic=False turns this off)"
+        )
+    if directly:
+        _warn(
+            f"curvhooks serves {', '.join(directly)}, used directly in their module's own "
+            "forward, by autograd per sample (exact, slower; generic=False turns this off)"
         )
     return tuple(hooked)
 
@@ -284,6 +286,25 @@ def _warn(message: str) -> None:
 _LIBRARIES = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))
 
 GENERIC = GenericDerivatives()
+DIRECT = DirectDerivatives()
+
+
+def serving_modules(
+    model: nn.Module, selected: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module, Params]]:
+    """Each module whose calls the hooks record, with the trainable parameters (among
+    ``selected`` ids) served at its calls: its own, and its children's where its derivatives
+    serve them (``nn.MultiheadAttention``'s ``out_proj``; those children are then left
+    out)."""
+    served_whole: list[str] = []
+    for path, module in model.named_modules():
+        if any(_inside(path, parent) for parent in served_whole):
+            continue
+        derivatives = module_derivatives(module)
+        whole = derivatives is not None and derivatives.serves_children
+        if whole:
+            served_whole.append(path)
+        yield path, module, trainable_params(module, selected, recurse=whole)
 
 
 def _inside(path: str, parent: str) -> bool:

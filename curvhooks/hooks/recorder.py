@@ -62,6 +62,8 @@ class Recorder:
         self._handles.append(model.register_forward_pre_hook(self._start_pass))
         self._handles.append(model.register_forward_hook(self._keep_model_output))
         for hooked in self.plan.modules:
+            if hooked.derivatives is not None and hooked.derivatives.direct:
+                continue  # no call of it to record (AutogradBackward serves its parameters)
             keep_copy = _overwrites_needed_input(hooked.module, hooked.derivatives)
             pre_hook = partial(self._record_input, keep_copy, bool(hooked.params))
             module = hooked.module
