@@ -24,14 +24,16 @@ $(VENV)/.peers: $(VENV)/.installed
 	touch $@
 
 # The newest torch the package index offers (a CUDA build of several GB from PyPI; pip's
-# cap on this machine's torch is lifted for this environment only).
+# cap on this machine's torch is lifted for this environment only), with the ecosystem's
+# model libraries (torchvision, timm, transformers) for tests/test_ecosystem.py: PyPI's
+# torchvision does not import beside the pinned CPU torch of .venv.
 NEWEST := .venv-newest
 NEWEST_PIP := PIP_CONSTRAINT=/dev/null $(NEWEST)/bin/python -m pip
 
 $(NEWEST)/.installed: pyproject.toml
 	python3 -m venv $(NEWEST)
 	$(NEWEST_PIP) install --quiet --upgrade torch
-	$(NEWEST_PIP) install --quiet -e ".[test]"
+	$(NEWEST_PIP) install --quiet -e ".[test,ecosystem]"
 	$(NEWEST_PIP) install --quiet --no-deps $(PEERS)
 	$(NEWEST_PIP) install --quiet $(PEER_DEPENDENCIES)
 	touch $@
