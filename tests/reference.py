@@ -94,12 +94,16 @@ def ggn_per_sample(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -
     return torch.einsum("ncd,nce,nef->ndf", jac, _output_hessians(model, loss_fn, X, y), jac)
 
 
-def ggn_diagonal(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:
-    """``[D]``: the GGN's diagonal, from the per-sample Jacobians and a square root of each
-    sample's loss Hessian (no ``[D, D]`` matrix: for models of millions of parameters)."""
+def ggn_diagonal(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, per_sample: bool = False
+) -> Tensor:
+    """``[D]`` (``[N, D]`` per sample): the GGN's diagonal, from the per-sample Jacobians and
+    a square root of each sample's loss Hessian (no ``[D, D]`` matrix: for models of
+    millions of parameters)."""
     values, vectors = torch.linalg.eigh(_output_hessians(model, loss_fn, X, y))
     roots = vectors * values.clamp(min=0).sqrt()[:, None, :]  # H_n = R_n R_n^T
-    return torch.einsum("nck,ncd->nkd", roots, _flat_jacobian(model, X)).square().sum((0, 1))
+    squares = torch.einsum("nck,ncd->nkd", roots, _flat_jacobian(model, X)).square().sum(1)
+    return squares if per_sample else squares.sum(0)
 
 
 def ggn(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> Tensor:

@@ -4,8 +4,8 @@ GPT-2 and BERT at tiny sizes, in float64, through the first-order and GGN-family
 and the dataset functions, against ``tests.reference``.
 
 The vision transformer and the language models are small enough for dense references; the
-two torchvision networks (11.2M and 1.5M parameters) are checked on their per-sample
-gradients and GGN diagonals. Skipped where the packages are absent: ``pip install -e
+two torchvision networks (11.2M and 1.5M parameters) are checked through the GGN's diagonal
+(per sample and summed) and the per-sample Jacobians. Skipped where the packages are absent: ``pip install -e
 .[ecosystem]`` (``make test-newest`` installs them beside the newest torch).
 """
 
@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 import curvhooks
-from curvhooks import BatchGrad, DiagGGN
 from tests import reference
 from tests.checks import check_first_order, check_ggn
 from tests.problems import assert_close
@@ -170,18 +169,29 @@ LARGE = [
 
 
 @pytest.mark.parametrize("name", LARGE)
-def test_torchvision_models_per_sample_gradients_and_ggn_diagonal(name):
-    """BatchNorm in eval mode, residual additions, Hardswish and squeeze-excitation: the
-    per-sample gradients and the GGN diagonal of every parameter, and ``curvhooks.ggn``'s
-    diagonal, against ``tests.reference``."""
+def test_torchvision_models_through_the_extensions(name):
+    """BatchNorm in eval mode, residual additions, Hardswish and squeeze-excitation: every
+    first-order and GGN-family extension on every parameter against ``tests.reference``
+    (the GGN through its diagonal, per sample and summed, and the Jacobians), then
+    ``curvhooks.ggn``'s diagonal and ``curvhooks.kfac``'s exact diagonal of the BatchNorm
+    parameters."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=3).double().eval()
     loss_fn, X, y = nn.CrossEntropyLoss(), torch.randn(2, 3, 32, 32).double(), torch.tensor([0, 2])
-    results = _extended(model, loss_fn, X, y, BatchGrad(), DiagGGN())
-    expected = reference.per_sample_grads(model, loss_fn, X, y)
-    diagonal = reference.split(reference.ggn_diagonal(model, loss_fn, X, y), model)
-    for param_name in expected:
-        assert_close(results[param_name]["grad_batch"], expected[param_name])
-        assert_close(results[param_name]["diag_ggn"], diagonal[param_name])
-    found = curvhooks.ggn(model, loss_fn, (X, y), structure="diag")
-    assert_close(found, torch.cat([d.flatten() for d in diagonal.values()]))
+    results = _extended(model, loss_fn, X, y, *FIRST_ORDER, *GGN_FAMILY)
+    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
+    per_sample = reference.ggn_diagonal(model, loss_fn, X, y, per_sample=True)
+    expected = reference.split(per_sample.sum(0), model)
+    expected_per_sample = reference.split(per_sample, model)
+    jacobians = reference.jacobians(model, X)
+    for param_name, found in results.items():
+        assert_close(found["diag_ggn"], expected[param_name])
+        assert_close(found["diag_ggn_batch"], expected_per_sample[param_name])
+        assert_close(found["sqrt_ggn"].square().sum((0, 1)), expected[param_name])
+        assert_close(found["jacobian"], jacobians[param_name])
+    diagonal = torch.cat([d.flatten() for d in expected.values()])
+    assert_close(curvhooks.ggn(model, loss_fn, (X, y), structure="diag"), diagonal)
+    K = curvhooks.kfac(model, loss_fn, (X, y))
+    assert K.others  # the BatchNorm parameters
+    for other, block in K.others.items():
+        assert_close(block, expected[other].flatten())
