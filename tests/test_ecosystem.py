@@ -5,8 +5,9 @@ and the dataset functions, against ``tests.reference``.
 
 The vision transformer and the language models are small enough for dense references; the
 two torchvision networks (11.2M and 1.5M parameters) are checked through the GGN's diagonal
-(per sample and summed) and the per-sample Jacobians. Skipped where the packages are absent: ``pip install -e
-.[ecosystem]`` (``make test-newest`` installs them beside the newest torch).
+(per sample and summed) and the per-sample Jacobians. Skipped where the packages are absent:
+``pip install -e .[ecosystem]`` (``make test-newest`` installs them beside the newest
+torch).
 """
 
 from __future__ import annotations
