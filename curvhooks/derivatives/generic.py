@@ -12,10 +12,9 @@ flattened side by side, and the module hands on outputs re-made from it.
 
 The module is a function of its arguments and parameters acting on each sample alone. Stacks
 are pushed to the first argument by reverse-mode products over the batch, batched over the
-vectors; the per-sample parameter products are reverse-mode products of the call on each
-sample, batched over the samples, and over the vectors where ``nests_vmap`` (nested ``vmap``
-hits wrong batching rules, e.g. of ``prelu``'s backward in torch 2.13, so the fallback takes
-one vector at a time).
+vectors. The attention's and the recurrent layers' parameter products are analytic (their
+own files); the fallback's are reverse-mode products of the call on each sample, batched over
+the samples, one vector at a time, and its squared reductions accumulate vector by vector.
 
 Nothing is served on trust: every batched product is checked against one plain reverse-mode
 product over the batch (a random combination of the vectors, summed over the samples), so a
@@ -29,7 +28,7 @@ second derivatives are not known: the Hessian extensions refuse these modules.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +42,7 @@ from curvhooks.errors import UnsupportedError
 from curvhooks.functional import agree, check_weights, parameters_replaced
 
 _PRODUCTS = "call_products"
+_REDUCED = "call_reductions"
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,6 @@ class CallDerivatives(ModuleDerivatives):
     needs_input = True
     whole_call = True
     second_derivatives = False
-    nests_vmap = True
-    """Whether the per-sample products batch over the vectors by a nested ``vmap``."""
 
     def samples_dim(self, module: nn.Module) -> int:
         """The dimension of the first argument that holds the samples."""
@@ -202,7 +200,7 @@ class CallDerivatives(ModuleDerivatives):
 
         _, pullback = vjp(_without_parameters(io.module, joint_of), call.tensors[0])
         pushed = vmap(pullback)(mat)[0]
-        _check_batching(io.module, mat, (pushed,), pullback, False)
+        _check_batching(io.module, mat, pushed, pullback)
         return pushed
 
     def param_jac_t_mat_prod(
@@ -220,29 +218,7 @@ class CallDerivatives(ModuleDerivatives):
         """Name -> ``[V, N, *p.shape]``: each sample's products of the stack ``mat``
         ``[V, N, *joint]`` with the Jacobian of the joint output in each trainable
         parameter."""
-        module, call = io.module, io.call
-        names = [name for name, param in module.named_parameters() if param.requires_grad]
-        points = [module.get_parameter(name).detach() for name in names]
-
-        def joint_of(arguments: tuple[tuple, dict], values: tuple[Tensor, ...]) -> Tensor:
-            with parameters_replaced(module, dict(zip(map(id, _params(module, names)), values))):
-                return self.joined(module, self.run(module, *arguments))
-
-        def sample_products(tensors: list[Tensor], vector: Tensor) -> tuple[Tensor, ...]:
-            arguments = call.sample(tensors)
-            _, pullback = vjp(lambda *values: joint_of(arguments, values)[0], *points)
-            return pullback(vector)
-
-        per_sample = vmap(sample_products, in_dims=(call.dims, 0))
-        if self.nests_vmap:
-            products = vmap(per_sample, in_dims=(None, 0))(call.tensors, mat)
-        else:
-            per_vector = [per_sample(call.tensors, vectors) for vectors in mat]
-            products = tuple(torch.stack(parts) for parts in zip(*per_vector))
-        arguments = call.arguments(call.tensors)
-        _, pullback = vjp(lambda *values: joint_of(arguments, values), *points)
-        _check_batching(module, mat, products, pullback, True)
-        return dict(zip(names, products))
+        raise NotImplementedError
 
 
 def batched(pullback: Callable[..., Any], cotangents: Any, count: int) -> Any:
@@ -254,8 +230,9 @@ def batched(pullback: Callable[..., Any], cotangents: Any, count: int) -> Any:
     return tree_map(lambda tensor: tensor[None], pullback(tree_map(lambda t: t[0], cotangents)))
 
 
-def _params(module: nn.Module, names: list[str]) -> list[nn.Parameter]:
-    return [module.get_parameter(name) for name in names]
+def _trainable(module: nn.Module) -> list[str]:
+    """The names of the module's parameters that require gradients (children's included)."""
+    return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
 def _without_parameters(
@@ -277,7 +254,93 @@ class GenericDerivatives(CallDerivatives):
     docstring)."""
 
     generic = True
-    nests_vmap = False
+
+    def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
+        per_vector = list(self._by_vector(io, mat))
+        products = [
+            parts[0][None] if len(parts) == 1 else torch.stack(parts) for parts in zip(*per_vector)
+        ]
+        weights = check_weights(mat, (len(mat),))
+        combined = [torch.einsum("v,vn...->...", weights, p) for p in products]
+        self._check(io, mat, combined)
+        return dict(zip(_trainable(io.module), products))
+
+    def param_sq_sum(self, io: ModuleIO, name: str, mat: Tensor, per_sample: bool) -> Tensor:
+        """Accumulated vector by vector: the products of all vectors at once (``[V, N,
+        *p.shape]``) are never formed."""
+        reduce = (lambda p: p.square()) if per_sample else (lambda p: p.square().sum(0))
+        return self._reduced(io, mat, ("sq_sum", per_sample), reduce, name)
+
+    def param_sq_norm(self, io: ModuleIO, name: str, mat: Tensor) -> Tensor:
+        """Accumulated vector by vector, as ``param_sq_sum``."""
+        return self._reduced(io, mat, ("sq_norm",), lambda p: p.square().flatten(1).sum(1), name)
+
+    def _reduced(
+        self,
+        io: ModuleIO,
+        mat: Tensor,
+        kind: tuple,
+        reduce: Callable[[Tensor], Tensor],
+        name: str,
+    ) -> Tensor:
+        """Each parameter's ``reduce`` of its per-sample products ``[N, *p.shape]``, summed
+        over the vectors; those of the module's other parameters are computed with it and
+        kept until asked for (once each)."""
+        key = (_REDUCED, *kind)
+        pending = io.cache.get(key)
+        if pending is None or pending.stack is not mat or name not in pending.products:
+            weights = check_weights(mat, (len(mat),))
+            sums, combined = None, None
+            for index, parts in enumerate(self._by_vector(io, mat)):
+                reduced = [reduce(part) for part in parts]
+                weighted = [weights[index] * part.sum(0) for part in parts]
+                sums = reduced if sums is None else [a.add_(b) for a, b in zip(sums, reduced)]
+                combined = (
+                    weighted
+                    if combined is None
+                    else [a.add_(b) for a, b in zip(combined, weighted)]
+                )
+            self._check(io, mat, combined)
+            pending = io.cache[key] = _Pending(mat, dict(zip(_trainable(io.module), sums)))
+        return pending.products.pop(name)
+
+    def _by_vector(self, io: ModuleIO, mat: Tensor) -> Iterator[tuple[Tensor, ...]]:
+        """Each vector's per-sample products ``[N, *p.shape]``, by trainable parameter
+        (``_trainable``): reverse-mode products of the call on each sample, batched over
+        the samples (nested ``vmap`` over the vectors too hits wrong batching rules, e.g. of
+        ``prelu``'s backward in torch 2.13)."""
+        module, call = io.module, io.call
+        names = _trainable(module)
+        points = [module.get_parameter(name).detach() for name in names]
+
+        def sample_products(tensors: list[Tensor], vector: Tensor) -> tuple[Tensor, ...]:
+            arguments = call.sample(tensors)
+            _, pullback = vjp(lambda *values: self._joint_of(io, arguments, values)[0], *points)
+            return pullback(vector)
+
+        per_sample = vmap(sample_products, in_dims=(call.dims, 0))
+        for vector in mat:
+            yield per_sample(call.tensors, vector)
+
+    def _joint_of(self, io: ModuleIO, arguments: tuple[tuple, dict], values: tuple) -> Tensor:
+        """The joint output of the call on ``arguments``, the trainable parameters
+        replaced by ``values``."""
+        module = io.module
+        replaced = {id(module.get_parameter(n)): v for n, v in zip(_trainable(module), values)}
+        with parameters_replaced(module, replaced):
+            return self.joined(module, self.run(module, *arguments))
+
+    def _check(self, io: ModuleIO, mat: Tensor, combined: list[Tensor]) -> None:
+        """Raise unless ``combined`` (the products of the vectors weighted by
+        ``check_weights``, summed over the samples) agree with one plain reverse-mode
+        product over the batch."""
+        arguments = io.call.arguments(io.call.tensors)
+        points = [io.module.get_parameter(name).detach() for name in _trainable(io.module)]
+        _, pullback = vjp(lambda *values: self._joint_of(io, arguments, values), *points)
+        weights = check_weights(mat, (len(mat),))
+        expected = pullback(torch.einsum("v,v...->...", weights, mat))
+        if not all(agree(found, reference) for found, reference in zip(combined, expected)):
+            raise _batching_refusal(io.module)
 
     @staticmethod
     def serves(module: nn.Module) -> bool:
@@ -340,27 +403,23 @@ def _refusal_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _check_batching(
-    module: nn.Module,
-    mat: Tensor,
-    products: tuple[Tensor, ...],
-    pullback: Callable[[Tensor], tuple[Tensor, ...]],
-    summed: bool,
-) -> None:
-    """Raise unless ``products`` (``[V, N, ...]`` each, summed over the samples if
-    ``summed``) agree with one plain reverse-mode product of a random combination of the
-    stack's vectors over the batch."""
+def _check_batching(module: nn.Module, mat: Tensor, pushed: Tensor, pullback: Callable) -> None:
+    """Raise unless ``pushed`` ``[V, N, *in]`` (the stack ``mat`` pushed to the input, a
+    vector at a time) agrees with one plain reverse-mode product of a random combination of
+    the stack's vectors over the batch."""
     weights = check_weights(mat, (len(mat),))
-    expected = pullback(torch.einsum("v,v...->...", weights, mat))
-    for found, reference in zip(products, expected):
-        combined = torch.einsum("v,v...->...", weights, found.sum(1) if summed else found)
-        if found.shape[0] != len(mat) or not agree(combined, reference):
-            raise UnsupportedError(
-                f"curvhooks serves {type(module).__name__} by torch.func, whose batched "
-                "products disagree with a plain one over the batch (a batching rule of this "
-                "torch version); pass unsupported='skip' to leave its parameters out, or use "
-                "the dataset functions (autograd)"
-            )
+    expected = pullback(torch.einsum("v,v...->...", weights, mat))[0]
+    if not agree(torch.einsum("v,v...->...", weights, pushed), expected):
+        raise _batching_refusal(module)
+
+
+def _batching_refusal(module: nn.Module) -> UnsupportedError:
+    return UnsupportedError(
+        f"curvhooks serves {type(module).__name__} by torch.func, whose batched products "
+        "disagree with a plain one over the batch (a batching rule of this torch version); "
+        "pass unsupported='skip' to leave its parameters out, or use the dataset functions "
+        "(autograd)"
+    )
 
 
 def _refusal(module: nn.Module, why: str) -> UnsupportedError:
