@@ -45,7 +45,10 @@ MODULE_ARGUMENTS = {
     nn.MultiheadAttention: "packed or separate (`kdim`, `vdim`) projections, bias on/off, "
     "`add_bias_kv`, `add_zero_attn`, `batch_first` both ways, key padding and attention masks "
     "(shared or per head), `is_causal`, `need_weights` both ways (the weights may be used); "
-    "`out_proj` served with it; eval mode where `dropout > 0`; by `torch.func` on its calls",
+    "`out_proj` served with it; eval mode where `dropout > 0`. Kronecker factors for each "
+    "projection as for `Linear` (the packed one on self-attention only); none for the bias "
+    "of separate projections or the added key and value biases (`curvhooks.kfac`: exact "
+    "blocks)",
     nn.RNN: f"{RECURRENT}; `nonlinearity` tanh or relu",
     nn.LSTM: f"{RECURRENT}; `proj_size`",
     nn.GRU: RECURRENT,

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 import curvhooks
-from curvhooks import KFAC, BatchGrad, DiagHessian
+from curvhooks import KFAC, KFLR, BatchGrad, DiagHessian
 from tests import reference
 from tests.checks import check_first_order, check_ggn
-from tests.problems import CE_MSE, Problem
+from tests.problems import CE_MSE, Problem, assert_close, run_with
 from tests.test_generic import FIRST_ORDER, GGN_FAMILY
 
 SEQUENCE, WIDTH = 3, 4
@@ -178,8 +178,9 @@ def test_per_sample_gradients_match_finite_differences():
 
 
 def test_refusals():
-    """An unbatched sequence, dropout in training mode, and the extensions that need the
-    attention's own second derivatives or Kronecker factors are refused, naming the fix."""
+    """An unbatched sequence, dropout in training mode, the extensions that need the
+    attention's own second derivatives, and Kronecker factors of the packed projection of
+    several inputs are refused, naming the fix."""
     model, loss_fn, X, y = PROBLEMS[0].make("ce-mean")
     with curvhooks.extend(model, loss_fn, BatchGrad()):
         with pytest.raises(curvhooks.UnsupportedError, match="unbatched sequence.*pass"):
@@ -189,6 +190,119 @@ def test_refusals():
         with pytest.raises(curvhooks.UnsupportedError, match="training mode.*eval"):
             model(X)
     model.eval()
-    for extension, refused in ((DiagHessian(), "own second derivatives"), (KFAC(), "Kronecker")):
-        with pytest.raises(curvhooks.UnsupportedError, match=rf"MultiheadAttention.*{refused}"):
-            curvhooks.extend(model, loss_fn, extension).__enter__()
+    with pytest.raises(curvhooks.UnsupportedError, match="MultiheadAttention.*own second"):
+        curvhooks.extend(model, loss_fn, DiagHessian()).__enter__()
+    with curvhooks.extend(model, loss_fn, KFAC()):  # key and value: projections of the input
+        with pytest.raises(curvhooks.UnsupportedError, match="packed in_proj_weight.*one input"):
+            loss_fn(model(X), y).backward()
+
+
+class LinearAttention(nn.Module):
+    """An ``nn.MultiheadAttention``'s attention (its weights) with the projections as
+    ``nn.Linear`` layers, as timm writes it: ``qkv`` on one input, or ``q``, ``k``, ``v``."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.heads, width = attention.num_heads, attention.embed_dim
+        if attention._qkv_same_embed_dim:
+            self.qkv = nn.Linear(width, 3 * width)
+            self.qkv.weight.data.copy_(attention.in_proj_weight)
+            self.qkv.bias.data.copy_(attention.in_proj_bias)
+        else:
+            for name, weight, bias in zip(
+                "qkv",
+                (attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight),
+                attention.in_proj_bias.chunk(3),
+            ):
+                layer = nn.Linear(weight.shape[1], width)
+                layer.weight.data.copy_(weight)
+                layer.bias.data.copy_(bias)
+                setattr(self, name, layer)
+        self.out = nn.Linear(width, width)
+        self.out.load_state_dict(attention.out_proj.state_dict())
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(query).chunk(3, -1)
+        else:
+            q, k, v = self.q(query), self.k(key), self.v(value)
+        batch, length, width = q.shape
+        q, k, v = (
+            t.view(batch, -1, self.heads, width // self.heads).transpose(1, 2) for t in (q, k, v)
+        )
+        mixed = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(mixed.transpose(1, 2).reshape(batch, length, width))
+
+
+class SelfAttending(nn.Module):
+    """Attention over the input (packed projections) or over it and two linear maps of it
+    (separate projections of other widths), between linear layers."""
+
+    def __init__(self, separate: bool) -> None:
+        super().__init__()
+        dims = {"kdim": 3, "vdim": 5} if separate else {}
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True, **dims)
+        if separate:
+            self.key, self.value = nn.Linear(WIDTH, 3), nn.Linear(WIDTH, 5)
+        self.head = nn.Linear(SEQUENCE * WIDTH, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        key, value = (self.key(x), self.value(x)) if hasattr(self, "key") else (x, x)
+        if isinstance(self.attention, nn.MultiheadAttention):
+            mixed = self.attention(x, key, value, need_weights=False)[0]
+        else:
+            mixed = self.attention(x, key, value)
+        return self.head(torch.tanh(mixed).flatten(1))
+
+
+AS_LINEAR = {
+    "attention.in_proj_weight": "attention.qkv.weight",
+    "attention.in_proj_bias": "attention.qkv.bias",
+    **{f"attention.{p}_proj_weight": f"attention.{p}.weight" for p in "qkv"},
+    "attention.out_proj.weight": "attention.out.weight",
+    "attention.out_proj.bias": "attention.out.bias",
+}
+
+
+def _blocks(K) -> dict[str, Tensor]:
+    """Each parameter's diagonal block of a Kronecker operator (the others are zero)."""
+    dense, blocks, start = K.to_dense(), {}, 0
+    for name, param in zip(K.names, K.params):
+        rows = slice(start, start + param.numel())
+        blocks[name], start = dense[rows, rows], start + param.numel()
+    return blocks
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["packed", "separate"])
+@pytest.mark.parametrize("fisher", ["type-2", "empirical"])
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_kronecker_factors_are_those_of_the_attention_with_linear_layers(separate, fisher, approx):
+    """``curvhooks.kfac`` and ``KFLR`` of the attention's projections equal those of the
+    same attention with ``nn.Linear`` projections (whose factors are checked against
+    curvlinops' elsewhere): the packed projection is one linear map of the input to query,
+    key and value, the out projection one of the core's output. The bias of separate
+    projections spans three weights: it gets its exact block (``others``), and ``KFLR``
+    refuses it."""
+    torch.manual_seed(0)
+    model = SelfAttending(separate).double().eval()
+    linear = SelfAttending(separate).double().eval()
+    linear.load_state_dict(model.state_dict())
+    linear.attention = LinearAttention(model.attention).double()
+    X, y = torch.randn(6, SEQUENCE, WIDTH, dtype=torch.float64), torch.randint(0, 3, (6,))
+    data, loss_fn = [(X[:4], y[:4]), (X[4:], y[4:])], nn.CrossEntropyLoss()
+    found = _blocks(curvhooks.kfac(model, loss_fn, data, fisher=fisher, approx=approx))
+    expected = _blocks(curvhooks.kfac(linear, loss_fn, data, fisher=fisher, approx=approx))
+    compared = [name for name in found if name != "attention.in_proj_bias" or not separate]
+    for name in compared:
+        assert_close(found[name], expected[AS_LINEAR.get(name, name)])
+    if separate:
+        with pytest.raises(curvhooks.UnsupportedError, match="in_proj_bias.*no Kronecker"):
+            run_with(model, loss_fn, X, y, KFLR())
+    if fisher == "type-2" and approx == "expand" and not separate:
+        found = run_with(model, loss_fn, X, y, KFLR())
+        expected = run_with(linear, loss_fn, X, y, KFLR())
+        for name in compared:
+            for part, reference_part in zip(
+                found[name]["kflr"], expected[AS_LINEAR.get(name, name)]["kflr"]
+            ):
+                assert_close(part, reference_part)

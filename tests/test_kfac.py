@@ -130,7 +130,6 @@ OTHERS_CASES = [
     ("mlp-layernorm-gelu", "ce-sum", "type-2"),
     ("mlp-layernorm-gelu", "ce-mean", "empirical"),
     ("cnn-batchnorm", "ce-sum", "mc"),
-    ("multihead-attention", "ce-sum", "type-2"),  # out_proj's served at the attention's calls
     ("recurrent", "mse-mean", "empirical"),
     ("class-token", "ce-mean", "type-2"),  # parameters used in the model's own forward
 ]

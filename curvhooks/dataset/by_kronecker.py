@@ -65,9 +65,9 @@ def kfac(
     ``"type-2"`` and ``"mc"``, the empirical Fisher's for ``"empirical"``.
 
     Args:
-        model: Any model whose ``Linear`` and ``Conv1d/2d/3d`` modules (each called once per
-            forward pass, in any graph) get Kronecker factors; the hooks (or autograd) must
-            serve its other parameters' exact blocks.
+        model: Any model whose ``Linear``, ``Conv1d/2d/3d`` and ``MultiheadAttention``
+            modules (each called once per forward pass, in any graph) get Kronecker factors;
+            the hooks (or autograd) must serve its other parameters' exact blocks.
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss``, reduction
             ``"mean"`` or ``"sum"``.
         data: An iterable of ``(X, y)`` batches or one ``(X, y)`` pair.
@@ -323,14 +323,13 @@ def _names_of(
         path, name, module = owners[id(param)]
         derivatives = module_derivatives(module)
         factored = (
-            derivatives is not None
-            and derivatives.has_kronecker_factors
-            and name in ("weight", "bias")
+            derivatives is not None and derivatives.kronecker_weight(module, name) is not None
         )
         if not factored and others == "raise":
             raise UnsupportedError(
                 f"curvhooks.kfac gives Kronecker factors to the weights and biases of Linear "
-                f"and Conv1d/2d/3d modules, not to {path}.{name} of {type(module).__name__}; "
+                f"and Conv1d/2d/3d modules and MultiheadAttention's projections, not to "
+                f"{path}.{name} of {type(module).__name__}; "
                 "pass others='diag' or 'dense' for its exact block, others='skip' or params= "
                 "to leave it out"
             )

@@ -153,7 +153,7 @@ class AffineDerivatives(ModuleDerivatives):
 
     has_kronecker_factors = True
 
-    def input_root(self, io: ModuleIO, approx: str) -> Tensor:
+    def input_root(self, io: ModuleIO, approx: str, weight: str = "weight") -> Tensor:
         # Groups are averaged over first, as curvlinops does (each group's input meets its own
         # block of the weight, which one Kronecker factor cannot tell apart).
         unfolded = self._unfolded(io)  # [N, G, I, T]
@@ -163,7 +163,7 @@ class AffineDerivatives(ModuleDerivatives):
         torch.mul(x.transpose(-1, -2), (x.shape[0] * x.shape[2]) ** -0.5, out=rows)
         return rows.view(-1, x.shape[1])
 
-    def output_root(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
+    def output_root(self, io: ModuleIO, mat: Tensor, approx: str, weight: str = "weight") -> Tensor:
         stacked = self.to_positions(io, mat).flatten(2, 3)  # [V, N, O, T]
         stacked = stacked.sum(-1, keepdim=True) if approx == "reduce" else stacked
         return stacked.transpose(-1, -2).reshape(-1, stacked.shape[2])  # one per (v, n, t)

@@ -11,6 +11,11 @@ the stack at ``q``, ``k``, ``v`` with their inputs). The core is written out her
 ``F.multi_head_attention_forward`` computes it; stacks reach the inputs of the call by
 autograd (``CallDerivatives``).
 
+Each projection is a linear map, and takes the Kronecker factors of an ``nn.Linear`` on its
+input with the stack at its output (``LinearDerivatives``): the packed projection is one map
+of the input to query, key and value where the three are one tensor (self-attention), with
+an output factor over all three; separate projections (``kdim``, ``vdim``) are three.
+
 Every argument is covered: packed or separate query, key and value projections, biases,
 ``add_bias_kv``, ``add_zero_attn``, ``batch_first`` both ways, key padding masks, attention
 masks shared by the batch (``[L, S]``) or per sample and head (``[N * H, L, S]``, recorded as
@@ -31,6 +36,7 @@ from torch.func import vjp
 
 from curvhooks.derivatives.base import ModuleIO
 from curvhooks.derivatives.generic import CallDerivatives, batched
+from curvhooks.derivatives.linear import LinearDerivatives
 from curvhooks.errors import UnsupportedError
 
 _SEQUENCES = ("query", "key", "value")
@@ -40,6 +46,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
     """``nn.MultiheadAttention`` (see the module docstring)."""
 
     serves_children = True
+    has_kronecker_factors = True
 
     def samples_dim(self, module: nn.Module) -> int:
         return 0 if module.batch_first else 1
@@ -85,23 +92,114 @@ class MultiheadAttentionDerivatives(CallDerivatives):
 
     def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
         """Name -> ``[V, N, *p.shape]`` (see the module docstring)."""
+        pulled = _pulled(io, mat)
+        return _products(
+            io.module, pulled.sequences, pulled.at_inputs, pulled.at_output, pulled.attended
+        )
+
+    def kronecker_weight(self, module: nn.Module, name: str) -> str | None:
+        """Each projection's weight and bias take its factors, as ``nn.Linear``'s; the packed
+        projections' bias with separate weights (``kdim``, ``vdim``) and the added key and
+        value biases have none."""
+        return _KRONECKER.get(name if module._qkv_same_embed_dim else f"separate {name}")
+
+    def input_root(self, io: ModuleIO, approx: str, weight: str = "weight") -> Tensor:
+        """That of an ``nn.Linear`` on the projection's input (see ``_as_linear``)."""
+        return _LINEAR.input_root(_as_linear(io, weight), approx)
+
+    def output_root(self, io: ModuleIO, mat: Tensor, approx: str, weight: str = "weight") -> Tensor:
+        """That of an ``nn.Linear`` with the stack at the projection's output."""
+        pulled = _pulled(io, mat)
+        keys = pulled.sequences[1].shape[1]
+        at_q, at_k, at_v = pulled.at_inputs[0], *(s[:, :, :keys] for s in pulled.at_inputs[1:])
+        stack = {
+            "out_proj.weight": lambda: pulled.at_output,
+            "in_proj_weight": lambda: torch.cat([at_q, at_k, at_v], -1),
+            "q_proj_weight": lambda: at_q,
+            "k_proj_weight": lambda: at_k,
+            "v_proj_weight": lambda: at_v,
+        }[weight]()
+        return _LINEAR.output_root(_as_linear(io, weight), stack, approx)
+
+
+_LINEAR = LinearDerivatives()
+_KRONECKER = {
+    "in_proj_weight": "in_proj_weight",
+    "in_proj_bias": "in_proj_weight",
+    "out_proj.weight": "out_proj.weight",
+    "out_proj.bias": "out_proj.weight",
+    **{f"separate {p}_proj_weight": f"{p}_proj_weight" for p in "qkv"},
+    "separate out_proj.weight": "out_proj.weight",
+    "separate out_proj.bias": "out_proj.weight",
+}
+"""Parameter -> the weight whose Kronecker factors it takes (``"separate "``: with separate
+query, key and value projections)."""
+
+
+def _as_linear(io: ModuleIO, weight: str) -> ModuleIO:
+    """The record of an ``nn.Linear`` call that applies ``weight`` (its input the
+    projection's: the attention core's output for ``out_proj``, the query, key or value
+    sequence for the others), kept for the call. The packed projection is one such call only
+    on one sequence for query, key and value (self-attention)."""
+    key = ("as_linear", weight)
+    if key not in io.cache:
+        args, _ = io.call.arguments(io.call.tensors)
         module = io.module
-        args, kwargs = io.call.arguments(io.call.tensors)
-        weights = "" if not kwargs.get("need_weights", True) else "mean"
-        if weights and not kwargs.get("average_attn_weights", True):
-            weights = "heads"
-        with torch.no_grad():
-            parts = _projected(module, args, kwargs)
-            core = partial(_core, module, parts.mask, weights)
-            outputs, pullback = vjp(core, *parts.projections)
-            attended = outputs[0]
+        if weight == "out_proj.weight":
+            inputs = _pulled(io, None).attended
+        elif weight == "in_proj_weight" and not (args[0] is args[1] is args[2]):
+            raise UnsupportedError(
+                "Kronecker factors of MultiheadAttention's packed in_proj_weight need one "
+                "input for query, key and value (self-attention); with several the projection "
+                "is three linear maps of different inputs, which one Kronecker product cannot "
+                "hold: use separate projections (kdim=, vdim=) or the GGN extensions"
+            )
+        else:
+            position = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 1}.get(weight, 2)
+            sequence = args[position]
+            inputs = sequence if module.batch_first else sequence.transpose(0, 1)
+        io.cache[key] = ModuleIO(module, inputs, None, inputs.shape, inputs.shape)
+    return io.cache[key]
+
+
+class _Pulled(NamedTuple):
+    """A stack at one call's output, pulled back: the call's sequences batch first, the
+    core's output ``attended`` ``[N, L, E]``, the stack at the output ``[V, N, L, E]`` and at
+    the projections' outputs ``q``, ``k``, ``v`` (the added biases' positions last)."""
+
+    sequences: tuple[Tensor, Tensor, Tensor]
+    attended: Tensor
+    at_output: Tensor | None
+    at_inputs: tuple[Tensor, ...] | None
+
+
+def _pulled(io: ModuleIO, mat: Tensor | None) -> _Pulled:
+    """The stack ``mat`` ``[V, N, D]`` at the joint output pulled back (see ``_Pulled``),
+    computed once per stack; with ``mat=None`` only the forward parts, which the last
+    stack's record holds."""
+    cached = io.cache.get("pulled")
+    if cached is not None and (mat is None or cached[0] is mat):
+        return cached[1]
+    module = io.module
+    args, kwargs = io.call.arguments(io.call.tensors)
+    weights = "" if not kwargs.get("need_weights", True) else "mean"
+    if weights and not kwargs.get("average_attn_weights", True):
+        weights = "heads"
+    with torch.no_grad():
+        parts = _projected(module, args, kwargs)
+        core = partial(_core, module, parts.mask, weights)
+        outputs, pullback = vjp(core, *parts.projections)
+        attended, at_output, at_inputs = outputs[0], None, None
+        if mat is not None:
             count, (batch, length, width) = len(mat), attended.shape
             at_output = mat[..., : length * width].view(count, batch, length, width)
             cotangents = [at_output @ module.out_proj.weight]
             if weights:
                 cotangents.append(mat[..., length * width :].view(count, *outputs[1].shape))
-            at_inputs = batched(pullback, tuple(cotangents), count)  # at q, k, v: [V, N, ., E]
-        return _products(module, parts.sequences, at_inputs, at_output, attended)
+            at_inputs = batched(pullback, tuple(cotangents), count)
+    pulled = _Pulled(parts.sequences, attended, at_output, at_inputs)
+    io.cache["pulled"] = (mat, pulled)
+    return pulled
 
 
 class _Projected(NamedTuple):

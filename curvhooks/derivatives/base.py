@@ -188,19 +188,28 @@ class ModuleDerivatives:
         return products.square_().flatten(2).sum((0, 2))
 
     has_kronecker_factors: bool = False
-    """Whether the module gives Kronecker factors (``input_root``, ``output_root``): a
-    weight applied to inputs at positions that share it."""
+    """Whether the module gives Kronecker factors (``input_root``, ``output_root``) to its
+    weights (``kronecker_weight``): each applied to inputs at positions that share it."""
 
-    def input_root(self, io: ModuleIO, approx: str) -> Tensor:
-        """KFAC's input factor ``A = R^T R`` ``[I, I]`` of the weight ``[O, I]`` (``[O, *rest]``
+    def kronecker_weight(self, module: nn.Module, name: str) -> str | None:
+        """The weight whose factors parameter ``name`` takes: itself for a weight, the
+        weight it is added to for a bias (which takes that weight's ``B``); ``None`` for a
+        parameter without them. By default ``weight`` and ``bias``."""
+        if self.has_kronecker_factors and name in ("weight", "bias"):
+            return "weight"
+        return None
+
+    def input_root(self, io: ModuleIO, approx: str, weight: str = "weight") -> Tensor:
+        """KFAC's input factor ``A = R^T R`` ``[I, I]`` of ``weight`` ``[O, I]`` (``[O, *rest]``
         flattened) as its root ``R`` ``[r, I]``: ``A`` is the mean of ``x x^T`` over samples
         and positions (``approx="expand"``, a row per sample and position), or over samples of
         the inputs averaged over positions (``"reduce"``, a row per sample); a grouped
         convolution's inputs are averaged over its groups first."""
         raise NotImplementedError
 
-    def output_root(self, io: ModuleIO, mat: Tensor, approx: str) -> Tensor:
-        """KFAC's output factor ``B = R^T R`` ``[O, O]`` from a stack ``[V, N, *out]`` as its
+    def output_root(self, io: ModuleIO, mat: Tensor, approx: str, weight: str = "weight") -> Tensor:
+        """KFAC's output factor ``B = R^T R`` ``[O, O]`` of ``weight`` from a stack ``[V, N,
+        *out]`` at the module's output as its
         root ``R`` ``[r, O]``: ``B`` is the sum of ``s s^T`` over vectors, samples and positions
         (``"expand"``), or over vectors and samples of the stack summed over positions
         (``"reduce"``)."""

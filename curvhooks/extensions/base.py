@@ -73,22 +73,32 @@ class Target:
         """KFAC's factors of the parameter from the stack: ``(B, A)`` for a weight, ``(B,)``
         for a bias, each formed from its root (``ModuleDerivatives.output_root``,
         ``input_root``), or with ``thin`` kept as a ``Gram`` of its root where that is thin.
-        B is computed once per stack, A once per module call; each caller gets copies."""
-        key = ("output_factor", approx, thin)
-        cached = self.io.cache.get(key)
-        if cached is None or cached[0] is not mat:
-            root = (
-                self.derivatives.output_root(self.io, mat, approx)
-                if len(mat)
-                else mat.new_zeros(0, self.param.shape[0])
+        B is computed once per stack and weight, A once per module call and weight; each
+        caller gets copies. A bias takes the B of its weight (``kronecker_weight``)."""
+        io, derivatives = self.io, self.derivatives
+        weight = derivatives.kronecker_weight(io.module, self.name)
+        if weight is None:
+            raise UnsupportedError(
+                f"{self.name} of {type(io.module).__name__} has no Kronecker factors (a bias "
+                "of several weights, or a parameter of no weight); curvhooks.kfac gives it "
+                "its exact block (others=), or leave it out (requires_grad_(False))"
             )
-            self.io.cache[key] = cached = (mat, Gram.of(root, thin))
-        if self.name == "bias":
+        key = ("output_factor", weight, approx, thin)
+        cached = io.cache.get(key)
+        if cached is None or cached[0] is not mat:
+            rows = io.module.get_parameter(weight).shape[0]
+            root = (
+                derivatives.output_root(io, mat, approx, weight)
+                if len(mat)
+                else mat.new_zeros(0, rows)
+            )
+            io.cache[key] = cached = (mat, Gram.of(root, thin))
+        if self.name != weight:
             return (Gram.copy(cached[1]),)
-        key = ("input_factor", approx, thin)  # the same for every stack
-        if key not in self.io.cache:
-            self.io.cache[key] = Gram.of(self.derivatives.input_root(self.io, approx), thin)
-        return Gram.copy(cached[1]), Gram.copy(self.io.cache[key])
+        key = ("input_factor", weight, approx, thin)  # the same for every stack
+        if key not in io.cache:
+            io.cache[key] = Gram.of(derivatives.input_root(io, approx, weight), thin)
+        return Gram.copy(cached[1]), Gram.copy(io.cache[key])
 
 
 class SummedTarget:

@@ -1,5 +1,6 @@
 """Kronecker-factored curvature: ``KFLR`` (the exact loss Hessian, type-2) and ``KFAC``
-(Monte-Carlo) for the weights and biases of ``Linear`` and ``Conv1d/2d/3d``.
+(Monte-Carlo) for the weights and biases of ``Linear``, ``Conv1d/2d/3d`` and the projections of
+``MultiheadAttention``.
 
 A weight ``[O, *rest]`` gets ``(B, A)`` with ``torch.kron(B, A)`` approximating its GGN block
 (``p.flatten()`` order); a bias gets ``(B,)``. ``A`` is the mean over samples and positions
@@ -23,7 +24,7 @@ APPROXIMATIONS = ("expand", "reduce")
 
 class OnKroneckerModules(Extension):
     """An extension that reduces a stack of ``kind`` on modules with Kronecker factors
-    (``Linear``, ``Conv1d/2d/3d``) only."""
+    (``Linear``, ``Conv1d/2d/3d``, ``MultiheadAttention``) only."""
 
     def __init__(self, kind: StackKind) -> None:
         self.kind = kind
@@ -34,7 +35,10 @@ class OnKroneckerModules(Extension):
     def unsupported_reason(self, derivatives: ModuleDerivatives) -> str | None:
         if derivatives.has_kronecker_factors:
             return None
-        return "Kronecker factors are supported for Linear and Conv1d/2d/3d only"
+        return (
+            "Kronecker factors are supported for Linear, Conv1d/2d/3d and MultiheadAttention's "
+            "projections only"
+        )
 
 
 class KroneckerExtension(OnKroneckerModules):
