@@ -87,13 +87,15 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
         loss_fn(model(X), y).backward()
 
     methods = {"backward": backward}
-    for extension in (BatchGrad, DiagGGN):
-        name = extension.__name__
-        methods[f"curvhooks {name}, nn.Linear"] = curvhooks_per_step(
-            model, loss_fn, X, y, extension
-        )
-        methods[f"curvhooks {name}, generic"] = curvhooks_per_step(own, loss_fn, X, y, extension)
+    for name, extension in EXTENSIONS.items():
+        for layers, network in (("nn.Linear", model), ("generic", own)):
+            methods[f"curvhooks {name}, {layers}"] = curvhooks_per_step(
+                network, loss_fn, X, y, extension
+            )
     return methods
+
+
+EXTENSIONS = {"BatchGrad": BatchGrad, "DiagGGN(mc_samples=1)": lambda: DiagGGN(mc_samples=1)}
 
 
 def _peers_of(method: str) -> tuple[str, ...]:
