@@ -97,12 +97,28 @@ def _check_sharpness(found: dict) -> None:
     assert Path("sharpness.png").exists()
 
 
+def _check_sequences(found: dict) -> None:
+    """The per-sample gradients of every parameter against ``tests.reference`` (float32);
+    the class token is named in a warning; the Kronecker operator's exact blocks are those
+    of the parameters without factors."""
+    from tests import reference
+
+    model, loss_fn, X, y = (found[k] for k in ("model", "loss_fn", "X", "y"))
+    expected = reference.per_sample_grads(model, loss_fn, X, y)
+    for name, grads in found["per_sample"].items():
+        torch.testing.assert_close(grads, expected[name], rtol=1e-4, atol=1e-6)
+    assert any("cls_token" in str(w.message) for w in found["caught"])
+    assert found["exact"] and "encoder.self_attn.in_proj_weight" not in found["exact"]
+    assert "cls_token" in found["exact"] and "lstm.weight_hh_l0" in found["exact"]
+
+
 CHECKS = {
     ("how-to/clipping.md", 0): _check_clipping,
     ("how-to/laplace.md", 0): _check_laplace,
     ("how-to/laplace.md", 1): _check_laplace_torch,
     ("how-to/compare.md", 0): _check_compare,
     ("how-to/sharpness.md", 0): _check_sharpness,
+    ("how-to/sequences.md", 0): _check_sequences,
 }
 """What each how-to block computes, checked on the names it defines."""
 NEEDS = {("how-to/laplace.md", 1): ("laplace", "curvlinops")}
