@@ -6,8 +6,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from curvhooks import (
+    BatchDiagGGN,
+    BatchGrad,
+    BatchL2Grad,
+    DiagGGN,
+    Jacobian,
+    SqrtGGN,
+    SumGradSquared,
+    Variance,
+)
 from tests import reference
-from tests.problems import assert_close
+from tests.problems import assert_close, run_with
 
 
 def flat_factor(results: dict, names: list[str]) -> Tensor:
@@ -48,3 +58,37 @@ def check_ggn(
         assert_close(results[name]["diag_ggn_batch"], per_sample[name])
         if jacobians is not None:
             assert_close(results[name]["jacobian"], jacobians[name])
+
+
+FIRST_ORDER = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
+GGN_FAMILY = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
+
+
+def check_every_extension(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, route: str = "auto"
+) -> None:
+    """Every first-order and GGN-family extension in one backward pass, against the
+    references (``check_first_order``, ``check_ggn``)."""
+    results = run_with(model, loss_fn, X, y, *FIRST_ORDER, *GGN_FAMILY, route=route)
+    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
+    expected = reference.ggn_per_sample(model, loss_fn, X, y)
+    check_ggn(model, results, expected, reference.jacobians(model, X))
+
+
+def check_finite_differences(
+    model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor, entries: list, rtol: float = 1e-7
+) -> None:
+    """``grad_batch`` (already computed on ``X``, ``y`` with a sum-reduced ``loss_fn``) at
+    each ``(param, index)`` of ``entries`` against central differences of each sample's
+    loss (float64, step 1e-6)."""
+    step = 1e-6
+    for param, index in entries:
+        for n in range(len(X)):
+            with torch.no_grad():
+                param[index] += step
+                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] -= 2 * step
+                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
+                param[index] += step
+            difference = (up - down) / (2 * step)
+            torch.testing.assert_close(param.grad_batch[n][index], difference, rtol=rtol, atol=1e-9)

@@ -10,10 +10,8 @@ from torch import Tensor, nn
 
 import curvhooks
 from curvhooks import KFAC, KFLR, BatchGrad, DiagHessian
-from tests import reference
-from tests.checks import check_first_order, check_ggn
+from tests.checks import check_every_extension, check_finite_differences
 from tests.problems import CE_MSE, Problem, assert_close, run_with
-from tests.test_generic import FIRST_ORDER, GGN_FAMILY
 
 SEQUENCE, WIDTH = 3, 4
 
@@ -128,25 +126,13 @@ PROBLEMS = [
 ]
 
 
-def _results(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict:
-    with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY):
-        loss_fn(model(X), y).backward()
-    return {
-        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
-        for name, p in model.named_parameters()
-    }
-
-
 @pytest.mark.parametrize(
     "problem, loss",
     [pytest.param(p, loss, id=f"{p.name}-{loss}") for p in PROBLEMS for loss in CE_MSE],
 )
 def test_first_order_and_ggn_family(problem, loss):
     model, loss_fn, X, y = problem.make(loss)
-    results = _results(model.eval(), loss_fn, X, y)
-    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
-    expected = reference.ggn_per_sample(model, loss_fn, X, y)
-    check_ggn(model, results, expected, reference.jacobians(model, X))
+    check_every_extension(model.eval(), loss_fn, X, y)
 
 
 def test_per_sample_gradients_match_finite_differences():
@@ -159,22 +145,14 @@ def test_per_sample_gradients_match_finite_differences():
     model.eval()
     with curvhooks.extend(model, loss_fn, BatchGrad()):
         loss_fn(model(X), y).backward()
-    attention, step = model.attention, 1e-6
-    for param, index in [
+    attention = model.attention
+    entries = [
         (attention.in_proj_weight, (5, 2)),
         (attention.in_proj_weight, (9, 0)),
         (attention.out_proj.weight, (1, 3)),
         (attention.bias_k, (0, 0, 2)),
-    ]:
-        for n in range(len(X)):
-            with torch.no_grad():
-                param[index] += step
-                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] -= 2 * step
-                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] += step
-            difference = (up - down) / (2 * step)
-            torch.testing.assert_close(param.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9)
+    ]
+    check_finite_differences(model, loss_fn, X, y, entries)
 
 
 def test_refusals():

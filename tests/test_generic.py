@@ -13,22 +13,13 @@ from torch import Tensor, nn
 import curvhooks
 from curvhooks import (
     KFAC,
-    BatchDiagGGN,
     BatchGrad,
-    BatchL2Grad,
     DiagGGN,
     DiagHessian,
-    Jacobian,
-    SqrtGGN,
-    SumGradSquared,
-    Variance,
 )
 from tests import reference
-from tests.checks import check_first_order, check_ggn
+from tests.checks import check_every_extension, check_finite_differences
 from tests.problems import CE_MSE, Problem, by_name, run_with
-
-FIRST_ORDER = (BatchGrad(), BatchL2Grad(), SumGradSquared(), Variance())
-GGN_FAMILY = (SqrtGGN(), DiagGGN(), BatchDiagGGN(), Jacobian())
 
 
 class Gated(nn.Module):
@@ -143,19 +134,8 @@ CASES = [
 
 @pytest.mark.parametrize("problem, loss, route", CASES)
 def test_first_order_and_ggn_family(problem, loss, route):
-    model, loss_fn, X, y = problem.make(loss)
     with pytest.warns(UserWarning, match="serves them by torch.func"):
-        with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY, route=route):
-            loss_fn(model(X), y).backward()
-    results = {
-        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    results.update({n: {} for n, p in model.named_parameters() if not p.requires_grad})
-    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
-    expected = reference.ggn_per_sample(model, loss_fn, X, y)
-    check_ggn(model, results, expected, reference.jacobians(model, X))
+        check_every_extension(*problem.make(loss), route=route)
 
 
 def test_per_sample_gradients_match_finite_differences():
@@ -165,19 +145,8 @@ def test_per_sample_gradients_match_finite_differences():
     with pytest.warns(UserWarning, match="torch.func"):
         with curvhooks.extend(model, loss_fn, BatchGrad()):
             loss_fn(model(X), y).backward()
-    weight, step = model[1].weight, 1e-6
-    for n in range(len(X)):
-        for index in [(0, 0), (2, 4), (4, 1)]:
-            with torch.no_grad():
-                weight[index] += step
-                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                weight[index] -= 2 * step
-                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                weight[index] += step
-            difference = (up - down) / (2 * step)
-            torch.testing.assert_close(
-                weight.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9
-            )
+    entries = [(model[1].weight, index) for index in [(0, 0), (2, 4), (4, 1)]]
+    check_finite_differences(model, loss_fn, X, y, entries)
 
 
 class MixesSamples(nn.Module):
@@ -230,17 +199,8 @@ def test_a_call_with_several_arguments_and_outputs_is_served(loss):
     """Every tensor argument gets the samples' stacks by autograd (not only the first),
     the keyword argument is kept, and both outputs pass their stacks back."""
     problem = Problem("two-inputs", CallsWithContext, (3,), 4, is_chain=False)
-    model, loss_fn, X, y = problem.make(loss)
     with pytest.warns(UserWarning, match="serves them by torch.func"):
-        with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY):
-            loss_fn(model(X), y).backward()
-    results = {
-        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
-        for name, p in model.named_parameters()
-    }
-    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
-    expected = reference.ggn_per_sample(model, loss_fn, X, y)
-    check_ggn(model, results, expected, reference.jacobians(model, X))
+        check_every_extension(*problem.make(loss))
 
 
 @pytest.mark.parametrize("layer", [MixesSamples(), Random()], ids=["mixes-samples", "random"])
@@ -311,17 +271,8 @@ def test_parameters_used_directly_match_finite_differences():
     with pytest.warns(UserWarning, match="cls_token, pos_embed, used directly"):
         with curvhooks.extend(model, loss_fn, BatchGrad()):
             loss_fn(model(X), y).backward()
-    step = 1e-6
-    for param, index in [(model.cls_token, (0, 0, 1)), (model.pos_embed, (0, 2, 3))]:
-        for n in range(len(X)):
-            with torch.no_grad():
-                param[index] += step
-                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] -= 2 * step
-                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] += step
-            difference = (up - down) / (2 * step)
-            torch.testing.assert_close(param.grad_batch[n][index], difference, rtol=1e-7, atol=1e-9)
+    entries = [(model.cls_token, (0, 0, 1)), (model.pos_embed, (0, 2, 3))]
+    check_finite_differences(model, loss_fn, X, y, entries)
 
 
 class TiedToChild(nn.Module):

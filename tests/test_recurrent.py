@@ -16,9 +16,8 @@ import curvhooks
 from curvhooks import BatchGrad, DiagHessian
 from curvhooks.derivatives.recurrent import recurrence
 from tests import reference
-from tests.checks import check_first_order, check_ggn
+from tests.checks import check_every_extension, check_finite_differences
 from tests.problems import CE_MSE, Problem, assert_close
-from tests.test_generic import FIRST_ORDER, GGN_FAMILY
 
 FEATURES, HIDDEN, STEPS = 3, 4, 4
 CELLS = {
@@ -122,25 +121,12 @@ PROBLEMS = [
 ]
 
 
-def _results(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor) -> dict:
-    with curvhooks.extend(model, loss_fn, *FIRST_ORDER, *GGN_FAMILY):
-        loss_fn(model(X), y).backward()
-    return {
-        name: {ext.attribute: getattr(p, ext.attribute) for ext in FIRST_ORDER + GGN_FAMILY}
-        for name, p in model.named_parameters()
-    }
-
-
 @pytest.mark.parametrize(
     "problem, loss",
     [pytest.param(p, loss, id=f"{p.name}-{loss}") for p in PROBLEMS for loss in CE_MSE],
 )
 def test_first_order_and_ggn_family(problem, loss):
-    model, loss_fn, X, y = problem.make(loss)
-    results = _results(model, loss_fn, X, y)
-    check_first_order(model, results, reference.per_sample_grads(model, loss_fn, X, y))
-    expected = reference.ggn_per_sample(model, loss_fn, X, y)
-    check_ggn(model, results, expected, reference.jacobians(model, X))
+    check_every_extension(*problem.make(loss))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -169,19 +155,8 @@ def test_per_sample_gradients_match_finite_differences(cell):
     model, loss_fn, X, y = problem.make("ce-sum")
     with curvhooks.extend(model, loss_fn, BatchGrad()):
         loss_fn(model(X), y).backward()
-    step = 1e-6
-    for name, param in model.rnn.named_parameters():
-        index = tuple(size // 2 for size in param.shape)
-        for n in range(len(X)):
-            with torch.no_grad():
-                param[index] += step
-                up = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] -= 2 * step
-                down = loss_fn(model(X[n : n + 1]), y[n : n + 1])
-                param[index] += step
-            difference = (up - down) / (2 * step)
-            found = param.grad_batch[n][index]
-            torch.testing.assert_close(found, difference, rtol=1e-6, atol=1e-9, msg=name)
+    entries = [(p, tuple(size // 2 for size in p.shape)) for p in model.rnn.parameters()]
+    check_finite_differences(model, loss_fn, X, y, entries, rtol=1e-6)
 
 
 def test_refusals():
