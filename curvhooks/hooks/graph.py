@@ -57,19 +57,20 @@ parameters (for division: where the denominator does not)."""
 
 def batched_vjp(start: GradientEdge, stack: Tensor, targets: list[Call]) -> list[Tensor | None]:
     """Push ``stack`` ``[V, N, *shape]`` from the graph edge ``start`` to each target call's
-    output: ``[V, N, *out]``, or ``None`` where the target does not reach ``start``."""
+    output: ``[V, N, *out]``, or ``None`` where the target does not reach ``start``; one
+    vector by a plain backward pass, several by one batched over them."""
     if not len(stack) or not targets:
         return [None] * len(targets)
-    return list(
-        torch.autograd.grad(
-            start,
-            [call.output_edge for call in targets],
-            grad_outputs=stack,
-            is_grads_batched=True,
-            retain_graph=True,
-            allow_unused=True,
-        )
+    single = len(stack) == 1  # vmap's overhead (and its loops over ops without batching rules)
+    pushed = torch.autograd.grad(
+        start,
+        [call.output_edge for call in targets],
+        grad_outputs=stack[0] if single else stack,
+        is_grads_batched=not single,
+        retain_graph=True,
+        allow_unused=True,
     )
+    return [None if p is None else p[None] if single else p for p in pushed]
 
 
 def push_to_calls(
