@@ -163,6 +163,8 @@ def test_refusals():
     with curvhooks.extend(model, loss_fn, BatchGrad()):
         with pytest.raises(curvhooks.UnsupportedError, match="unbatched sequence.*pass"):
             model.attention(X[0], X[0], X[0])
+        with torch.no_grad():  # inference inside the context: nothing to record, no refusal
+            model.attention(X[0], X[0], X[0])
     model.attention.dropout = 0.1
     with curvhooks.extend(model.train(), loss_fn, BatchGrad()):
         with pytest.raises(curvhooks.UnsupportedError, match="training mode.*eval"):

@@ -16,7 +16,14 @@ from curvhooks._compat import is_transformed
 from curvhooks.derivatives import ModuleDerivatives, ModuleIO
 from curvhooks.derivatives.generic import RecordedCall
 from curvhooks.errors import UnsupportedError
-from curvhooks.hooks.calls import Call, CallRecord, describe, gradient_anchor, gradient_edge
+from curvhooks.hooks.calls import (
+    Call,
+    CallRecord,
+    describe,
+    gradient_anchor,
+    gradient_edge,
+    tensors_in,
+)
 from curvhooks.hooks.plan import HookedModule, HookPlan
 
 TensorHook = Callable[[Tensor], None]
@@ -124,16 +131,9 @@ class Recorder:
         output."""
         pending = self._pending.pop(id(module), (None,) * 5)
         producer, input_edge, input_edge_shape, input_copy, input_version = pending
-        derivatives = hooked.derivatives
-        recorded, handed_on = None, output
-        if derivatives is not None and derivatives.whole_call:
-            recorded = derivatives.record(module, args, kwargs)
-            output, handed_on = derivatives.join(module, output)
-        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
-            return None
-        if output is args[0] and output._version == input_version:
+        if args and output is args[0] and output._version == input_version:
             return None  # handed its input on untouched (Identity, Dropout in eval): nothing to do
-        if is_transformed(output):
+        if any(map(is_transformed, tensors_in(output))):
             raise UnsupportedError(
                 f"module {describe(hooked.path, module)} ran inside a torch.func transform "
                 "(vmap, grad, ...) in the model's forward; curvhooks cannot follow its calls "
@@ -141,7 +141,15 @@ class Recorder:
                 "the dataset matrices, use route='autograd'"
             )
         driven = self.hook_of is not None
-        if driven and not (torch.is_grad_enabled() and output.requires_grad):
+        needs_gradient = any(t.requires_grad for t in tensors_in(output))
+        if driven and not (torch.is_grad_enabled() and needs_gradient):
+            return None  # no backward pass will come through (inference inside the context)
+        derivatives = hooked.derivatives
+        recorded, handed_on = None, output
+        if derivatives is not None and derivatives.whole_call:
+            recorded = derivatives.record(module, args, kwargs)
+            output, handed_on = derivatives.join(module, output)
+        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return None
         # A module with parameters creates its output's base itself, so its hook on the base
         # is the base's first; other modules' hooks stay on their outputs (views of one base
