@@ -155,6 +155,10 @@ def test_per_sample_gradients_match_finite_differences():
     check_finite_differences(model, loss_fn, X, y, entries)
 
 
+def by_name(name: str) -> Problem:
+    return next(problem for problem in PROBLEMS if problem.name == name)
+
+
 def test_refusals():
     """An unbatched sequence, dropout in training mode, the extensions that need the
     attention's own second derivatives, and Kronecker factors of the packed projection of
@@ -175,6 +179,9 @@ def test_refusals():
     with curvhooks.extend(model, loss_fn, KFAC()):  # key and value: projections of the input
         with pytest.raises(curvhooks.UnsupportedError, match="packed in_proj_weight.*one input"):
             loss_fn(model(X), y).backward()
+    decoder, loss_fn, X, y = by_name("decoder-layer").make("ce-mean")  # cross-attention
+    with pytest.raises(curvhooks.UnsupportedError, match="packed in_proj_weight.*params="):
+        curvhooks.kfac(decoder.eval(), loss_fn, (X, y))
 
 
 class LinearAttention(nn.Module):

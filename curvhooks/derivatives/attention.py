@@ -109,6 +109,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
 
     def output_root(self, io: ModuleIO, mat: Tensor, approx: str, weight: str = "weight") -> Tensor:
         """That of an ``nn.Linear`` with the stack at the projection's output."""
+        linear = _as_linear(io, weight)  # refuses the packed projection of several inputs
         pulled = _pulled(io, mat)
         keys = pulled.sequences[1].shape[1]
         at_q, at_k, at_v = pulled.at_inputs[0], *(s[:, :, :keys] for s in pulled.at_inputs[1:])
@@ -119,7 +120,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
             "k_proj_weight": lambda: at_k,
             "v_proj_weight": lambda: at_v,
         }[weight]()
-        return _LINEAR.output_root(_as_linear(io, weight), stack, approx)
+        return _LINEAR.output_root(linear, stack, approx)
 
 
 _LINEAR = LinearDerivatives()
@@ -150,9 +151,11 @@ def _as_linear(io: ModuleIO, weight: str) -> ModuleIO:
         elif weight == "in_proj_weight" and not (args[0] is args[1] is args[2]):
             raise UnsupportedError(
                 "Kronecker factors of MultiheadAttention's packed in_proj_weight need one "
-                "input for query, key and value (self-attention); with several the projection "
-                "is three linear maps of different inputs, which one Kronecker product cannot "
-                "hold: use separate projections (kdim=, vdim=) or the GGN extensions"
+                "input for query, key and value (self-attention); with several (cross-"
+                "attention) the projection is three linear maps of different inputs, which one "
+                "Kronecker product cannot hold: leave in_proj_weight and in_proj_bias of that "
+                "module out (params= in curvhooks.kfac), use separate projections (kdim=, "
+                "vdim=), or use the GGN extensions"
             )
         else:
             position = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 1}.get(weight, 2)
