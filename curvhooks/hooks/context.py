@@ -36,10 +36,12 @@ class extend:
             requires grad on entering); the others get none and cost nothing.
         generic: Serve a module with parameters that curvhooks has no derivatives for (a
             layer of your own, a subclass with its own ``forward``; no child modules) by
-            ``torch.func`` on its call, as a function of its first argument acting on each
-            sample alone (checked on each call; one warning names such modules). Exact, for
-            the first-order and GGN-family extensions and ``Jacobian``; the Hessian
-            extensions and KFAC refuse it. ``False``: such modules are unsupported.
+            ``torch.func`` on its call, as a function of its arguments acting on each
+            sample alone (checked on each call; one warning names such modules), and the
+            parameters a module uses directly in its own ``forward`` (a class token) by
+            autograd, per sample (one warning names them). Exact, for the first-order and
+            GGN-family extensions and ``Jacobian``; the Hessian extensions and KFAC refuse
+            them. ``False``: such modules and parameters are unsupported.
 
     Every result is a quantity of the reduced loss that ``loss_fn`` returns and is written
     to an attribute of each served parameter (``p.grad_batch``, ...). Entering clears earlier
