@@ -46,9 +46,9 @@ MODULE_ARGUMENTS = {
     "`add_bias_kv`, `add_zero_attn`, `batch_first` both ways, key padding and attention masks "
     "(shared or per head), `is_causal`, `need_weights` both ways (the weights may be used); "
     "`out_proj` served with it; eval mode where `dropout > 0`. Kronecker factors for each "
-    "projection as for `Linear` (the packed one on self-attention only); none for the bias "
-    "of separate projections or the added key and value biases (`curvhooks.kfac`: exact "
-    "blocks)",
+    "projection as for `Linear` (the packed one on self-attention only); none for the packed "
+    "projection of cross-attention, the bias of separate projections or the added key and "
+    "value biases (`curvhooks.kfac` gives them exact blocks)",
     nn.RNN: f"{RECURRENT}; `nonlinearity` tanh or relu",
     nn.LSTM: f"{RECURRENT}; `proj_size`",
     nn.GRU: RECURRENT,

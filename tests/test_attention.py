@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import curvhooks
 from curvhooks import KFAC, KFLR, BatchGrad, DiagHessian
+from tests import reference
 from tests.checks import check_every_extension, check_finite_differences
 from tests.problems import CE_MSE, Problem, assert_close, run_with
 
@@ -179,9 +180,6 @@ def test_refusals():
     with curvhooks.extend(model, loss_fn, KFAC()):  # key and value: projections of the input
         with pytest.raises(curvhooks.UnsupportedError, match="packed in_proj_weight.*one input"):
             loss_fn(model(X), y).backward()
-    decoder, loss_fn, X, y = by_name("decoder-layer").make("ce-mean")  # cross-attention
-    with pytest.raises(curvhooks.UnsupportedError, match="packed in_proj_weight.*params="):
-        curvhooks.kfac(decoder.eval(), loss_fn, (X, y))
 
 
 class LinearAttention(nn.Module):
@@ -293,3 +291,26 @@ def test_kronecker_factors_are_those_of_the_attention_with_linear_layers(separat
                 found[name]["kflr"], expected[AS_LINEAR.get(name, name)]["kflr"]
             ):
                 assert_close(part, reference_part)
+
+
+def test_kfac_gives_cross_attention_projections_their_exact_blocks():
+    """A decoder layer's cross-attention packs three projections of different inputs into
+    one weight, which no Kronecker product holds: ``curvhooks.kfac`` finds it on the first
+    batch and gives it its exact diagonal (``others``), and factors for the rest; over a
+    one-shot iterator (no first batch to look at) the factor pass refuses it, naming
+    ``params=``."""
+    model, loss_fn, X, y = by_name("decoder-layer").make("ce-mean", num_samples=4)
+    model.eval()
+    data = [(X[:2], y[:2]), (X[2:], y[2:])]
+    K = curvhooks.kfac(model, loss_fn, data)
+    cross = {"block.multihead_attn.in_proj_weight", "block.multihead_attn.in_proj_bias"}
+    assert cross <= set(K.others) and "block.self_attn.in_proj_weight" not in K.others
+    ggn, start = reference.ggn(model, loss_fn, X, y), 0
+    for name, param in zip(K.names, K.params):
+        rows = slice(start, start + param.numel())
+        start += param.numel()
+        if name in cross:
+            assert_close(K.others[name], ggn[rows, rows].diagonal())
+    refused = "packed in_proj_weight.*exact blocks.*params="
+    with pytest.raises(curvhooks.UnsupportedError, match=refused):
+        curvhooks.kfac(model, loss_fn, iter(data), others="skip")  # one pass over the data

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from curvhooks.dataset.plan import DEFAULT_MAX_MEMORY, Structure, layout, model_device, unwrap
 from curvhooks.dataset.seeding import seeded
-from curvhooks.dataset.weighting import DatasetSum
+from curvhooks.dataset.weighting import DatasetSum, batches
 from curvhooks.derivatives import module_derivatives
+from curvhooks.derivatives.attention import several_inputs
 from curvhooks.errors import UnsupportedError
 from curvhooks.extensions import EigenCorrection, Extension, KroneckerExtension
 from curvhooks.extensions.base import check_mc_samples
@@ -113,7 +114,8 @@ def kfac(
         )
     check_eval_mode(model)
     plan = layout(model, params, Structure.PARAM, max_memory=2**62)
-    rows = _names_of(model, plan.params, others)  # (name, param, has Kronecker factors)
+    unfactored = _cross_attention_projections(model, data, batch_size_fn)
+    rows = _names_of(model, plan.params, others, unfactored)  # (name, param, has factors)
     exact = [(name, param) for name, param, factored in rows if not factored]
     if exact and fisher == "forward-only" and others != "skip":
         raise ValueError(
@@ -309,11 +311,45 @@ def _stack_kind(fisher: str, mc_samples: int) -> StackKind:
     return {"type-2": GGN_ROWS, "mc": MonteCarloStack(mc_samples)}.get(fisher, GRADIENT)
 
 
+def _cross_attention_projections(
+    model: nn.Module, data: Iterable | tuple[Any, Tensor], batch_size_fn: Callable | None
+) -> set[int]:
+    """The ids of the packed projections (``in_proj_weight``, ``in_proj_bias``) of the
+    ``nn.MultiheadAttention`` modules that the model calls on several inputs
+    (cross-attention, ``several_inputs``), found by a forward pass on the first batch: they
+    have no Kronecker factors. None for a one-shot iterator (its first batch would be lost:
+    the factor pass then refuses them, naming ``params=``)."""
+    packed = [
+        m for m in model.modules() if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim
+    ]
+    if not packed or isinstance(data, Iterator):
+        return set()
+    found: set[int] = set()
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if several_inputs(module, args, kwargs):
+            found.update(
+                id(p) for p in (module.in_proj_weight, module.in_proj_bias) if p is not None
+            )
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in packed]
+    try:
+        for X, _, _ in batches(data, model_device(model), batch_size_fn=batch_size_fn):
+            with torch.enable_grad():  # the path the passes take (no_grad has fast paths)
+                model(X)
+            break
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 def _names_of(
-    model: nn.Module, params: list[nn.Parameter], others: str
+    model: nn.Module, params: list[nn.Parameter], others: str, unfactored: set[int]
 ) -> list[tuple[str, nn.Parameter, bool]]:
     """Each parameter with its name in ``model`` and whether its module gives it Kronecker
-    factors; raises for one without them under ``others="raise"``."""
+    factors (not those of ``unfactored`` ids); raises for one without them under
+    ``others="raise"``."""
     owners = {}
     for path, module, served in serving_modules(model):
         for name, param in served:
@@ -323,7 +359,9 @@ def _names_of(
         path, name, module = owners[id(param)]
         derivatives = module_derivatives(module)
         factored = (
-            derivatives is not None and derivatives.kronecker_weight(module, name) is not None
+            derivatives is not None
+            and derivatives.kronecker_weight(module, name) is not None
+            and id(param) not in unfactored
         )
         if not factored and others == "raise":
             raise UnsupportedError(

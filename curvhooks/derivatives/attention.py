@@ -148,14 +148,14 @@ def _as_linear(io: ModuleIO, weight: str) -> ModuleIO:
         module = io.module
         if weight == "out_proj.weight":
             inputs = _pulled(io, None).attended
-        elif weight == "in_proj_weight" and not (args[0] is args[1] is args[2]):
+        elif weight == "in_proj_weight" and several_inputs(module, args, {}):
             raise UnsupportedError(
                 "Kronecker factors of MultiheadAttention's packed in_proj_weight need one "
                 "input for query, key and value (self-attention); with several (cross-"
                 "attention) the projection is three linear maps of different inputs, which one "
-                "Kronecker product cannot hold: leave in_proj_weight and in_proj_bias of that "
-                "module out (params= in curvhooks.kfac), use separate projections (kdim=, "
-                "vdim=), or use the GGN extensions"
+                "Kronecker product cannot hold: curvhooks.kfac gives them exact blocks (over "
+                "a list or a DataLoader), or leave in_proj_weight and in_proj_bias of that "
+                "module out (params=), or use the GGN extensions"
             )
         else:
             position = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 1}.get(weight, 2)
@@ -203,6 +203,14 @@ def _pulled(io: ModuleIO, mat: Tensor | None) -> _Pulled:
     pulled = _Pulled(parts.sequences, attended, at_output, at_inputs)
     io.cache["pulled"] = (mat, pulled)
     return pulled
+
+
+def several_inputs(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of ``module`` (an ``nn.MultiheadAttention``) with ``args`` and ``kwargs``
+    takes other tensors for query, key and value (cross-attention): its packed projection is
+    then three linear maps of different inputs, without Kronecker factors."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    return not (bound["query"] is bound["key"] is bound["value"])
 
 
 class _Projected(NamedTuple):
