@@ -314,3 +314,26 @@ def test_kfac_gives_cross_attention_projections_their_exact_blocks():
     refused = "packed in_proj_weight.*exact blocks.*params="
     with pytest.raises(curvhooks.UnsupportedError, match=refused):
         curvhooks.kfac(model, loss_fn, iter(data), others="skip")  # one pass over the data
+
+
+class CalledTwice(nn.Module):
+    """An attention and an LSTM each called twice, the first call's output feeding the
+    second (their parameters' products are summed per sample before anything is squared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True)
+        self.lstm = nn.LSTM(WIDTH, WIDTH, batch_first=True)
+        self.head = nn.Linear(SEQUENCE * WIDTH, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mixed = self.attention(x, x, x)[0]
+        mixed = self.attention(mixed, x, x, need_weights=False)[0]
+        return self.head(self.lstm(self.lstm(mixed)[0])[0].flatten(1))
+
+
+@pytest.mark.parametrize("loss", CE_MSE)
+def test_modules_called_twice(loss):
+    problem = Problem("twice", CalledTwice, (SEQUENCE, WIDTH), 4, is_chain=False)
+    model, loss_fn, X, y = problem.make(loss)
+    check_every_extension(model.eval(), loss_fn, X, y)
