@@ -356,7 +356,8 @@ def _expand_unbatched(calls: list[Call], batch: int) -> dict[int, str]:
 _UNSERVABLE_FIX = (
     "pass unsupported='skip' to leave out parameters used outside their modules' calls (one "
     "warning names them), or params= without them; keep the samples in dimension 0 of every "
-    "module call (reshape [N, T, d] inputs as they are, not to [N * T, d])"
+    "module call (reshape [N, T, d] inputs as they are, not to [N * T, d]; build transformer "
+    "layers with batch_first=True)"
 )
 
 
