@@ -38,7 +38,12 @@ def check_first_order(model: nn.Module, results: dict, expected: dict[str, Tenso
         assert_close(found["grad_batch"], grads)
         assert_close(found["batch_l2"], grads.flatten(1).square().sum(1))
         assert_close(found["sum_grad_squared"], grads.square().sum(0))
-        assert_close(found["variance"], grads.var(0, unbiased=False))
+        # Variance is the second moment less the squared mean: its rounding is relative to
+        # the second moment, not to the variance (zero where the samples' gradients agree).
+        scale = float(grads.square().mean(0).max())
+        torch.testing.assert_close(
+            found["variance"], grads.var(0, unbiased=False), rtol=1e-10, atol=1e-12 + 1e-13 * scale
+        )
         assert_close(found["grad_batch"].sum(0), param.grad)
 
 

@@ -890,9 +890,27 @@ FOUND = [
         (3, 1),
         seed=1,
     ),
+    # Per-sample gradients equal across the samples, of magnitude 1e3: Variance, the second
+    # moment less the squared mean, is zero up to rounding relative to the second moment
+    # (5.8e-11), which an absolute tolerance of 1e-12 refused.
+    Architecture(
+        (1,),
+        (
+            SiameseSpec((LinearSpec(1, 2, bias=False),), "same"),
+            ProductSpec((LinearSpec(2, 3, bias=False),), (LinearSpec(2, 3, bias=False),)),
+            OpSpec("scale", -1.5),
+            LinearSpec(3, 1, bias=False),
+        ),
+        "mse-mean",
+        (1, 2),
+        seed=3,
+        refusals=frozenset({"MulBackward0"}),
+        chain=False,
+    ),
 ]
 """Architectures that failed, tried first in the default run: regressions (the first two as
-Hypothesis shrank them, the third a variant of the second)."""
+Hypothesis shrank them, the third a variant of the second; the last a tolerance too tight
+for Variance)."""
 
 
 def _with_found(test: Callable) -> Callable:
