@@ -92,10 +92,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
 
     def _per_sample_products(self, io: ModuleIO, mat: Tensor) -> dict[str, Tensor]:
         """Name -> ``[V, N, *p.shape]`` (see the module docstring)."""
-        pulled = _pulled(io, mat)
-        return _products(
-            io.module, pulled.sequences, pulled.at_inputs, pulled.at_output, pulled.attended
-        )
+        return _products(io.module, _pulled(io, mat))
 
     def kronecker_weight(self, module: nn.Module, name: str) -> str | None:
         """Each projection's weight and bias take its factors, as ``nn.Linear``'s; the packed
@@ -111,8 +108,7 @@ class MultiheadAttentionDerivatives(CallDerivatives):
         """That of an ``nn.Linear`` with the stack at the projection's output."""
         linear = _as_linear(io, weight)  # refuses the packed projection of several inputs
         pulled = _pulled(io, mat)
-        keys = pulled.sequences[1].shape[1]
-        at_q, at_k, at_v = pulled.at_inputs[0], *(s[:, :, :keys] for s in pulled.at_inputs[1:])
+        at_q, at_k, at_v = pulled.at_projections
         stack = {
             "out_proj.weight": lambda: pulled.at_output,
             "in_proj_weight": lambda: torch.cat([at_q, at_k, at_v], -1),
@@ -174,6 +170,18 @@ class _Pulled(NamedTuple):
     attended: Tensor
     at_output: Tensor | None
     at_inputs: tuple[Tensor, ...] | None
+
+    @property
+    def keys(self) -> int:
+        """The key sequence's length S (the added biases' positions follow it)."""
+        return self.sequences[1].shape[1]
+
+    @property
+    def at_projections(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The stacks at the projections' outputs ``q``, ``k``, ``v``, without the added
+        biases' positions."""
+        at_q, at_k, at_v = self.at_inputs
+        return at_q, at_k[:, :, : self.keys], at_v[:, :, : self.keys]
 
 
 def _pulled(io: ModuleIO, mat: Tensor | None) -> _Pulled:
@@ -293,31 +301,23 @@ def _core(
     return attended, probabilities.mean(1) if weights == "mean" else probabilities
 
 
-def _products(
-    module: nn.MultiheadAttention,
-    sequences: tuple[Tensor, ...],
-    at_inputs: tuple[Tensor, ...],
-    at_output: Tensor,
-    attended: Tensor,
-) -> dict[str, Tensor]:
-    """Each trainable parameter's per-sample products ``[V, N, *p.shape]`` from the stacks
-    at the projections' outputs (``at_inputs``, the added biases' last) and at the module
-    output, and the core's output ``attended``."""
-    keys = sequences[1].shape[1]
-    at_q, at_k, at_v = (at_inputs[0], at_inputs[1][:, :, :keys], at_inputs[2][:, :, :keys])
+def _products(module: nn.MultiheadAttention, pulled: _Pulled) -> dict[str, Tensor]:
+    """Each trainable parameter's per-sample products ``[V, N, *p.shape]`` from a stack
+    pulled back (``_Pulled``)."""
+    at_projections, at_output, keys = pulled.at_projections, pulled.at_output, pulled.keys
     by_projection = [
         torch.einsum("vnlo,nli->vnoi", stack, sequence)
-        for stack, sequence in zip((at_q, at_k, at_v), sequences)
+        for stack, sequence in zip(at_projections, pulled.sequences)
     ]
     every = {
         "in_proj_weight": lambda: torch.cat(by_projection, 2),
         "q_proj_weight": lambda: by_projection[0],
         "k_proj_weight": lambda: by_projection[1],
         "v_proj_weight": lambda: by_projection[2],
-        "in_proj_bias": lambda: torch.cat([s.sum(2) for s in (at_q, at_k, at_v)], 2),
-        "bias_k": lambda: at_inputs[1][:, :, keys:, None],
-        "bias_v": lambda: at_inputs[2][:, :, keys:, None],
-        "out_proj.weight": lambda: torch.einsum("vnlo,nli->vnoi", at_output, attended),
+        "in_proj_bias": lambda: torch.cat([s.sum(2) for s in at_projections], 2),
+        "bias_k": lambda: pulled.at_inputs[1][:, :, keys:, None],
+        "bias_v": lambda: pulled.at_inputs[2][:, :, keys:, None],
+        "out_proj.weight": lambda: torch.einsum("vnlo,nli->vnoi", at_output, pulled.attended),
         "out_proj.bias": lambda: at_output.sum(2),
     }
     return {

@@ -16,7 +16,8 @@ vectors. The attention's and the recurrent layers' parameter products are analyt
 own files); the fallback's are reverse-mode products of the call on each sample, batched over
 the samples, one vector at a time, and its squared reductions accumulate vector by vector.
 
-Nothing is served on trust: every batched product is checked against one plain reverse-mode
+Nothing ``torch.func`` batches is served on trust: each such product (the pushes to the first
+argument, the fallback's parameter products) is checked against one plain reverse-mode
 product over the batch (a random combination of the vectors, summed over the samples), so a
 batching rule that gets it wrong raises instead of giving a wrong number. The fallback also
 runs the module again on its arguments at the forward pass, on the batch and on each sample
@@ -144,16 +145,15 @@ class CallDerivatives(ModuleDerivatives):
             )
         batch = args[0].shape[self.samples_dim(module)]
         tensors, dims, slots = [], [], {}
-        leaves = []
         for key, value in [*enumerate(args), *kwargs.items()]:
             for leaf in tree_flatten(value)[0]:
                 if isinstance(leaf, Tensor) and id(leaf) not in slots:
                     slots[id(leaf)] = _Slot(len(tensors))
                     tensors.append(leaf.detach())
                     dims.append(self.argument_dim(module, key, leaf, batch))
-        for leaf in tree_flatten((args, kwargs))[0]:
-            leaves.append(slots[id(leaf)] if isinstance(leaf, Tensor) else leaf)
-        return RecordedCall(tensors, dims, leaves, tree_flatten((args, kwargs))[1])
+        leaves, spec = tree_flatten((args, kwargs))
+        leaves = [slots[id(leaf)] if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        return RecordedCall(tensors, dims, leaves, spec)
 
     def joined(self, module: nn.Module, output: Any) -> Tensor:
         """The module's outputs as one tensor (see the module docstring)."""
@@ -164,6 +164,10 @@ class CallDerivatives(ModuleDerivatives):
         pieces = [(leaf, dim) for leaf, dim in zip(leaves, dims) if isinstance(leaf, Tensor)]
         batch = pieces[0][0].shape[pieces[0][1]]
         return torch.cat([leaf.movedim(dim, 0).reshape(batch, -1) for leaf, dim in pieces], 1)
+
+    def joint_output(self, module: nn.Module, arguments: tuple[tuple, dict]) -> Tensor:
+        """The joint output (``joined``) of the module run (``run``) on ``(args, kwargs)``."""
+        return self.joined(module, self.run(module, *arguments))
 
     def join(self, module: nn.Module, output: Any) -> tuple[Tensor, Any]:
         """``(joint, outputs)``: the outputs joined (``joined``), and the outputs to hand on,
@@ -182,21 +186,13 @@ class CallDerivatives(ModuleDerivatives):
             leaves[i] = remade.clone(memory_format=torch.contiguous_format)
         return joint, tree_unflatten(leaves, spec)
 
-    def check_call(self, io: ModuleIO, joint: Tensor) -> None:
-        """At the forward pass, with the joint output: raise for a call that cannot be
-        served. By default nothing."""
-
-    def take_saved(self, io: ModuleIO, output: Tensor) -> None:
-        self.check_call(io, output)
-
     def jac_t_mat_prod(self, io: ModuleIO, mat: Tensor) -> Tensor:
         """The stack pushed to the first argument (the only one holding the samples: a call
         with several is no link of a chain)."""
         call = io.call
 
         def joint_of(first: Tensor) -> Tensor:
-            arguments = call.arguments([first, *call.tensors[1:]])
-            return self.joined(io.module, self.run(io.module, *arguments))
+            return self.joint_output(io.module, call.arguments([first, *call.tensors[1:]]))
 
         _, pullback = vjp(_without_parameters(io.module, joint_of), call.tensors[0])
         pushed = vmap(pullback)(mat)[0]
@@ -328,7 +324,7 @@ class GenericDerivatives(CallDerivatives):
         module = io.module
         replaced = {id(module.get_parameter(n)): v for n, v in zip(_trainable(module), values)}
         with parameters_replaced(module, replaced):
-            return self.joined(module, self.run(module, *arguments))
+            return self.joint_output(module, arguments)
 
     def _check(self, io: ModuleIO, mat: Tensor, combined: list[Tensor]) -> None:
         """Raise unless ``combined`` (the products of the vectors weighted by
@@ -347,21 +343,19 @@ class GenericDerivatives(CallDerivatives):
         """Whether the fallback may serve ``module`` (asked before curvhooks hooks it)."""
         return _refusal_reason(module) is None
 
-    def check_call(self, io: ModuleIO, joint: Tensor) -> None:
-        """Check that the module is a function of its arguments acting on each sample alone
-        (before later modules may change its output in place)."""
+    def take_saved(self, io: ModuleIO, joint: Tensor) -> None:
+        """At the forward pass, with the joint output: check that the module is a function of
+        its arguments acting on each sample alone (before later modules may change its output
+        in place)."""
         module, call = io.module, io.call
         tensors = [tensor.clone() for tensor in call.tensors]  # it may write into them
 
-        def joint_of(arguments: tuple[tuple, dict]) -> Tensor:
-            return self.joined(module, self.run(module, *arguments))
-
         def alone(*samples: Tensor) -> Tensor:
-            return joint_of(call.sample(list(samples)))[0]
+            return self.joint_output(module, call.sample(list(samples)))[0]
 
         try:
             with torch.no_grad():
-                batched = joint_of(call.arguments(tensors))
+                batched = self.joint_output(module, call.arguments(tensors))
                 each = vmap(alone, in_dims=tuple(call.dims), randomness="different")(*tensors)
         except (TypeError, RuntimeError, ValueError) as error:
             raise _refusal(module, f"it fails when run again on its input ({error})") from error
