@@ -300,6 +300,24 @@ def backpack_extended(
 
 
 @failing_build
+def opacus_step(model, loss_fn, X, y) -> Callable[[], object]:
+    """One Opacus step: ``GradSampleModule`` on a copy of ``model``, the previous step's
+    per-sample gradients dropped first."""
+    import copy
+
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+
+    def run() -> None:
+        for p in wrapped.parameters():
+            p.grad_sample = None
+        loss_fn(wrapped(X), y).backward()
+
+    return run
+
+
+@failing_build
 def backpack_step(
     model, loss_fn, X, y, extension, use_converter: bool = False
 ) -> Callable[[], object]:

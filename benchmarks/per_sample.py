@@ -9,7 +9,6 @@ Peers (optional): ``torch.func`` ``vmap(grad)``, BackPACK ``BatchGrad``, Opacus
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,7 @@ from benchmarks.common import (
     backpack_step,
     curvhooks_held_open,
     curvhooks_per_step,
-    failing_build,
+    opacus_step,
     optional,
     problems_main,
 )
@@ -44,7 +43,7 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
 
         methods["backpack BatchGrad"] = backpack_step(model, loss_fn, X, y, BackpackBatchGrad)
     if optional("opacus"):
-        methods["opacus GradSampleModule"] = _opacus(model, loss_fn, X, y)
+        methods["opacus GradSampleModule"] = opacus_step(model, loss_fn, X, y)
     return methods
 
 
@@ -57,20 +56,6 @@ def _vmap_grad(model, loss_fn, X, y):
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     return lambda: per_sample(params, X, y)
-
-
-@failing_build
-def _opacus(model, loss_fn, X, y):
-    from opacus import GradSampleModule
-
-    wrapped = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
-
-    def run():
-        for p in wrapped.parameters():
-            p.grad_sample = None
-        loss_fn(wrapped(X), y).backward()
-
-    return run
 
 
 PEERS = ("torch.func vmap(grad)", "backpack BatchGrad", "opacus GradSampleModule")

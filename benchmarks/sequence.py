@@ -28,6 +28,7 @@ from benchmarks.common import (
     curvhooks_held_open,
     curvhooks_per_step,
     failing_build,
+    opacus_step,
     optional,
     problems_main,
 )
@@ -115,9 +116,9 @@ def build_methods(problem: str, device: torch.device) -> dict[str, Callable[[], 
 
 @failing_build
 def _opacus(problem: str, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor):
-    """Opacus's ``GradSampleModule`` on the model with Opacus's own layer in place of the
-    attention or LSTM (the same weights)."""
-    from opacus import GradSampleModule
+    """Opacus's step on the model with Opacus's own layer in place of the attention or LSTM
+    (the same weights), in train mode: Opacus records activations only there (the models
+    have no dropout)."""
     from opacus.layers import DPLSTM, DPMultiheadAttention
 
     own = copy.deepcopy(model)
@@ -128,15 +129,7 @@ def _opacus(problem: str, model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Te
     else:
         own.lstm = DPLSTM(32, 64, batch_first=True)
         own.lstm.load_state_dict(model.lstm.state_dict())
-    # train mode: Opacus records activations only there (the block has no dropout)
-    wrapped = GradSampleModule(own.to(X.device).train(), loss_reduction="mean")
-
-    def run() -> None:
-        for p in wrapped.parameters():
-            p.grad_sample = None
-        loss_fn(wrapped(X), y).backward()
-
-    return run
+    return opacus_step(own.to(X.device).train(), loss_fn, X, y)
 
 
 def _backpack(model: nn.Module, loss_fn: nn.Module, X: Tensor, y: Tensor):
